@@ -1,0 +1,19 @@
+"""Small backend helpers shared by the modules."""
+
+from __future__ import annotations
+
+import keras
+
+
+def is_eager(x):
+    """True when `x` holds concrete values (not a symbol traced into a graph)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.executing_eagerly() and not isinstance(x, keras.KerasTensor)
+    if backend == "jax":
+        import jax
+
+        return not isinstance(x, jax.core.Tracer | keras.KerasTensor)
+    return not isinstance(x, keras.KerasTensor)

@@ -1,0 +1,242 @@
+"""The IsoMax+ output layer."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+_NORM_EPSILON = 1e-12  # Same as PyTorch's F.normalize: x / max(||x||, eps).
+
+
+def l2_normalize(x, axis=-1, epsilon=_NORM_EPSILON):
+    """Divides `x` by `max(||x||_2, epsilon)` along `axis`, with finite gradients.
+
+    Unlike `tf.math.l2_normalize` (epsilon on the squared norm), `epsilon` bounds
+    the norm itself, like PyTorch's `F.normalize` used by the IsoMax+ authors. An
+    all-zero vector maps to zeros, with zero (not NaN) gradients.
+
+    Args:
+        x: Tensor to normalise.
+        axis: Axis along which to normalise. Defaults to `-1`.
+        epsilon: Lower bound on the norm. Defaults to `1e-12`.
+
+    Returns:
+        Tensor of the same shape and dtype as `x`.
+    """
+    squared_norm = ops.sum(ops.square(x), axis=axis, keepdims=True)
+    return x * ops.rsqrt(ops.maximum(squared_norm, epsilon * epsilon))
+
+
+def _safe_sqrt(x):
+    """`sqrt(x)` for `x >= 0` with gradient 0 (not inf/NaN) at 0; NaN stays NaN."""
+    positive = x > 0
+    root = ops.sqrt(ops.where(positive, x, ops.ones_like(x)))
+    return ops.where(positive, root, x * 0)
+
+
+def pairwise_distances(features, prototypes, exact_neighbors=8):
+    """Euclidean distances between rows of `features` and rows of `prototypes`.
+
+    Memory grows as `B*C + C*F` (not `B*C*F`): all squared distances are first
+    computed with one matrix product, `||x||^2 + ||p||^2 - 2 x.p`. That expansion
+    loses precision when a distance is small (cancellation; on GPUs with TF32
+    matmuls, much more), so the `exact_neighbors` nearest prototypes of every
+    feature vector are recomputed exactly from the differences `x - p`, as the
+    IsoMax+ authors do for all pairs. The nearest prototype is the one the
+    minimum distance score and, after training, the loss depend on.
+
+    Args:
+        features: Tensor `(..., F)`.
+        prototypes: Tensor `(C, F)`.
+        exact_neighbors: How many nearest prototypes per feature vector get the
+            exact computation (clipped to `C`); `0` uses the expansion only.
+            Defaults to `8`.
+
+    Returns:
+        Tensor `(..., C)` of distances, finite, with finite gradients (also at
+        zero distance).
+    """
+    num_classes = prototypes.shape[0]
+    feature_sq = ops.sum(ops.square(features), axis=-1, keepdims=True)
+    prototype_sq = ops.sum(ops.square(prototypes), axis=-1)
+    cross = ops.matmul(features, ops.transpose(prototypes))
+    squared = feature_sq + prototype_sq - 2.0 * cross
+    squared = ops.where(squared < 0, 0.0, squared)  # rounding; NaN stays NaN
+
+    k = min(int(exact_neighbors), num_classes)
+    if k > 0:
+        _, nearest = ops.top_k(-squared, k=k, sorted=False)  # (..., k)
+        neighbors = ops.take(prototypes, nearest, axis=0)  # (..., k, F)
+        diff = ops.expand_dims(features, -2) - neighbors
+        exact = ops.sum(ops.square(diff), axis=-1)  # (..., k)
+        selected = ops.one_hot(nearest, num_classes, dtype=squared.dtype)  # (..., k, C)
+        scattered = ops.sum(selected * ops.expand_dims(exact, -1), axis=-2)
+        is_exact = ops.sum(selected, axis=-2) > 0
+        squared = ops.where(is_exact, scattered, squared)
+    return _safe_sqrt(squared)
+
+
+@keras.saving.register_keras_serializable(package="keras_isomax")
+class IsoMaxPlusLayer(keras.layers.Layer):
+    """IsoMax+ output layer: scaled distances to class prototypes as logits.
+
+    Replaces the final `Dense(num_classes)` (+ softmax) of a classifier. For
+    features `x` and learnable prototypes `p_c` it returns
+
+        logits[..., c] = -|s| * || x/||x|| - p_c/||p_c|| ||_2 / T
+
+    where `s` is the learnable `distance_scale` (initialised to 1.0) and `T` the
+    non-trainable `temperature` (1.0 unless calibrated). Train it with
+    `IsoMaxPlusLoss`; at inference `scores.minimum_distance_score(logits)` (the
+    maximum logit) is the out-of-distribution score: higher means more
+    in-distribution. The layer also stores a non-trainable `ood_threshold`
+    (NaN until calibrated), so that calibration is saved and exported with the
+    model.
+
+    The distance math always runs in float32 or wider: under a mixed precision
+    policy (`mixed_float16`, `mixed_bfloat16`) the layer computes in the
+    policy's variable dtype, and logits come out float32.
+
+    NaN or Inf in a feature vector gives NaN logits for that example only; the
+    other examples of the batch are unaffected.
+
+    Args:
+        num_classes: Number of classes `C` (> 0).
+        exact_neighbors: Number of nearest prototypes per example whose distance
+            is computed exactly from differences rather than from the
+            matrix-product expansion; see `pairwise_distances`. Defaults to `8`.
+        prototype_initializer: Initializer for the `(C, F)` prototypes.
+            Defaults to `RandomNormal(mean=0.0, stddev=1.0)`, as in the paper.
+        prototype_regularizer: Optional regularizer for the prototypes.
+            Defaults to `None`.
+        distance_scale_initializer: Initializer of the distance scale `s`.
+            Defaults to `"ones"` (1.0, as in the paper).
+        **kwargs: Base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Raises:
+        ValueError: If `num_classes` is not a positive integer, or the input's
+            last dimension is unknown or changes after the layer is built.
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> from keras_isomax import IsoMaxPlusLayer
+    >>> layer = IsoMaxPlusLayer(num_classes=3)
+    >>> logits = layer(np.random.rand(4, 8).astype("float32"))
+    >>> tuple(logits.shape)
+    (4, 3)
+    >>> bool(keras.ops.all(logits <= 0))
+    True
+    """
+
+    def __init__(
+        self,
+        num_classes,
+        exact_neighbors=8,
+        prototype_initializer=None,
+        prototype_regularizer=None,
+        distance_scale_initializer="ones",
+        **kwargs,
+    ):
+        if (
+            isinstance(num_classes, bool)
+            or not isinstance(num_classes, int | np.integer)
+            or num_classes <= 0
+        ):
+            raise ValueError(
+                f"`num_classes` must be a positive integer. Received: num_classes={num_classes!r}"
+            )
+        if (
+            isinstance(exact_neighbors, bool)
+            or not isinstance(exact_neighbors, int | np.integer)
+            or exact_neighbors < 0
+        ):
+            raise ValueError(
+                "`exact_neighbors` must be a non-negative integer. "
+                f"Received: exact_neighbors={exact_neighbors!r}"
+            )
+        kwargs["dtype"] = _full_precision_policy(kwargs.get("dtype"))
+        super().__init__(**kwargs)
+        self.num_classes = int(num_classes)
+        self.exact_neighbors = int(exact_neighbors)
+        if prototype_initializer is None:
+            prototype_initializer = keras.initializers.RandomNormal(mean=0.0, stddev=1.0)
+        self.prototype_initializer = keras.initializers.get(prototype_initializer)
+        self.prototype_regularizer = keras.regularizers.get(prototype_regularizer)
+        self.distance_scale_initializer = keras.initializers.get(distance_scale_initializer)
+        self.input_spec = keras.layers.InputSpec(min_ndim=2)
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        feature_dim = input_shape[-1]
+        if feature_dim is None:
+            raise ValueError(
+                "The last dimension of the inputs to `IsoMaxPlusLayer` (the "
+                f"feature dimension) must be defined. Received: input_shape={input_shape}"
+            )
+        self.prototypes = self.add_weight(
+            name="prototypes",
+            shape=(self.num_classes, feature_dim),
+            initializer=self.prototype_initializer,
+            regularizer=self.prototype_regularizer,
+        )
+        self.distance_scale = self.add_weight(
+            name="distance_scale",
+            shape=(),
+            initializer=self.distance_scale_initializer,
+        )
+        self.temperature = self.add_weight(
+            name="temperature", shape=(), initializer="ones", trainable=False
+        )
+        self.ood_threshold = self.add_weight(
+            name="ood_threshold",
+            shape=(),
+            initializer=keras.initializers.Constant(math.nan),
+            trainable=False,
+        )
+        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: feature_dim})
+
+    def call(self, inputs):
+        features = l2_normalize(ops.cast(inputs, self.compute_dtype))
+        prototypes = l2_normalize(ops.cast(self.prototypes, self.compute_dtype))
+        distances = pairwise_distances(features, prototypes, self.exact_neighbors)
+        scale = ops.abs(ops.cast(self.distance_scale, self.compute_dtype))
+        temperature = ops.cast(self.temperature, self.compute_dtype)
+        return -(scale / temperature) * distances
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.num_classes,)
+
+    @property
+    def is_calibrated(self):
+        """Whether `ood_threshold` holds a calibrated (finite) value."""
+        return self.built and math.isfinite(float(ops.convert_to_numpy(self.ood_threshold)))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_classes": self.num_classes,
+            "exact_neighbors": self.exact_neighbors,
+            "prototype_initializer": keras.initializers.serialize(self.prototype_initializer),
+            "prototype_regularizer": keras.regularizers.serialize(self.prototype_regularizer),
+            "distance_scale_initializer": keras.initializers.serialize(
+                self.distance_scale_initializer
+            ),
+        }
+
+
+def _full_precision_policy(dtype):
+    """Maps a mixed precision policy (or the global one) to its variable dtype.
+
+    The distances of IsoMax+ need float32: in float16 the expansion and the
+    normalisation lose too much, and logits feed a softmax scaled by 10.
+    """
+    policy = keras.dtype_policies.get(dtype) if dtype is not None else None
+    if policy is None:
+        policy = keras.config.dtype_policy()
+    if policy.compute_dtype != policy.variable_dtype:
+        return policy.variable_dtype
+    return dtype

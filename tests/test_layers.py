@@ -1,0 +1,347 @@
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from reference import distances as ref_distances
+from reference import logits as ref_logits
+
+from keras_isomax import IsoMaxPlusLayer, IsoMaxPlusLoss, OODScore, scores
+from keras_isomax.layers import l2_normalize, pairwise_distances
+
+
+def _built_layer(num_classes, feature_dim, rng, dtype=None, **kwargs):
+    layer = IsoMaxPlusLayer(num_classes, dtype=dtype, **kwargs)
+    layer.build((None, feature_dim))
+    layer.prototypes.assign(rng.normal(size=(num_classes, feature_dim)))
+    return layer
+
+
+def _distances(layer, x):
+    scale = abs(float(layer.distance_scale.numpy()))
+    temperature = float(layer.temperature.numpy())
+    return -np.asarray(layer(x)) * temperature / scale
+
+
+# ---------------------------------------------------------------- the formula
+
+
+@pytest.mark.parametrize("shape", [(7, 16), (3, 5, 16)])
+def test_logits_match_float64_reference(rng, shape):
+    layer = _built_layer(6, 16, rng)
+    layer.distance_scale.assign(-2.5)  # |s| is used
+    layer.temperature.assign(1.7)
+    x = rng.normal(size=shape).astype("float32")
+    expected = ref_logits(x, layer.prototypes.numpy(), scale=-2.5, temperature=1.7)
+    got = np.asarray(layer(x))
+    assert got.shape == shape[:-1] + (6,)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_prototypes_init_standard_normal_and_scale_one():
+    layer = IsoMaxPlusLayer(200)
+    layer.build((None, 300))
+    p = layer.prototypes.numpy()
+    assert p.shape == (200, 300)
+    assert abs(p.mean()) < 0.01 and abs(p.std() - 1.0) < 0.01
+    assert float(layer.distance_scale.numpy()) == 1.0
+    assert float(layer.temperature.numpy()) == 1.0
+    assert math.isnan(float(layer.ood_threshold.numpy()))
+    assert not layer.is_calibrated
+    trainable = {w.name for w in layer.trainable_weights}
+    assert trainable == {"prototypes", "distance_scale"}
+
+
+@pytest.mark.parametrize("exact_neighbors", [8, 1])
+def test_distance_precision_spec(rng, exact_neighbors):
+    """Relative error <= 1e-5 above 0.05 and absolute <= 1e-3 everywhere (float32)."""
+    num_classes, feature_dim = 40, 256
+    layer = _built_layer(num_classes, feature_dim, rng, exact_neighbors=exact_neighbors)
+    pn = l2_normalize(layer.prototypes).numpy().astype(np.float64)
+    # Features at controlled distances from a random prototype, from 0 to ~1.5,
+    # plus exact copies of prototypes and generic random features.
+    n = 600
+    targets = rng.integers(0, num_classes, size=n)
+    radii = np.concatenate([np.zeros(20), 10 ** rng.uniform(-4, 0.2, size=n - 20)])
+    direction = rng.normal(size=(n, feature_dim))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    near = pn[targets] + radii[:, None] * direction
+    x = np.concatenate([near, rng.normal(size=(200, feature_dim))]).astype("float32")
+    expected = ref_distances(x, layer.prototypes.numpy())
+    got = _distances(layer, x).astype(np.float64)
+    abs_err = np.abs(got - expected)
+    rel_err = abs_err / expected
+    assert abs_err.max() <= 1e-3
+    assert rel_err[expected > 0.05].max() <= 1e-5
+    assert expected.min() < 1e-6  # the exact-copy case was exercised
+
+
+def test_expansion_alone_is_imprecise_near_zero(rng):
+    """Why the exact recomputation exists: the expansion misses the spec."""
+    x = rng.normal(size=(1, 512))
+    p = l2_normalize(x).numpy() + 0.01 * rng.normal(size=(1, 512)) / np.sqrt(512)
+    p32 = np.concatenate([p, rng.normal(size=(3, 512))]).astype("float32")
+    x32 = x.astype("float32")
+    expected = ref_distances(x32, p32)[0, 0]
+    expansion = pairwise_distances(l2_normalize(x32), l2_normalize(p32), exact_neighbors=0).numpy()[
+        0, 0
+    ]
+    exact = pairwise_distances(l2_normalize(x32), l2_normalize(p32)).numpy()[0, 0]
+    assert abs(exact - expected) / expected <= 1e-5
+    assert abs(expansion - expected) / expected > 1e-5
+
+
+@pytest.mark.parametrize("exact_neighbors", [0, 3, 8])
+def test_gradients_match_finite_differences(rng, exact_neighbors):
+    num_classes, feature_dim = 5, 6
+    layer = _built_layer(
+        num_classes, feature_dim, rng, dtype="float64", exact_neighbors=exact_neighbors
+    )
+    layer.distance_scale.assign(1.3)
+    x = rng.normal(size=(4, feature_dim))
+    weights = rng.normal(size=(4, num_classes))
+    p0 = layer.prototypes.numpy()
+
+    def objective(x_, p_, s_):
+        return float(np.sum(weights * ref_logits(x_, p_, scale=s_)))
+
+    x_t = tf.Variable(x)
+    with tf.GradientTape() as tape:
+        out = tf.reduce_sum(weights * layer(x_t))
+    gx, gp, gs = tape.gradient(out, [x_t, layer.prototypes, layer.distance_scale])
+
+    def numeric(f, value, eps=1e-6):
+        grad = np.zeros_like(value)
+        for i in np.ndindex(value.shape):
+            up, down = value.copy(), value.copy()
+            up[i] += eps
+            down[i] -= eps
+            grad[i] = (f(up) - f(down)) / (2 * eps)
+        return grad
+
+    np.testing.assert_allclose(
+        gx.numpy(), numeric(lambda v: objective(v, p0, 1.3), x), rtol=1e-6, atol=1e-8
+    )
+    np.testing.assert_allclose(
+        gp.numpy(), numeric(lambda v: objective(x, v, 1.3), p0), rtol=1e-6, atol=1e-8
+    )
+    np.testing.assert_allclose(
+        float(gs.numpy()),
+        numeric(lambda v: objective(x, p0, float(v)), np.array(1.3)),
+        rtol=1e-6,
+    )
+
+
+def test_no_nan_at_zero_distance_or_zero_features(rng):
+    layer = _built_layer(4, 8, rng)
+    p = layer.prototypes.numpy()
+    x = np.stack([p[0], 3.0 * p[2], np.zeros(8), rng.normal(size=8)]).astype("float32")
+    x_t = tf.Variable(x)
+    with tf.GradientTape() as tape:
+        logits = layer(x_t)
+        loss = IsoMaxPlusLoss()(np.array([0, 2, 1, 3]), logits)
+    grads = tape.gradient(loss, [x_t, *layer.trainable_weights])
+    assert np.all(np.isfinite(logits.numpy()))
+    assert logits.numpy()[0, 0] == 0.0
+    assert abs(logits.numpy()[1, 2]) < 1e-6  # same direction up to rounding
+    # An all-zero feature vector normalises to 0: distance 1 to every prototype.
+    np.testing.assert_allclose(logits.numpy()[2], -1.0, rtol=1e-6)
+    for g in grads:
+        assert np.all(np.isfinite(g.numpy()))
+
+
+def test_nan_inputs_stay_in_their_row(rng):
+    """Documented behaviour: NaN/Inf features give NaN logits for that example only."""
+    layer = _built_layer(3, 5, rng)
+    x = rng.normal(size=(4, 5)).astype("float32")
+    x[1, 2] = np.nan
+    x[3, 0] = np.inf
+    logits = layer(x).numpy()
+    # Never a finite (let alone the best possible) score for a broken input.
+    assert np.all(np.isnan(logits[[1, 3]]))
+    np.testing.assert_allclose(
+        logits[[0, 2]],
+        ref_logits(x[[0, 2]], layer.prototypes.numpy()),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert np.isnan(scores.minimum_distance_score(logits)[1])
+
+
+def test_empty_batch(rng):
+    layer = _built_layer(3, 5, rng)
+    out = layer(np.zeros((0, 5), "float32"))
+    assert tuple(out.shape) == (0, 3)
+
+
+# ---------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "10", None, True])
+def test_bad_num_classes(bad):
+    with pytest.raises(ValueError, match="num_classes"):
+        IsoMaxPlusLayer(bad)
+
+
+def test_bad_exact_neighbors():
+    with pytest.raises(ValueError, match="exact_neighbors=-1"):
+        IsoMaxPlusLayer(3, exact_neighbors=-1)
+
+
+def test_wrong_feature_dim_on_built_layer(rng):
+    layer = _built_layer(3, 5, rng)
+    with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 5"):
+        layer(np.ones((2, 6), "float32"))
+
+
+def test_rank_one_input_rejected():
+    with pytest.raises(ValueError, match="min_ndim=2"):
+        IsoMaxPlusLayer(3)(np.ones((5,), "float32"))
+
+
+# ---------------------------------------------------------------- Keras integration
+
+
+def _toy_problem(rng, n_per_class=100, num_classes=4, dim=8):
+    centers = 4.0 * rng.normal(size=(num_classes, dim))
+    x = np.concatenate([c + rng.normal(size=(n_per_class, dim)) for c in centers])
+    y = np.repeat(np.arange(num_classes), n_per_class)
+    order = rng.permutation(len(y))
+    return x[order].astype("float32"), y[order], centers
+
+
+def _sequential(num_classes=4, dim=8):
+    model = keras.Sequential([keras.Input((dim,)), keras.layers.Dense(32, activation="relu")])
+    model.add(IsoMaxPlusLayer(num_classes))
+    return model
+
+
+def test_sequential_fit_accuracy_and_ood_ranking(rng):
+    keras.utils.set_random_seed(1)
+    x, y, centers = _toy_problem(rng)
+    model = _sequential()
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01),
+        loss=IsoMaxPlusLoss(),
+        metrics=["accuracy", OODScore()],
+    )
+    history = model.fit(x, y, epochs=30, batch_size=32, verbose=0)
+    assert history.history["accuracy"][-1] > 0.95
+    assert "minimum_distance_score" in history.history
+    _, accuracy, _ = model.evaluate(x, y, verbose=0)
+    assert accuracy > 0.95
+    # Far-away inputs: between the clusters' region and beyond, in directions
+    # the training data never took.
+    far = (12.0 * rng.normal(size=(300, 8))).astype("float32")
+    far = far[np.min(np.linalg.norm(far[:, None] - centers, axis=-1), axis=1) > 6]
+    s_in = scores.minimum_distance_score(model.predict(x, verbose=0)).numpy()
+    s_out = scores.minimum_distance_score(model.predict(far, verbose=0)).numpy()
+    auroc = np.mean(s_in[:, None] > s_out[None, :])
+    assert auroc > 0.9, auroc
+
+
+def test_functional_and_subclassed_models(rng):
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(8, activation="relu")(inputs)
+    functional = keras.Model(inputs, IsoMaxPlusLayer(3)(h))
+    assert functional.output_shape == (None, 3)
+
+    class Classifier(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.backbone = keras.layers.Dense(8, activation="relu")
+            self.head = IsoMaxPlusLayer(3)
+
+        def call(self, x):
+            return self.head(self.backbone(x))
+
+    x = rng.normal(size=(10, 6)).astype("float32")
+    y = rng.integers(0, 3, size=10)
+    for model in (functional, Classifier()):
+        model.compile(optimizer="sgd", loss=IsoMaxPlusLoss())
+        before = model.evaluate(x, y, verbose=0)
+        model.fit(x, y, epochs=5, verbose=0)
+        assert model.evaluate(x, y, verbose=0) < before
+
+
+def test_symbolic_call_shapes():
+    out = IsoMaxPlusLayer(7)(keras.Input((None, 12)))
+    assert out.shape == (None, None, 7)
+
+
+def test_config_round_trip():
+    layer = IsoMaxPlusLayer(
+        5,
+        exact_neighbors=2,
+        prototype_initializer=keras.initializers.RandomNormal(stddev=0.5),
+        prototype_regularizer=keras.regularizers.L2(1e-4),
+        distance_scale_initializer=keras.initializers.Constant(3.0),
+        name="head",
+    )
+    config = layer.get_config()
+    clone = IsoMaxPlusLayer.from_config(config)
+    assert clone.get_config() == config
+    assert config["num_classes"] == 5 and config["exact_neighbors"] == 2
+    clone.build((None, 4))
+    assert float(clone.distance_scale.numpy()) == 3.0
+
+
+def test_keras_save_load_identical_outputs(rng, tmp_path):
+    model = _sequential()
+    model.compile(optimizer="sgd", loss=IsoMaxPlusLoss(), metrics=[OODScore()])
+    x, y, _ = _toy_problem(rng, n_per_class=10)
+    model.fit(x, y, epochs=1, verbose=0)
+    head = model.layers[-1]
+    head.temperature.assign(1.5)
+    head.ood_threshold.assign(-0.25)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), restored.predict(x, verbose=0))
+    restored_head = restored.layers[-1]
+    assert isinstance(restored_head, IsoMaxPlusLayer)
+    assert float(restored_head.temperature.numpy()) == 1.5
+    assert float(restored_head.ood_threshold.numpy()) == -0.25
+    assert restored_head.is_calibrated
+    assert isinstance(restored.loss, IsoMaxPlusLoss)
+    restored.fit(x, y, epochs=1, verbose=0)  # compiled state restored too
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision(rng, policy):
+    x, y, _ = _toy_problem(rng, n_per_class=20)
+    keras.utils.set_random_seed(3)
+    reference = _sequential()
+    keras.config.set_dtype_policy(policy)
+    keras.utils.set_random_seed(3)
+    model = _sequential()
+    head = model.layers[-1]
+    assert model.layers[0].compute_dtype in ("float16", "bfloat16")
+    assert head.compute_dtype == "float32"
+    model.set_weights(reference.get_weights())
+    logits = model(x)
+    assert keras.backend.standardize_dtype(logits.dtype) == "float32"
+    tolerance = 2e-2 if policy == "mixed_bfloat16" else 2e-3
+    np.testing.assert_allclose(logits, reference(x), atol=tolerance)
+    model.compile(optimizer="sgd", loss=IsoMaxPlusLoss())
+    history = model.fit(x, y, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+
+
+def test_jit_compile_matches_eager(rng):
+    x, y, _ = _toy_problem(rng, n_per_class=16)
+    keras.utils.set_random_seed(5)
+    eager = _sequential()
+    keras.utils.set_random_seed(5)
+    jitted = _sequential()
+    jitted.set_weights(eager.get_weights())
+    eager.compile(optimizer="sgd", loss=IsoMaxPlusLoss(), jit_compile=False)
+    jitted.compile(optimizer="sgd", loss=IsoMaxPlusLoss(), jit_compile=True)
+    h_eager = eager.fit(x, y, epochs=2, batch_size=16, shuffle=False, verbose=0)
+    h_jit = jitted.fit(x, y, epochs=2, batch_size=16, shuffle=False, verbose=0)
+    np.testing.assert_allclose(h_eager.history["loss"], h_jit.history["loss"], rtol=1e-4)
+    forward = tf.function(jitted.layers[-1].call, jit_compile=True)
+    features = jitted.layers[0](x)
+    np.testing.assert_allclose(forward(features), jitted.layers[-1](features), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,145 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from reference import isomax_loss, log_softmax
+
+from keras_isomax import IsoMaxPlusLayer, IsoMaxPlusLoss, isomax_plus_loss
+
+
+def _logits(rng, batch=9, num_classes=5):
+    # Realistic IsoMax+ logits: negative distances in [0, 2] times a scale.
+    return (-2.0 * rng.uniform(0.0, 2.0, size=(batch, num_classes))).astype("float32")
+
+
+def test_matches_reference_sparse_and_one_hot(rng):
+    z = _logits(rng)
+    y = rng.integers(0, 5, size=9)
+    expected = isomax_loss(y, z)
+    np.testing.assert_allclose(isomax_plus_loss(y, z), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(isomax_plus_loss(y[:, None], z), expected, rtol=1e-5, atol=1e-6)
+    one_hot = np.eye(5, dtype="float32")[y]
+    np.testing.assert_allclose(isomax_plus_loss(one_hot, z), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_entropic_scale_is_used(rng):
+    z = _logits(rng)
+    y = rng.integers(0, 5, size=9)
+    np.testing.assert_allclose(
+        isomax_plus_loss(y, z, entropic_scale=3.0),
+        isomax_loss(y, z, entropic_scale=3.0),
+        rtol=1e-5,
+    )
+    assert IsoMaxPlusLoss().entropic_scale == 10.0
+
+
+def test_stable_when_softmax_underflows():
+    # softmax(10 * z) underflows to 0 for the true class: log of a softmax would be -inf.
+    z = np.array([[-20.0, 0.0, -1.0]], "float32")
+    loss = isomax_plus_loss(np.array([0]), z).numpy()
+    np.testing.assert_allclose(loss, isomax_loss([0], z), rtol=1e-6)
+    assert np.isfinite(loss).all() and loss[0] > 150
+
+
+def test_soft_targets(rng):
+    z = _logits(rng)
+    t = rng.dirichlet(np.ones(5), size=9).astype("float32")
+    expected = -np.sum(t * log_softmax(10.0 * z.astype(np.float64)), axis=-1)
+    np.testing.assert_allclose(isomax_plus_loss(t, z), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "reduction",
+    ["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", "none", None],
+)
+def test_reductions_and_sample_weights(rng, reduction):
+    z = _logits(rng)
+    y = rng.integers(0, 5, size=9)
+    w = rng.uniform(0.0, 2.0, size=9).astype("float32")
+    per_example = isomax_loss(y, z)
+    loss = IsoMaxPlusLoss(reduction=reduction)
+    reduce = {
+        "sum_over_batch_size": lambda v, w: np.sum(v * w) / len(v),
+        "mean": lambda v, w: np.sum(v * w) / len(v),
+        "sum": lambda v, w: np.sum(v * w),
+        "mean_with_sample_weight": lambda v, w: np.sum(v * w) / np.sum(w),
+        "none": lambda v, w: v * w,
+        None: lambda v, w: v * w,
+    }[reduction]
+    ones = np.ones(9)
+    np.testing.assert_allclose(loss(y, z), reduce(per_example, ones), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        loss(y, z, sample_weight=w), reduce(per_example, w), rtol=1e-5, atol=1e-6
+    )
+    zero = np.zeros(9, "float32")
+    if reduction != "mean_with_sample_weight":  # 0 / 0 there, by Keras' definition
+        np.testing.assert_allclose(
+            loss(y, z, sample_weight=zero), reduce(per_example, zero), atol=1e-6
+        )
+
+
+def test_sparse_and_one_hot_agree_in_fit(rng):
+    x = rng.normal(size=(32, 6)).astype("float32")
+    y = rng.integers(0, 3, size=32)
+    losses = []
+    for targets in (y, y[:, None], np.eye(3, dtype="float32")[y]):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6,)), IsoMaxPlusLayer(3)])
+        model.compile(optimizer="sgd", loss=IsoMaxPlusLoss())
+        losses.append(model.fit(x, targets, epochs=2, shuffle=False, verbose=0).history["loss"])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+    np.testing.assert_allclose(losses[0], losses[2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("labels", [[0, 3], [-1, 0], [0, 1.5], [0, np.nan]])
+def test_invalid_labels_raise_eagerly(rng, labels):
+    z = _logits(rng, batch=2, num_classes=3)
+    with pytest.raises(ValueError, match=r"integers in \[0, 3\).*Received: y_true"):
+        IsoMaxPlusLoss()(np.array(labels), z)
+
+
+def test_invalid_labels_give_nan_when_traced(rng):
+    z = _logits(rng, batch=3, num_classes=3)
+
+    @tf.function
+    def traced(y):
+        return isomax_plus_loss(y, z)
+
+    loss = traced(tf.constant([0, 5, 2])).numpy()
+    assert np.isnan(loss[1])
+    np.testing.assert_allclose(loss[[0, 2]], isomax_loss([0, 2], z[[0, 2]]), rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_range_labels_in_fit_never_give_a_finite_loss(rng):
+    model = keras.Sequential([keras.Input((4,)), IsoMaxPlusLayer(3)])
+    model.compile(optimizer="sgd", loss=IsoMaxPlusLoss())
+    x = rng.normal(size=(8, 4)).astype("float32")
+    history = model.fit(x, np.full(8, 7), epochs=1, verbose=0)
+    assert np.isnan(history.history["loss"][0])
+
+
+def test_shape_mismatch():
+    with pytest.raises(ValueError, match="y_true.shape"):
+        isomax_plus_loss(np.zeros((4, 2)), np.zeros((4, 3), "float32"))
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), "ten"])
+def test_bad_entropic_scale(bad):
+    with pytest.raises(ValueError, match="entropic_scale"):
+        IsoMaxPlusLoss(entropic_scale=bad)
+
+
+def test_config_round_trip():
+    loss = IsoMaxPlusLoss(entropic_scale=5.0, reduction="sum", name="l")
+    config = loss.get_config()
+    assert config == {"name": "l", "reduction": "sum", "entropic_scale": 5.0}
+    clone = keras.losses.deserialize(keras.losses.serialize(loss))
+    assert isinstance(clone, IsoMaxPlusLoss) and clone.get_config() == config
+
+
+def test_half_precision_logits_are_computed_in_float32(rng):
+    z = _logits(rng)
+    y = rng.integers(0, 5, size=9)
+    loss = isomax_plus_loss(y, z.astype("float16"))
+    assert keras.backend.standardize_dtype(loss.dtype) == "float32"
+    np.testing.assert_allclose(loss, isomax_loss(y, z.astype("float16")), rtol=1e-5, atol=1e-6)
