@@ -21,4 +21,3 @@ def _restore_keras_globals():
     policy = keras.config.dtype_policy()
     yield
     keras.config.set_dtype_policy(policy)
-    keras.utils.clear_session()
