@@ -213,7 +213,7 @@ class IsoMaxPlusLayer(keras.layers.Layer):
     @property
     def is_calibrated(self):
         """Whether `ood_threshold` holds a calibrated (finite) value."""
-        return self.built and math.isfinite(float(ops.convert_to_numpy(self.ood_threshold)))
+        return self.built and math.isfinite(float(self.ood_threshold.numpy()))
 
     def get_config(self):
         return {

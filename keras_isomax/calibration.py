@@ -1,0 +1,704 @@
+"""Calibration of a trained IsoMax+ model: OOD threshold and temperature.
+
+Two post-training steps, each stored in a non-trainable weight of the model's
+`IsoMaxPlusLayer`, so both travel with `model.save("m.keras")` and with an
+exported SavedModel:
+
+* `calibrate_threshold(model, in_val_data, tpr=0.95)` sets `ood_threshold` so
+  that a fraction `tpr` of in-distribution validation inputs is accepted
+  (`score >= threshold`) by the minimum distance score.
+* `calibrate_temperature(model, val_data)` sets `temperature` to the value that
+  minimises the negative log-likelihood of `softmax(logits)` on labelled
+  validation data (temperature scaling, Guo et al. 2017). The minimum distance
+  score is divided by the temperature, so its ranking does not change; a
+  threshold that was calibrated before is rescaled to accept the same inputs.
+
+`predict_ood(model, x)` then returns the score, the OOD decision and the
+predicted class of every example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+import weakref
+from collections.abc import Iterable, Mapping
+
+import keras
+import numpy as np
+
+from keras_isomax import metrics as metrics_lib
+from keras_isomax import scores as scores_lib
+from keras_isomax.layers import IsoMaxPlusLayer
+
+_TEMPERATURE_RANGE = (1e-4, 1e4)
+_SUBMODELS = weakref.WeakKeyDictionary()  # model -> (layer, model up to its logits)
+
+
+# --------------------------------------------------------------- the layer
+
+
+def find_isomax_layer(model):
+    """Returns the single `IsoMaxPlusLayer` of a model.
+
+    Searches the model's layers recursively (nested models and layers that own
+    sublayers included); a layer shared between several places counts once.
+
+    Args:
+        model: A `keras.Model` (or any `keras.layers.Layer`), or an
+            `IsoMaxPlusLayer` itself (returned unchanged).
+
+    Returns:
+        The `IsoMaxPlusLayer`.
+
+    Raises:
+        TypeError: If `model` is not a Keras layer or model.
+        ValueError: If the model holds no `IsoMaxPlusLayer`, or more than one.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_isomax import IsoMaxPlusLayer
+    >>> from keras_isomax.calibration import find_isomax_layer
+    >>> model = keras.Sequential([keras.Input((4,)), IsoMaxPlusLayer(3, name="head")])
+    >>> find_isomax_layer(model).name
+    'head'
+    """
+    if isinstance(model, IsoMaxPlusLayer):
+        return model
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(
+            f"`model` must be a Keras model or layer. Received: model={type(model).__name__}"
+        )
+    found = [layer for layer in _all_layers(model) if isinstance(layer, IsoMaxPlusLayer)]
+    if len(found) == 1:
+        return found[0]
+    name = getattr(model, "name", type(model).__name__)
+    if not found:
+        raise ValueError(
+            f"Model '{name}' has no `IsoMaxPlusLayer`; calibration and "
+            "`predict_ood` need one (train with `IsoMaxPlusLayer` + "
+            f"`IsoMaxPlusLoss`). Received: model={name!r}"
+        )
+    names = [layer.name for layer in found]
+    raise ValueError(
+        f"Model '{name}' has {len(found)} `IsoMaxPlusLayer`s ({names}); expected "
+        f"exactly one. Received: model={name!r}"
+    )
+
+
+def _all_layers(root):
+    """All distinct layers under `root` (root excluded), depth first."""
+    flatten = getattr(root, "_flatten_layers", None)
+    if callable(flatten):
+        try:
+            return list(flatten(include_self=False, recursive=True))
+        except TypeError:  # A different signature in some Keras version.
+            pass
+    result, seen, stack = [], {id(root)}, list(getattr(root, "layers", []))
+    while stack:
+        layer = stack.pop(0)
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        result.append(layer)
+        stack[:0] = list(getattr(layer, "layers", []))
+    return result
+
+
+def _logits_model(model, layer):
+    """A model and output index whose output is the logits of `layer`.
+
+    The model itself when one of its outputs is the layer's output, directly
+    or through nested models (the usual `Sequential`/functional classifier); a
+    sub-model up to the layer's output when the layer sits in the model's own
+    graph but something follows it (for example a `Softmax`). A subclassed
+    model without symbolic outputs is used as is: its output must have the
+    layer's `num_classes` columns (checked by the caller).
+
+    Raises:
+        ValueError: If the model has symbolic outputs but the layer's logits
+            are neither among them nor reachable from the model's inputs.
+    """
+    try:
+        outputs = list(model.outputs)
+    except (AttributeError, ValueError, TypeError):
+        outputs = []
+    if not outputs:
+        return model, None
+    for index, tensor in enumerate(outputs):
+        if _produced_by(tensor, layer):
+            return model, (index if len(outputs) > 1 else None)
+    cached = _SUBMODELS.get(model)
+    if cached is not None and cached[0] is layer:
+        return cached[1], None
+    try:
+        submodel = keras.Model(model.inputs, layer.output)
+    except (ValueError, TypeError, AttributeError):
+        submodel = None
+    if submodel is not None:
+        _SUBMODELS[model] = (layer, submodel)  # One traced predict function.
+        return submodel, None
+    raise ValueError(
+        f"The logits of IsoMaxPlusLayer '{layer.name}' are not an output of model "
+        f"'{model.name}' and cannot be reached from its inputs (the layer is "
+        "nested in a sub-model and followed by other layers). Calibrate or "
+        "evaluate a model whose output is the layer's logits. "
+        f"Received: model={model.name!r}"
+    )
+
+
+def _produced_by(tensor, layer, depth=0):
+    """Whether a symbolic tensor is `layer`'s output, possibly via nested models."""
+    history = getattr(tensor, "_keras_history", None)
+    operation = getattr(history, "operation", None)
+    if operation is layer:
+        return True
+    if depth > 50 or not isinstance(operation, keras.Model):
+        return False
+    try:
+        inner = list(operation.outputs)[history.tensor_index]
+    except (AttributeError, ValueError, TypeError, IndexError):
+        return False
+    return _produced_by(inner, layer, depth + 1)
+
+
+# --------------------------------------------------------- data -> outputs
+
+
+def _is_array_like(x):
+    return isinstance(x, np.ndarray) or (
+        hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, Mapping)
+    )
+
+
+def _num_rows(x):
+    if isinstance(x, Mapping):
+        return _num_rows(next(iter(x.values())))
+    if isinstance(x, list | tuple):
+        return _num_rows(x[0])
+    return int(x.shape[0])
+
+
+def _split_element(element, arg_name):
+    """`x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)` -> `(x, y or None)`."""
+    if isinstance(element, tuple | list) and not _is_array_like(element):
+        if len(element) in (1, 2, 3):
+            return element[0], (element[1] if len(element) > 1 else None)
+        raise ValueError(
+            f"`{arg_name}` must hold `x`, `(x,)`, `(x, y)` or `(x, y, "
+            f"sample_weight)`; got a tuple of {len(element)} items. "
+            f"Received: {arg_name} element of length {len(element)}"
+        )
+    return element, None
+
+
+def _iter_batches(data, arg_name):
+    """Yields `(x_batch, y_batch or None)` from a dataset or iterable of batches."""
+    if isinstance(data, str | bytes) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"`{arg_name}` must be a NumPy array, a tuple `(x, y)`, a batched "
+            f"`tf.data.Dataset` or another iterable of batches. "
+            f"Received: {arg_name}={type(data).__name__}"
+        )
+    for element in data:  # tf.data.Dataset, PyDataset, generators.
+        yield _split_element(element, arg_name)
+
+
+def _as_class_ids(y, arg_name):
+    y = np.asarray(keras.ops.convert_to_numpy(y))
+    if y.ndim >= 2 and y.shape[-1] > 1:  # One-hot or soft targets.
+        return np.argmax(y, axis=-1).reshape(-1)
+    y = y.reshape(-1)
+    if y.size and (not np.issubdtype(y.dtype, np.number) or np.any(np.floor(y) != y)):
+        raise ValueError(
+            f"Labels of `{arg_name}` must be integer class ids or one-hot rows. "
+            f"Received: labels of dtype {y.dtype}"
+        )
+    return y.astype(np.int64)
+
+
+def _check_batched(model, x, arg_name):
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        return
+    if not inputs or isinstance(x, Mapping | list | tuple) or len(inputs) != 1:
+        return
+    expected = len(inputs[0].shape)
+    rank = len(x.shape)
+    if rank == expected - 1:
+        raise ValueError(
+            f"`{arg_name}` yields single examples of shape {tuple(x.shape)}, but the "
+            f"model expects batches of rank {expected}; call `.batch(...)` on the "
+            f"dataset first. Received: {arg_name} element shape {tuple(x.shape)}"
+        )
+
+
+def collect_outputs(model, data, *, batch_size=256, arg_name="data", output_index=None):
+    """Runs `model` over `data` once; returns outputs and labels as NumPy.
+
+    Labels are read from the same pass as the inputs, so they stay aligned with
+    the outputs even for a shuffling `tf.data.Dataset`.
+
+    Args:
+        model: A Keras model.
+        data: A NumPy array / tensor `x`; a tuple `(x,)`, `(x, y)` or
+            `(x, y, sample_weight)` of arrays; or a batched `tf.data.Dataset`
+            (or other iterable of batches) yielding one of those.
+        batch_size: Batch size for arrays (datasets keep their own batching).
+            Defaults to `256`.
+        arg_name: Name of the argument in error messages. Defaults to `"data"`.
+        output_index: Which output to keep when the model has several.
+            Defaults to `None` (the model must have one output).
+
+    Returns:
+        `(outputs, labels)`: float NumPy array `(N, C)` and an int64 array `(N,)`
+        of class ids, or `None` when `data` has no labels (on any batch).
+
+    Raises:
+        TypeError: If `data` has an unsupported type, or the model returns
+            several outputs and `output_index` is `None`.
+        ValueError: If `data` is empty, unbatched, or has fewer labels than
+            inputs.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(
+            f"`batch_size` must be a positive integer. Received: batch_size={batch_size!r}"
+        )
+    outputs, labels, missing_labels, checked = [], [], False, False
+    if _is_array_like(data) or isinstance(data, Mapping | tuple | list):
+        # In-memory arrays: one `predict` call (traced once, batched by Keras).
+        x, y = _split_element(data, arg_name)
+        n = _num_rows(x)
+        if y is not None and int(np.shape(y)[0]) != n:
+            raise ValueError(
+                f"`{arg_name}` has {n} inputs but {int(np.shape(y)[0])} labels. "
+                f"Received: {arg_name} with x of {n} rows, y of "
+                f"{int(np.shape(y)[0])} rows"
+            )
+        if n == 0:
+            raise ValueError(f"`{arg_name}` holds no examples. Received: empty {arg_name}")
+        batches = [(x, y, lambda x: model.predict(x, batch_size=batch_size, verbose=0))]
+        checked = True  # Arrays always carry the batch axis.
+    else:
+        batches = ((x, y, model.predict_on_batch) for x, y in _iter_batches(data, arg_name))
+    for x, y, predict in batches:
+        if not checked:
+            _check_batched(model, x, arg_name)
+            checked = True
+        out = predict(x)
+        if isinstance(out, Mapping):
+            out = list(out.values())
+        if isinstance(out, list | tuple):
+            if output_index is None:
+                if len(out) != 1:
+                    raise TypeError(
+                        f"The model returns {len(out)} outputs; expected one "
+                        "(the logits). Received: model with several outputs"
+                    )
+                out = out[0]
+            else:
+                out = out[output_index]
+        out = np.asarray(keras.ops.convert_to_numpy(out))
+        if out.dtype not in (np.float32, np.float64):
+            out = out.astype(np.float32)
+        outputs.append(out)
+        if y is None:
+            missing_labels = True
+        else:
+            labels.append(_as_class_ids(y, arg_name))
+    if not outputs or sum(len(o) for o in outputs) == 0:
+        raise ValueError(f"`{arg_name}` holds no examples. Received: empty {arg_name}")
+    outputs = np.concatenate(outputs, axis=0)
+    if missing_labels:
+        return outputs, None
+    labels = np.concatenate(labels, axis=0)
+    if labels.shape[0] != outputs.shape[0]:
+        raise ValueError(
+            f"`{arg_name}` gave {outputs.shape[0]} outputs but {labels.shape[0]} "
+            f"labels. Received: {arg_name} with mismatched labels"
+        )
+    return outputs, labels
+
+
+def isomax_logits(model, data, *, batch_size=256, arg_name="data"):
+    """Logits of the model's `IsoMaxPlusLayer` (and labels) over `data`.
+
+    Args:
+        model: A Keras model containing one `IsoMaxPlusLayer`.
+        data: See `collect_outputs`.
+        batch_size: Batch size for arrays. Defaults to `256`.
+        arg_name: Name of the argument in error messages. Defaults to `"data"`.
+
+    Returns:
+        `(logits, labels or None)` as NumPy arrays.
+
+    Raises:
+        ValueError: If the model has no (or several) `IsoMaxPlusLayer`, or its
+            logits cannot be read from the model's outputs.
+    """
+    layer = find_isomax_layer(model)
+    runner, index = _logits_model(model, layer)
+    logits, labels = collect_outputs(
+        runner, data, batch_size=batch_size, arg_name=arg_name, output_index=index
+    )
+    if logits.ndim < 2 or logits.shape[-1] != layer.num_classes:
+        raise ValueError(
+            f"Could not read the logits of IsoMaxPlusLayer '{layer.name}' "
+            f"({layer.num_classes} classes) from the model's output of shape "
+            f"{logits.shape}; make the layer's output a model output. "
+            f"Received: model={model.name!r}"
+        )
+    return logits, labels
+
+
+# ------------------------------------------------------------- threshold
+
+
+def calibrate_threshold(model, in_val_data, tpr=0.95, *, batch_size=256):
+    """Sets the layer's `ood_threshold` so that `tpr` of `in_val_data` is accepted.
+
+    The threshold applies to the minimum distance score (the largest logit of
+    the `IsoMaxPlusLayer`); an input is accepted as in-distribution when
+    `score >= ood_threshold`. It is placed halfway between the smallest accepted
+    validation score and the next lower one, so the accepted fraction on
+    `in_val_data` is the smallest one `>= tpr` (exactly `tpr` up to ties and
+    rounding of `tpr * N`), with a margin against rounding noise when scores are
+    recomputed. Use held-out in-distribution data, not training data: on the
+    training set features sit closer to their prototypes.
+
+    Args:
+        model: A trained Keras model with one `IsoMaxPlusLayer`.
+        in_val_data: In-distribution validation inputs: an array, a tuple
+            `(x, y)` (labels are ignored) or a batched `tf.data.Dataset`.
+        tpr: Target fraction of in-distribution inputs to accept, in `(0, 1]`.
+            Defaults to `0.95`.
+        batch_size: Batch size for arrays. Defaults to `256`.
+
+    Returns:
+        The threshold (a Python float), also stored in the layer.
+
+    Raises:
+        ValueError: If `tpr` is not in `(0, 1]`, the data is empty or yields
+            NaN scores, or the model has no single `IsoMaxPlusLayer`.
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> from keras_isomax import IsoMaxPlusLayer
+    >>> from keras_isomax.calibration import calibrate_threshold
+    >>> model = keras.Sequential([keras.Input((4,)), IsoMaxPlusLayer(3)])
+    >>> x = np.random.default_rng(0).normal(size=(1000, 4)).astype("float32")
+    >>> t = calibrate_threshold(model, x, tpr=0.9)
+    >>> scores = model.predict(x, verbose=0).max(axis=-1)
+    >>> float(np.mean(scores >= t))
+    0.9
+    """
+    tpr = _check_fraction(tpr, "tpr")
+    layer = find_isomax_layer(model)
+    logits, _ = isomax_logits(model, in_val_data, batch_size=batch_size, arg_name="in_val_data")
+    scores = np.asarray(logits).max(axis=-1)  # The minimum distance score.
+    bad = np.isnan(scores)
+    if bad.any():
+        raise ValueError(
+            f"The model gives NaN scores on {int(bad.sum())} of {bad.size} examples "
+            "of `in_val_data` (NaN or Inf inputs?); remove them before calibrating. "
+            f"Received: in_val_data with NaN scores at {np.flatnonzero(bad)[:5].tolist()}"
+        )
+    threshold = metrics_lib.threshold_at_tpr(scores, tpr, midpoint=True)
+    layer.ood_threshold.assign(threshold)
+    return float(layer.ood_threshold.numpy())
+
+
+def _check_fraction(value, name):
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not 0.0 < number <= 1.0:
+        raise ValueError(f"`{name}` must be a number in (0, 1]. Received: {name}={value!r}")
+    return number
+
+
+# ----------------------------------------------------------- temperature
+
+
+@dataclasses.dataclass(frozen=True)
+class TemperatureCalibration:
+    """Result of `calibrate_temperature` (NLL and ECE in nats / fractions).
+
+    Attributes:
+        temperature: The fitted temperature, now stored in the layer.
+        previous_temperature: The layer's temperature before calibration.
+        nll_before: Mean negative log-likelihood of `softmax(logits)` before.
+        nll_after: The same after calibration.
+        ece_before: Expected calibration error (15 equal-width bins) before.
+        ece_after: The same after calibration.
+        accuracy: Accuracy on the validation data (unchanged by temperature).
+        num_examples: Number of validation examples.
+        threshold_rescaled: Whether a calibrated `ood_threshold` was rescaled.
+    """
+
+    temperature: float
+    previous_temperature: float
+    nll_before: float
+    nll_after: float
+    ece_before: float
+    ece_after: float
+    accuracy: float
+    num_examples: int
+    threshold_rescaled: bool = False
+
+    def __str__(self):
+        return (
+            f"temperature {self.previous_temperature:.4g} -> {self.temperature:.4g} "
+            f"on {self.num_examples} examples (accuracy {100 * self.accuracy:.2f}%): "
+            f"NLL {self.nll_before:.4f} -> {self.nll_after:.4f}, "
+            f"ECE {100 * self.ece_before:.2f}% -> {100 * self.ece_after:.2f}%"
+        )
+
+
+def calibrate_temperature(model, val_data, *, batch_size=256, num_bins=15):
+    """Fits the layer's `temperature` by minimising the NLL on `val_data`.
+
+    IsoMax+ trains `softmax(entropic_scale * logits)` but, as in the paper,
+    predicts with `softmax(logits)`, whose probabilities are deliberately
+    soft. Temperature scaling finds the `T` for which `softmax(logits)`, with
+    `logits = -|s| * distance / T`, has the lowest negative log-likelihood on
+    labelled validation data. The NLL is convex in `1/T`; it is minimised
+    exactly (bisection on its derivative, float64) over `T` in `[1e-4, 1e4]`.
+
+    The temperature divides every logit by the same positive number, so the
+    predicted classes and the ranking of the minimum distance score do not
+    change. If the layer's `ood_threshold` is calibrated, it is rescaled by
+    `T_old / T_new` so that it accepts the same inputs as before.
+
+    Args:
+        model: A trained Keras model with one `IsoMaxPlusLayer`.
+        val_data: Labelled in-distribution validation data: a tuple `(x, y)` of
+            arrays or a batched `tf.data.Dataset` yielding `(x, y)`; `y` holds
+            class ids or one-hot rows.
+        batch_size: Batch size for arrays. Defaults to `256`.
+        num_bins: Number of equal-width confidence bins of the expected
+            calibration error. Defaults to `15`.
+
+    Returns:
+        A `TemperatureCalibration` with the new temperature and the NLL and
+        ECE before and after (print it for a one-line report).
+
+    Raises:
+        ValueError: If `val_data` has no labels, is empty, has labels out of
+            range, or the model has no single `IsoMaxPlusLayer`.
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> from keras_isomax import IsoMaxPlusLayer
+    >>> from keras_isomax.calibration import calibrate_temperature
+    >>> model = keras.Sequential([keras.Input((4,)), IsoMaxPlusLayer(3)])
+    >>> prototypes = model.layers[-1].prototypes.numpy()
+    >>> rng = np.random.default_rng(0)
+    >>> y = rng.integers(0, 3, 300)
+    >>> x = (prototypes[y] + 0.3 * rng.normal(size=(300, 4))).astype("float32")
+    >>> result = calibrate_temperature(model, (x, y))
+    >>> bool(result.temperature < 1 and result.nll_after < result.nll_before)
+    True
+    """
+    layer = find_isomax_layer(model)
+    logits, labels = isomax_logits(model, val_data, batch_size=batch_size, arg_name="val_data")
+    if labels is None:
+        raise ValueError(
+            "`val_data` must hold labels: pass `(x, y)` or a dataset yielding "
+            "`(x, y)`. Received: val_data without labels"
+        )
+    num_classes = logits.shape[-1]
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(
+            f"Labels of `val_data` must be in [0, {num_classes}). "
+            f"Received: labels in [{labels.min()}, {labels.max()}]"
+        )
+    if not np.all(np.isfinite(logits)):
+        raise ValueError(
+            "The model gives non-finite logits on "
+            f"{int(np.sum(~np.all(np.isfinite(logits), axis=-1)))} examples of "
+            "`val_data`. Received: val_data with NaN/Inf logits"
+        )
+    old_t = float(layer.temperature.numpy())
+    base = logits.astype(np.float64) * old_t  # The logits at temperature 1.
+    beta = _fit_inverse_temperature(base, labels)
+    new_t = 1.0 / beta
+    low, high = _TEMPERATURE_RANGE
+    if new_t <= low * (1 + 1e-9) or new_t >= high * (1 - 1e-9):
+        warnings.warn(
+            f"The fitted temperature {new_t:.3g} is at the end of the search range "
+            f"{_TEMPERATURE_RANGE}: the NLL keeps falling (e.g. validation data "
+            "classified perfectly, or a degenerate model). Check `val_data`.",
+            stacklevel=2,
+        )
+    nll_before = _nll(base / old_t, labels)
+    nll_after = _nll(base / new_t, labels)
+    ece_before = metrics_lib.expected_calibration_error(
+        _softmax(base / old_t), labels, num_bins=num_bins
+    )
+    ece_after = metrics_lib.expected_calibration_error(
+        _softmax(base / new_t), labels, num_bins=num_bins
+    )
+    rescaled = False
+    if layer.is_calibrated:
+        threshold = float(layer.ood_threshold.numpy())
+        layer.ood_threshold.assign(threshold * old_t / new_t)
+        rescaled = True
+    layer.temperature.assign(new_t)
+    return TemperatureCalibration(
+        temperature=float(layer.temperature.numpy()),
+        previous_temperature=old_t,
+        nll_before=nll_before,
+        nll_after=nll_after,
+        ece_before=ece_before,
+        ece_after=ece_after,
+        accuracy=float(np.mean(np.argmax(base, axis=-1) == labels)),
+        num_examples=int(labels.shape[0]),
+        threshold_rescaled=rescaled,
+    )
+
+
+def _log_softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
+
+
+def _softmax(z):
+    return np.exp(_log_softmax(z))
+
+
+def _nll(z, labels):
+    return float(-np.mean(np.take_along_axis(_log_softmax(z), labels[:, None], -1)))
+
+
+def _nll_slope(beta, z, labels):
+    """d/d(beta) of mean NLL of softmax(beta * z): E_p[z] - z_y (non-decreasing)."""
+    p = _softmax(beta * z)
+    expected = np.sum(p * z, axis=-1)
+    picked = np.take_along_axis(z, labels[:, None], -1)[:, 0]
+    return float(np.mean(expected - picked))
+
+
+def _fit_inverse_temperature(z, labels, iterations=200):
+    """Minimiser of the convex mean NLL over beta = 1/T in the allowed range."""
+    low, high = (
+        math.log(1.0 / _TEMPERATURE_RANGE[1]),
+        math.log(1.0 / _TEMPERATURE_RANGE[0]),
+    )
+    if _nll_slope(math.exp(low), z, labels) >= 0:
+        return math.exp(low)
+    if _nll_slope(math.exp(high), z, labels) <= 0:
+        return math.exp(high)
+    for _ in range(iterations):
+        mid = 0.5 * (low + high)
+        if _nll_slope(math.exp(mid), z, labels) > 0:
+            high = mid
+        else:
+            low = mid
+        if high - low < 1e-12:
+            break
+    return math.exp(0.5 * (low + high))
+
+
+# ------------------------------------------------------------ prediction
+
+
+def predict_ood(model, x, *, threshold=None, score="minimum_distance", batch_size=256):
+    """OOD score, decision and predicted class for every input.
+
+    An input is accepted as in-distribution when `score >= threshold`, so
+    `is_ood = not (score >= threshold)`: a NaN score counts as OOD.
+
+    Args:
+        model: A Keras model. With `threshold=None` it must contain a
+            calibrated `IsoMaxPlusLayer` (see `calibrate_threshold`), whose
+            logits are scored. With an explicit `threshold` any classifier
+            returning logits works (e.g. a SoftMax model).
+        x: Inputs: an array, a tuple `(x, ...)` or a batched dataset.
+        threshold: Decision threshold on `score`. Defaults to `None`, which
+            uses the layer's calibrated `ood_threshold` (minimum distance score
+            only).
+        score: Name of a score in `keras_isomax.scores` or a callable
+            `logits -> scores`. Defaults to `"minimum_distance"`.
+        batch_size: Batch size for arrays. Defaults to `256`.
+
+    Returns:
+        A dict of NumPy arrays of length `N`: `"score"` (float), `"is_ood"`
+        (bool) and `"class"` (int64, the arg-max logit, whatever the decision).
+
+    Raises:
+        ValueError: If `threshold` is `None` and the model's layer is not
+            calibrated or `score` is not the minimum distance score, or if
+            `threshold` is NaN.
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> from keras_isomax import IsoMaxPlusLayer
+    >>> from keras_isomax.calibration import calibrate_threshold, predict_ood
+    >>> model = keras.Sequential([keras.Input((4,)), IsoMaxPlusLayer(3)])
+    >>> x = np.random.default_rng(0).normal(size=(100, 4)).astype("float32")
+    >>> _ = calibrate_threshold(model, x)
+    >>> out = predict_ood(model, x[:5])
+    >>> sorted(out)
+    ['class', 'is_ood', 'score']
+    """
+    score_fn = scores_lib.get(score)
+    if threshold is None:
+        if score_fn is not scores_lib.minimum_distance_score:
+            raise ValueError(
+                "The layer's `ood_threshold` applies to the minimum distance "
+                "score; pass `threshold=` for another score. "
+                f"Received: score={score!r}, threshold=None"
+            )
+        layer = find_isomax_layer(model)
+        if not layer.is_calibrated:
+            raise ValueError(
+                f"IsoMaxPlusLayer '{layer.name}' has no calibrated `ood_threshold`; "
+                "call `calibrate_threshold(model, in_val_data)` first or pass "
+                "`threshold=`. Received: threshold=None"
+            )
+        threshold = float(layer.ood_threshold.numpy())
+        logits, _ = isomax_logits(model, x, batch_size=batch_size, arg_name="x")
+    else:
+        try:
+            value = float(threshold)
+        except (TypeError, ValueError):
+            value = math.nan
+        if math.isnan(value) or isinstance(threshold, bool):
+            raise ValueError(
+                f"`threshold` must be a number (not NaN). Received: threshold={threshold!r}"
+            )
+        threshold = value
+        logits = _any_logits(model, x, batch_size, "x")
+    values = np.asarray(keras.ops.convert_to_numpy(score_fn(logits)))
+    return {
+        "score": values,
+        "is_ood": ~(values >= threshold),
+        "class": np.argmax(logits, axis=-1).astype(np.int64),
+    }
+
+
+def _any_logits(model, data, batch_size, arg_name, *, with_labels=False):
+    """Logits of the IsoMax+ layer when the model has one, else the model output."""
+    try:
+        find_isomax_layer(model)
+        has_layer = True
+    except ValueError:
+        has_layer = False
+    if has_layer:
+        logits, labels = isomax_logits(model, data, batch_size=batch_size, arg_name=arg_name)
+    else:
+        logits, labels = collect_outputs(model, data, batch_size=batch_size, arg_name=arg_name)
+        if logits.ndim != 2:
+            raise ValueError(
+                f"The model must return logits of shape (batch, classes). "
+                f"Received: model output of shape {logits.shape}"
+            )
+    return (logits, labels) if with_labels else logits

@@ -1,0 +1,379 @@
+"""One call from a trained model and data sets to an OOD detection table.
+
+`evaluate_ood(model, in_data, ood_data)` runs the model once over the
+in-distribution data and once over each OOD set, scores the logits with any
+score of `keras_isomax.scores`, and returns an `OODEvaluation`: a list of rows
+(one per model, score and OOD set) with the classification accuracy and the
+exact detection metrics of `keras_isomax.metrics.ood_metrics`. Print it for a
+table; pass a dict of models to compare an IsoMax+ and a SoftMax head in one
+call.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+
+import keras
+import numpy as np
+
+from keras_isomax import calibration
+from keras_isomax import metrics as metrics_lib
+from keras_isomax import scores as scores_lib
+
+ROW_KEYS = (
+    "model",
+    "score",
+    "ood",
+    "accuracy",
+    *metrics_lib.OOD_METRIC_NAMES,
+    "n_in",
+    "n_ood",
+)
+"""Keys of every row of an `OODEvaluation`, in table order."""
+
+_PERCENT_KEYS = ("accuracy", *metrics_lib.OOD_METRIC_NAMES)
+_HEADERS = {
+    "model": "model",
+    "score": "score",
+    "ood": "OOD set",
+    "accuracy": "acc",
+    "auroc": "AUROC",
+    "aupr_in": "AUPR-In",
+    "aupr_out": "AUPR-Out",
+    "tnr_at_tpr95": "TNR@TPR95",
+    "fpr_at_tpr95": "FPR@TPR95",
+    "detection_accuracy": "det.acc",
+    "n_in": "n_in",
+    "n_ood": "n_ood",
+}
+
+
+class OODEvaluation(Sequence):
+    """The result of `evaluate_ood`: rows of metrics plus the raw scores.
+
+    A read-only sequence of dict rows with the keys `ROW_KEYS`: `model`,
+    `score`, `ood` (the OOD set's name), `accuracy` (in-distribution accuracy,
+    NaN without labels), the six metrics of `ood_metrics` (fractions in
+    `[0, 1]`), `n_in` and `n_ood`. `str(result)` is a fixed-width table in
+    percent; `to_markdown()` gives the same as Markdown.
+
+    Attributes:
+        rows: The list of row dicts.
+        accuracy: Dict model name -> in-distribution accuracy.
+    """
+
+    def __init__(self, rows, scores, accuracy):
+        self.rows = list(rows)
+        self.accuracy = dict(accuracy)
+        self._scores = scores
+
+    def __getitem__(self, index):
+        return self.rows[index]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __repr__(self):
+        return f"OODEvaluation({len(self.rows)} rows)"
+
+    def __str__(self):
+        return self.to_string()
+
+    @property
+    def model_names(self):
+        """Names of the evaluated models, in order."""
+        return list(dict.fromkeys(key[0] for key in self._scores))
+
+    @property
+    def score_names(self):
+        """Names of the evaluated scores, in order."""
+        return list(dict.fromkeys(key[1] for key in self._scores))
+
+    def scores(self, model=None, score=None):
+        """The raw scores of one model and score, e.g. for the plots.
+
+        Args:
+            model: Model name. Defaults to `None` (the only or first model).
+            score: Score name. Defaults to `None` (the model's first score).
+
+        Returns:
+            `(in_scores, ood_scores)`: a 1-D NumPy array and a dict OOD set
+            name -> 1-D NumPy array.
+
+        Raises:
+            KeyError: If no scores exist for that model and score.
+        """
+        for (model_name, score_name), value in self._scores.items():
+            if (model is None or model == model_name) and (score is None or score == score_name):
+                return value[0], dict(value[1])
+        raise KeyError(
+            f"No scores for model={model!r}, score={score!r}; available: {list(self._scores)}"
+        )
+
+    def filter(self, **criteria):
+        """Rows whose values equal all the given `key=value` criteria."""
+        return [row for row in self.rows if all(row.get(k) == v for k, v in criteria.items())]
+
+    def to_string(self, columns=None, digits=2):
+        """A fixed-width text table, metrics in percent.
+
+        Args:
+            columns: Keys to show. Defaults to `None` (all but `fpr_at_tpr95`).
+            digits: Decimals of the percentages. Defaults to `2`.
+
+        Returns:
+            The table as a string.
+        """
+        header, body = self._cells(columns, digits)
+        widths = [max(len(cell) for cell in column) for column in zip(header, *body, strict=True)]
+        lines = [
+            "  ".join(cell.ljust(w) for cell, w in zip(header, widths, strict=True)),
+            "  ".join("-" * w for w in widths),
+        ]
+        for row in body:
+            lines.append("  ".join(_align(c, w) for c, w in zip(row, widths, strict=True)))
+        return "\n".join(lines)
+
+    def to_markdown(self, columns=None, digits=2):
+        """The table as GitHub Markdown, metrics in percent.
+
+        Args:
+            columns: Keys to show. Defaults to `None` (all but `fpr_at_tpr95`).
+            digits: Decimals of the percentages. Defaults to `2`.
+
+        Returns:
+            The Markdown table as a string.
+        """
+        header, body = self._cells(columns, digits)
+        lines = ["| " + " | ".join(header) + " |"]
+        lines.append("|" + "|".join("---" for _ in header) + "|")
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines)
+
+    def _cells(self, columns, digits):
+        if columns is None:
+            columns = [key for key in ROW_KEYS if key != "fpr_at_tpr95"]
+        unknown = [c for c in columns if c not in ROW_KEYS]
+        if unknown:
+            raise ValueError(
+                f"Unknown columns {unknown}; choose from {list(ROW_KEYS)}. "
+                f"Received: columns={columns!r}"
+            )
+        header = [_HEADERS[c] for c in columns]
+        body = []
+        for row in self.rows:
+            cells = []
+            for key in columns:
+                value = row[key]
+                if key in _PERCENT_KEYS:
+                    cells.append("n/a" if math.isnan(value) else f"{100 * value:.{digits}f}")
+                else:
+                    cells.append(str(value))
+            body.append(cells)
+        return header, body
+
+    def plot_score_histograms(self, path, model=None, score=None, **kwargs):
+        """Writes a PNG of score histograms; see `plots.plot_score_histograms`."""
+        from keras_isomax import plots
+
+        in_scores, ood_scores = self.scores(model, score)
+        kwargs.setdefault("score_name", score or self._first_score(model))
+        return plots.plot_score_histograms(in_scores, ood_scores, path, **kwargs)
+
+    def plot_roc(self, path, model=None, score=None, **kwargs):
+        """Writes a PNG of ROC curves; see `plots.plot_roc`."""
+        from keras_isomax import plots
+
+        in_scores, ood_scores = self.scores(model, score)
+        kwargs.setdefault("title", f"ROC, {score or self._first_score(model)} score")
+        return plots.plot_roc(in_scores, ood_scores, path, **kwargs)
+
+    def _first_score(self, model):
+        for model_name, score_name in self._scores:
+            if model is None or model == model_name:
+                return score_name
+        return "score"
+
+
+def _align(cell, width):
+    return cell.rjust(width) if _is_number(cell) else cell.ljust(width)
+
+
+def _is_number(cell):
+    try:
+        float(cell)
+    except ValueError:
+        return cell == "n/a"
+    return True
+
+
+def _score_list(score, arg_name="score"):
+    items = [score] if isinstance(score, str) or callable(score) else score
+    if not isinstance(items, Sequence) or isinstance(items, str) or not items:
+        raise ValueError(
+            "`score` must be a score name, a callable or a non-empty list of them. "
+            f"Received: {arg_name}={score!r}"
+        )
+    return [(scores_lib.name_of(scores_lib.get(s)), scores_lib.get(s)) for s in items]
+
+
+def evaluate_ood(
+    model,
+    in_data,
+    ood_data,
+    score="minimum_distance",
+    *,
+    batch_size=256,
+    tpr=0.95,
+):
+    """Evaluates OOD detection of one or more models on named OOD sets.
+
+    Each model runs once over `in_data` and once over each OOD set. For a model
+    with an `IsoMaxPlusLayer` the layer's logits are scored (also when, say, a
+    `Softmax` follows it); any other model must return logits, which any score
+    of `keras_isomax.scores` accepts, so a SoftMax baseline is evaluated with
+    `score=["max_probability", "max_logit", "energy", "entropic"]`.
+
+    Labels are read in the same pass as the inputs, so a shuffling dataset is
+    fine. In-distribution is the positive class of the metrics (see
+    `keras_isomax.metrics.ood_metrics`).
+
+    Args:
+        model: A Keras model, or a dict name -> model to compare several
+            (e.g. `{"softmax": m1, "isomax+": m2}`).
+        in_data: In-distribution test data: a tuple `(x, y)` of arrays, or a
+            batched `tf.data.Dataset` yielding `(x, y)`; `x` alone (or a dataset
+            of `x`) also works, with accuracy reported as NaN.
+        ood_data: Dict name -> OOD data (arrays, `(x, ...)` tuples or batched
+            datasets; labels are ignored).
+        score: A score name of `keras_isomax.scores`, a callable
+            `logits -> scores`, a list of them, or (with a dict of models) a
+            dict model name -> any of those. Defaults to `"minimum_distance"`.
+        batch_size: Batch size for arrays. Defaults to `256`.
+        tpr: True positive rate of the `tnr_at_tpr95`/`fpr_at_tpr95` columns.
+            Defaults to `0.95`.
+
+    Returns:
+        An `OODEvaluation` (print it, iterate its dict rows, or get its raw
+        scores for `plot_score_histograms`/`plot_roc`).
+
+    Raises:
+        TypeError: If `ood_data` is not a dict, or `model` is not a model or
+            dict of models.
+        ValueError: If a data set is empty, a score is unknown, or the scores
+            hold NaN (the message names the model, score and data set).
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> from keras_isomax import IsoMaxPlusLayer
+    >>> from keras_isomax.evaluation import evaluate_ood
+    >>> model = keras.Sequential([keras.Input((4,)), IsoMaxPlusLayer(3)])
+    >>> rng = np.random.default_rng(0)
+    >>> x, y = rng.normal(size=(200, 4)).astype("float32"), rng.integers(0, 3, 200)
+    >>> noise = rng.uniform(size=(100, 4)).astype("float32")
+    >>> result = evaluate_ood(model, (x, y), {"noise": noise})
+    >>> sorted(result[0])[:3]
+    ['accuracy', 'aupr_in', 'aupr_out']
+    """
+    models = _model_dict(model)
+    if not isinstance(ood_data, Mapping) or not ood_data:
+        raise TypeError(
+            "`ood_data` must be a non-empty dict name -> OOD data set. "
+            f"Received: ood_data={type(ood_data).__name__}"
+        )
+    if isinstance(score, Mapping):
+        missing = [name for name in models if name not in score]
+        if missing:
+            raise ValueError(
+                f"`score` is a dict but has no entry for models {missing}. "
+                f"Received: score keys {list(score)}"
+            )
+        score_lists = {name: _score_list(score[name]) for name in models}
+    else:
+        shared = _score_list(score)
+        score_lists = {name: shared for name in models}
+
+    rows, raw_scores, accuracy = [], {}, {}
+    for model_name, net in models.items():
+        in_logits, labels = calibration._any_logits(
+            net, in_data, batch_size, "in_data", with_labels=True
+        )
+        _warn_if_probabilities(in_logits, model_name, score_lists[model_name])
+        if labels is None:
+            acc = math.nan
+        else:
+            acc = float(np.mean(np.argmax(in_logits, axis=-1) == labels))
+        accuracy[model_name] = acc
+        ood_logits = {
+            name: calibration._any_logits(net, data, batch_size, f"ood_data[{name!r}]")
+            for name, data in ood_data.items()
+        }
+        for score_name, score_fn in score_lists[model_name]:
+            in_scores = _score_values(score_fn, in_logits)
+            ood_scores = {
+                name: _score_values(score_fn, logits) for name, logits in ood_logits.items()
+            }
+            raw_scores[(model_name, score_name)] = (in_scores, ood_scores)
+            for ood_name, out_scores in ood_scores.items():
+                try:
+                    values = metrics_lib.ood_metrics(in_scores, out_scores, tpr=tpr)
+                except ValueError as error:
+                    raise ValueError(
+                        f"Model {model_name!r}, score {score_name!r}, OOD set {ood_name!r}: {error}"
+                    ) from error
+                rows.append(
+                    {
+                        "model": model_name,
+                        "score": score_name,
+                        "ood": ood_name,
+                        "accuracy": acc,
+                        **values,
+                        "n_in": int(in_scores.shape[0]),
+                        "n_ood": int(out_scores.shape[0]),
+                    }
+                )
+    return OODEvaluation(rows, raw_scores, accuracy)
+
+
+def _model_dict(model):
+    if isinstance(model, keras.Model | keras.layers.Layer):
+        return {model.name: model}
+    if isinstance(model, Mapping) and model:
+        bad = [k for k, v in model.items() if not isinstance(v, keras.layers.Layer)]
+        if not bad:
+            return {str(k): v for k, v in model.items()}
+        raise TypeError(
+            f"Every value of the `model` dict must be a Keras model; {bad} are not. "
+            f"Received: model={model!r}"
+        )
+    raise TypeError(
+        "`model` must be a Keras model or a non-empty dict name -> model. "
+        f"Received: model={type(model).__name__}"
+    )
+
+
+def _score_values(score_fn, logits):
+    values = np.asarray(keras.ops.convert_to_numpy(score_fn(logits)))
+    return values.reshape(-1).astype(np.float64)
+
+
+def _warn_if_probabilities(logits, model_name, score_list):
+    """Warns when a model seems to output softmax probabilities, not logits."""
+    if logits.ndim != 2 or logits.shape[-1] < 2:
+        return
+    if (
+        np.all(logits >= 0)
+        and np.all(logits <= 1)
+        and np.allclose(logits.sum(axis=-1), 1.0, atol=1e-3)
+    ):
+        names = [name for name, _ in score_list]
+        warnings.warn(
+            f"Model {model_name!r} seems to output probabilities (rows in [0, 1] "
+            f"summing to 1), but the scores {names} expect logits. Evaluate a "
+            "model without the final softmax (e.g. `Dense(C)` and a loss with "
+            "`from_logits=True`).",
+            stacklevel=3,
+        )
