@@ -1,0 +1,427 @@
+"""SavedModel export for TF Serving, with a `score` signature for OOD decisions.
+
+`export_saved_model(model, export_dir)` writes a TensorFlow SavedModel (tag
+`serve`) with two signatures on one named input (default `"inputs"`):
+
+- `serving_default`: `probabilities` (B, C) float32, `logits` (B, C) float32,
+  `class_id` (B,) int64;
+- `score`: `score` (B,) float32 (the minimum distance score, higher = more
+  in-distribution), `is_ood` (B,) bool, `threshold` (B,) float32, `class_id`
+  (B,) int64, `probabilities` (B, C) float32.
+
+The SavedModel needs TensorFlow only: no Keras and no keras-isomax on the
+server. This module is TensorFlow-specific (SavedModel is a TensorFlow format).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import uuid
+
+import keras
+import numpy as np
+
+from keras_isomax.calibration import find_isomax_layer
+
+SERVING_DEFAULT = "serving_default"
+SCORE = "score"
+SERVING_DEFAULT_OUTPUTS = ("probabilities", "logits", "class_id")
+SCORE_OUTPUTS = ("score", "is_ood", "threshold", "class_id", "probabilities")
+
+
+def export_saved_model(
+    model,
+    export_dir,
+    threshold=None,
+    version=None,
+    input_name="inputs",
+    input_signature=None,
+    jit_compile=False,
+    overwrite=False,
+    verbose=False,
+):
+    """Exports an IsoMax+ classifier as a TF Serving-ready SavedModel.
+
+    The SavedModel (tag `serve`) has two signatures, both taking one input
+    named `input_name` with the model's own dtype and shape and a dynamic
+    batch size:
+
+    - `serving_default` returns `probabilities` (B, C) float32, the softmax of
+      the logits; `logits` (B, C) float32, the model's output; and `class_id`
+      (B,) int64, the arg-max class.
+    - `score` returns `score` (B,) float32, the minimum distance score
+      (the largest IsoMax+ logit; higher means more in-distribution);
+      `is_ood` (B,) bool, `not (score >= threshold)`, so a NaN score counts as
+      out-of-distribution; `threshold` (B,) float32, the threshold used,
+      repeated per example (TF Serving's REST row format, `"instances"`,
+      needs every output to have the batch dimension); `class_id` and
+      `probabilities` as above.
+
+    The logits already include the layer's calibrated `temperature`. The
+    loss's entropic scale is a training device only and is not applied:
+    `probabilities` is `softmax(logits)`, as at inference in the paper. With
+    temperature 1 these are close to uniform (IsoMax+ logits span a narrow
+    range); run `calibrate_temperature` before exporting for calibrated
+    probabilities. The class ranking and the score do not depend on it.
+
+    With `threshold=None` the score signature reads the threshold from the
+    IsoMaxPlusLayer's `ood_threshold` variable, which is saved in the
+    SavedModel: re-calibrate and re-export, and the new export carries the
+    new threshold. An explicit `threshold` is written into the graph as a
+    constant instead.
+
+    The model's output must be the logits of its single `IsoMaxPlusLayer`
+    (for Functional and Sequential models this is checked; for subclassed
+    models it is assumed).
+
+    Args:
+        model: A built `keras.Model` with exactly one input, one output and
+            one `IsoMaxPlusLayer`, whose output is the model's output.
+        export_dir: Directory to write. With `version=None`, the SavedModel
+            itself; otherwise a TF Serving model base path that gets the
+            SavedModel in `export_dir/<version>/`.
+        threshold: OOD threshold on the minimum distance score. `None` uses
+            the layer's calibrated `ood_threshold` (see `calibrate_threshold`)
+            and raises if it is not calibrated; a float overrides it. Defaults
+            to `None`.
+        version: Non-negative integer model version for TF Serving's layout,
+            or `None` to write the SavedModel directly into `export_dir`. A
+            versioned export is written to a temporary sibling directory and
+            renamed into place, so a polling server never sees a partial
+            version. Defaults to `None`.
+        input_name: Name of the signatures' input (the key of `"inputs"` /
+            `"instances"` in requests). Defaults to `"inputs"`.
+        input_signature: Shape and dtype of one input, as a `keras.InputSpec`,
+            `tf.TensorSpec` or `KerasTensor`; needed only for models without
+            symbolic inputs (subclassed models). The batch dimension is made
+            dynamic. Defaults to `None` (the model's input).
+        jit_compile: Whether the served computation is compiled with XLA
+            (`tf.function(jit_compile=True)` inside both signatures). The
+            serving runtime then needs XLA's JIT kernels (the `tensorflow`
+            wheel has them). Defaults to `False`.
+        overwrite: Whether to replace an existing SavedModel at the target
+            directory. Defaults to `False`.
+        verbose: Whether to print the endpoints written. Defaults to `False`.
+
+    Returns:
+        The path (a `str`) of the SavedModel directory written.
+
+    Raises:
+        TypeError: If `model` is not a `keras.Model` or an argument has the
+            wrong type.
+        ValueError: If the model has no or several `IsoMaxPlusLayer`s, several
+            inputs or outputs, an output that is not the IsoMax+ logits, an
+            uncalibrated threshold with `threshold=None`, or if `threshold`,
+            `version` or `input_name` are invalid.
+        FileExistsError: If the target directory holds files and
+            `overwrite=False`.
+
+    Example:
+
+    >>> import os, tempfile, numpy as np, keras
+    >>> from keras_isomax import IsoMaxPlusLayer
+    >>> from keras_isomax.calibration import calibrate_threshold
+    >>> from keras_isomax.export import export_saved_model
+    >>> model = keras.Sequential([keras.Input((4,)), IsoMaxPlusLayer(3)])
+    >>> x = np.random.default_rng(0).normal(size=(100, 4)).astype("float32")
+    >>> _ = calibrate_threshold(model, x, tpr=0.95)
+    >>> base = os.path.join(tempfile.mkdtemp(), "my_model")
+    >>> path = export_saved_model(model, base, version=1)
+    >>> os.path.relpath(path, base)  # tensorflow_model_server --model_base_path=base
+    '1'
+    """
+    import tensorflow as tf
+
+    export_dir = os.fspath(export_dir)
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, int | np.integer) or version < 0
+    ):
+        raise ValueError(
+            "`version` must be a non-negative integer (TF Serving's version "
+            f"directory) or None. Received: version={version!r}"
+        )
+    for name, value in (("jit_compile", jit_compile), ("overwrite", overwrite)):
+        if not isinstance(value, bool):
+            raise TypeError(f"`{name}` must be a bool. Received: {name}={value!r}")
+    functions, input_spec = _build_serving_functions(model, threshold, input_name, input_signature)
+    if jit_compile:
+        compute = tf.function(functions.pop("_compute"), jit_compile=True)
+        functions = _endpoint_functions(compute)
+    else:
+        functions.pop("_compute")
+
+    target = export_dir if version is None else os.path.join(export_dir, str(version))
+    _check_target(target, overwrite)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    for name in (SERVING_DEFAULT, SCORE):
+        archive.add_endpoint(name, functions[name], input_signature=[input_spec])
+
+    if version is None or "://" in export_dir:
+        if tf.io.gfile.exists(target):
+            tf.io.gfile.rmtree(target)  # Empty, or a SavedModel with overwrite.
+        archive.write_out(target, verbose=verbose)
+        return target
+    os.makedirs(export_dir, exist_ok=True)
+    # TF Serving loads only all-digit directory names: this one is invisible.
+    # (os.mkdir honours the umask; tempfile.mkdtemp would make it 0700.)
+    staging = os.path.join(export_dir, f".tmp-{version}-{uuid.uuid4().hex}")
+    os.mkdir(staging)
+    try:
+        archive.write_out(staging, verbose=verbose)
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging)
+    return target
+
+
+def serving_functions(model, threshold=None, input_signature=None):
+    """The plain functions behind the exported signatures, for tests and XLA.
+
+    Each function maps a batch of inputs (a TensorFlow tensor) to the dict of
+    outputs of its signature; see `export_saved_model`. They are not
+    `tf.function`s: wrap them as needed, for example to check that the export
+    compiles with XLA (for TPUs):
+
+    ```python
+    fns = serving_functions(model)
+    tf.function(fns["score"], jit_compile=True)(x)
+    ```
+
+    Args:
+        model: The model, as for `export_saved_model`.
+        threshold: As for `export_saved_model`. Defaults to `None`.
+        input_signature: As for `export_saved_model`. Defaults to `None`.
+
+    Returns:
+        A dict `{"serving_default": fn, "score": fn}`.
+
+    Raises:
+        TypeError, ValueError: As `export_saved_model`.
+    """
+    functions, _ = _build_serving_functions(model, threshold, "inputs", input_signature)
+    functions.pop("_compute")
+    return functions
+
+
+def _build_serving_functions(model, threshold, input_name, input_signature):
+    """Validates the arguments; returns the signature functions and input spec."""
+    import tensorflow as tf
+
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            "`export_saved_model` needs the TensorFlow backend (set "
+            "KERAS_BACKEND=tensorflow). "
+            f"Received: backend={keras.backend.backend()!r}"
+        )
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"`model` must be a keras.Model. Received: model={type(model).__name__}")
+    if not model.built:
+        raise ValueError(
+            "The model must be built (called once or created with an Input) "
+            f"before export. Received: model={model.name}"
+        )
+    if not isinstance(input_name, str) or not input_name.isidentifier():
+        raise ValueError(
+            f"`input_name` must be a valid identifier string. Received: input_name={input_name!r}"
+        )
+    layer = find_isomax_layer(model)
+    _check_output_is_isomax(model, layer)
+    input_spec = _input_spec(model, input_name, input_signature)
+    threshold_fn = _threshold_reader(layer, threshold)
+
+    def compute(inputs):
+        # Serving runtimes feed the graph directly: check the shape there,
+        # with a clear message, instead of failing deep inside the model.
+        inputs = tf.ensure_shape(inputs, input_spec.shape)
+        logits = model(inputs, training=False)
+        if not tf.is_tensor(logits):
+            raise ValueError(
+                "The model must return a single logits tensor. Received: "
+                f"model output of type {type(logits).__name__}"
+            )
+        if logits.shape.rank != 2 or logits.shape[-1] != layer.num_classes:
+            raise ValueError(
+                f"The model's output must be the (batch, {layer.num_classes}) logits "
+                f"of IsoMaxPlusLayer '{layer.name}'. Received: output shape {logits.shape}"
+            )
+        logits = tf.cast(logits, tf.float32)
+        score = tf.reduce_max(logits, axis=-1)
+        limit = threshold_fn()
+        return {
+            "logits": logits,
+            "probabilities": tf.nn.softmax(logits, axis=-1),
+            "class_id": tf.argmax(logits, axis=-1, output_type=tf.int64),
+            "score": score,
+            "is_ood": _is_ood(score, limit),
+            "threshold": tf.broadcast_to(limit, tf.shape(score)),
+        }
+
+    functions = _endpoint_functions(compute)
+    functions["_compute"] = compute
+    return functions, input_spec
+
+
+def _is_ood(score, threshold):
+    """`not (score >= threshold)`, NaN-safe inside TensorFlow graphs.
+
+    Written out as `score < threshold or isnan(score) or isnan(threshold)`:
+    Grappler's arithmetic optimizer rewrites `LogicalNot(GreaterEqual(a, b))`
+    into `Less(a, b)`, which is False for NaN, so the literal form would
+    accept NaN scores as in-distribution in a served graph.
+    """
+    import tensorflow as tf
+
+    return tf.logical_or(
+        score < threshold,
+        tf.logical_or(tf.math.is_nan(score), tf.math.is_nan(threshold)),
+    )
+
+
+def _endpoint_functions(compute):
+    def serving_default(inputs):
+        outputs = compute(inputs)
+        return {key: outputs[key] for key in SERVING_DEFAULT_OUTPUTS}
+
+    def score(inputs):
+        outputs = compute(inputs)
+        return {key: outputs[key] for key in SCORE_OUTPUTS}
+
+    return {SERVING_DEFAULT: serving_default, SCORE: score}
+
+
+def _threshold_reader(layer, threshold):
+    import tensorflow as tf
+
+    if threshold is None:
+        if not layer.is_calibrated:
+            raise ValueError(
+                f"IsoMaxPlusLayer '{layer.name}' has no calibrated OOD threshold "
+                "(its `ood_threshold` is NaN). Call "
+                "`keras_isomax.calibration.calibrate_threshold(model, in_val_data)` "
+                "before exporting, or pass `threshold=` explicitly. "
+                "Received: threshold=None"
+            )
+        variable = layer.ood_threshold
+
+        def read():
+            # Read at serving time from the exported variable, not baked in.
+            return tf.cast(tf.convert_to_tensor(variable), tf.float32)
+
+        return read
+    if isinstance(threshold, bool) or not isinstance(
+        threshold, int | float | np.integer | np.floating
+    ):
+        raise TypeError(f"`threshold` must be a float or None. Received: threshold={threshold!r}")
+    if math.isnan(float(threshold)):
+        raise ValueError(
+            "`threshold` must not be NaN (every input would be OOD). "
+            f"Received: threshold={threshold!r}"
+        )
+    value = float(threshold)
+    return lambda: tf.constant(value, tf.float32)
+
+
+def _check_output_is_isomax(model, layer):
+    outputs = getattr(model, "outputs", None)
+    if outputs is None:
+        return  # Subclassed model: checked at trace time (single tensor).
+    if len(outputs) != 1:
+        raise ValueError(
+            "The model must have exactly one output, the IsoMaxPlusLayer's "
+            f"logits. Received: model '{model.name}' with {len(outputs)} outputs"
+        )
+    producer = _producer(outputs[0])
+    if producer is not layer:
+        name = getattr(producer, "name", repr(producer))
+        raise ValueError(
+            f"The output of model '{model.name}' must be the logits of its "
+            f"IsoMaxPlusLayer '{layer.name}' (the score and probabilities are "
+            "computed from them at export). Remove layers after it, such as a "
+            "softmax. Received: output produced by layer "
+            f"'{name}'"
+        )
+
+
+def _producer(tensor):
+    """The layer that produced a symbolic tensor, looking inside nested models."""
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None
+    operation = history.operation
+    inner = getattr(operation, "outputs", None)
+    if isinstance(operation, keras.Model) and inner:
+        return _producer(inner[history.tensor_index])
+    return operation
+
+
+def _input_spec(model, input_name, input_signature):
+    import tensorflow as tf
+
+    if input_signature is None:
+        try:
+            inputs = model.inputs
+        except (AttributeError, ValueError):
+            inputs = None
+        if not inputs:
+            raise ValueError(
+                f"Model '{model.name}' has no symbolic inputs (a subclassed "
+                "model?): pass `input_signature=keras.InputSpec(shape=..., "
+                "dtype=...)`. Received: input_signature=None"
+            )
+        if len(inputs) != 1:
+            raise ValueError(
+                "`export_saved_model` supports models with exactly one input. "
+                f"Received: model '{model.name}' with {len(inputs)} inputs"
+            )
+        input_signature = inputs[0]
+    if isinstance(input_signature, tf.TensorSpec):
+        shape, dtype = input_signature.shape, input_signature.dtype
+    elif isinstance(input_signature, keras.InputSpec | keras.KerasTensor):
+        shape, dtype = input_signature.shape, input_signature.dtype
+    else:
+        raise TypeError(
+            "`input_signature` must be a keras.InputSpec, tf.TensorSpec or "
+            f"KerasTensor. Received: input_signature={input_signature!r}"
+        )
+    if shape is None or dtype is None:
+        raise ValueError(
+            "`input_signature` needs a shape and a dtype. "
+            f"Received: input_signature={input_signature!r}"
+        )
+    shape = tuple(shape)
+    if len(shape) == 0:
+        raise ValueError(
+            f"The input needs a batch dimension. Received: input_signature={input_signature!r}"
+        )
+    return tf.TensorSpec((None,) + shape[1:], tf.as_dtype(dtype), name=input_name)
+
+
+def _check_target(target, overwrite):
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(target):
+        return
+    if not tf.io.gfile.isdir(target):
+        raise FileExistsError(
+            f"The export target exists and is not a directory. Received: {target}"
+        )
+    if not tf.io.gfile.listdir(target):
+        return
+    is_saved_model = tf.io.gfile.exists(os.path.join(target, "saved_model.pb"))
+    if not overwrite or not is_saved_model:
+        raise FileExistsError(
+            f"The export target '{target}' is not empty"
+            + (
+                "; pass overwrite=True to replace the SavedModel there"
+                if is_saved_model
+                else " and holds no SavedModel: choose an empty or new directory"
+            )
+            + f". Received: overwrite={overwrite}"
+        )
