@@ -1,0 +1,368 @@
+"""tf.distribute helpers for training IsoMax+ models on several devices.
+
+IsoMax+ needs nothing special under `tf.distribute`: build and compile the model
+inside `strategy.scope()` and call `model.fit` as usual. This module holds the
+TensorFlow-only pieces around that:
+
+- `enable_multi_worker_fit()`: a narrow, version-gated fix for Keras 3's
+  `model.fit` under `tf.distribute.MultiWorkerMirroredStrategy`
+  (keras-team/keras#20585), applied by `import keras_isomax`. It is needed for
+  Keras `>= 3.5, < 3.16` (compared as parsed versions) and does nothing
+  elsewhere.
+- `configure_logical_cpus()`: split the host CPU into N logical devices, so a
+  `MirroredStrategy` can be tried (and tested) without GPUs.
+- `task_info()`: the current worker's role, read from `TF_CONFIG`.
+- `worker_backup_dir()`: a per-worker `keras.callbacks.BackupAndRestore`
+  directory (Keras 3 writes the backup from every worker).
+
+The Keras bug (TensorFlow backend) has two parts, both in Keras'
+`backend/tensorflow/trainer.py`:
+
+1. `TensorFlowTrainer._maybe_symbolic_build` (Keras >= 3.5) takes the first
+   distributed batch and calls `strategy.reduce("MEAN", batch, axis=None)` on
+   the whole `(x, y)` structure only to learn its shapes. Under
+   `MultiWorkerMirroredStrategy` the collective cross-device ops cannot reduce a
+   nested structure (nor should a data batch be all-reduced across workers), and
+   `fit` dies with `ValueError: Attempt to convert a value (PerReplica:...)`.
+2. `reduce_per_replica(..., reduction="auto")` maps to `"mean"`, which in
+   multi-worker mode calls `strategy.reduce("MEAN", v, axis=0)` on the scalar
+   logs; a scalar has no axis 0, so every train step fails with
+   `Invalid reduction dimension 0 for input with 0 dimensions`.
+
+The fix wraps those two functions; the wrappers change behaviour only when the
+strategy is a `MultiWorkerMirroredStrategy` in multi-worker mode (the case that
+always fails without them) and run Keras' own code otherwise:
+
+1. Keras' `_maybe_symbolic_build` runs unchanged, except that its reduction of
+   the first batch returns the first local replica's values (the shapes and
+   dtypes that the MEAN reduction yields under `MirroredStrategy`), without
+   cross-worker traffic. Keras 3.5 to 3.15 iterate differently there but all
+   make that one call, so the wrapper does not depend on the iteration.
+2. logs are averaged across all replicas with `axis=None`, the same
+   cross-replica mean that Keras computes for `MirroredStrategy`.
+
+The versions were checked by reading Keras 3.5, 3.6, 3.7, 3.8, 3.10, 3.12 and
+3.15.1, and by training two workers on 3.5.0, 3.10.0 and 3.15.1: plain Keras
+fails on all three; with the fix, 3.10.0 and 3.15.1 match single-device
+training, and 3.5.0 matches Keras' own `MirroredStrategy` (Keras < 3.8 does
+not scale the loss per replica under any strategy, so there no distributed run
+matches one device). Older Keras is not covered: 3.3.3 has the second bug
+only, 3.0.0 neither (it sums the logs instead). Drop the fix once Keras ships a release that fixes
+keras-team/keras#20585: `tests/test_distribute.py` trains plain Keras (without
+keras_isomax) under a two-worker strategy and fails loudly when that works.
+"""
+
+import json
+import os
+import sys
+import warnings
+
+import keras
+import tensorflow as tf
+from packaging.version import Version
+
+__all__ = [
+    "AFFECTED_KERAS_VERSIONS",
+    "configure_logical_cpus",
+    "disable_multi_worker_fit",
+    "enable_multi_worker_fit",
+    "multi_worker_fit_fix_enabled",
+    "multi_worker_fit_fix_needed",
+    "task_info",
+    "worker_backup_dir",
+]
+
+# Keras versions whose TensorFlow `fit` breaks under MultiWorkerMirroredStrategy
+# (keras-team/keras#20585): lower bound inclusive, upper bound exclusive.
+# Raise the upper bound when a newer Keras is verified to be still affected;
+# delete the fix when the canary test in tests/test_distribute.py fails.
+AFFECTED_KERAS_VERSIONS = (Version("3.5.0"), Version("3.16.0"))
+
+# Originals, keyed by attribute name, while the fix is applied.
+_ORIGINALS = {}
+
+
+def _keras_version():
+    return Version(keras.version())
+
+
+def multi_worker_fit_fix_needed():
+    """Whether the installed Keras needs `enable_multi_worker_fit()`.
+
+    True for the TensorFlow backend of Keras versions in
+    `AFFECTED_KERAS_VERSIONS` (compared as parsed versions).
+
+    Returns:
+        bool.
+    """
+    low, high = AFFECTED_KERAS_VERSIONS
+    return keras.backend.backend() == "tensorflow" and (low <= _keras_version() < high)
+
+
+def _trainer_class_and_module():
+    """Finds Keras' TensorFlow trainer class and its module without importing
+    private modules by name (they are reachable from `keras.Model`)."""
+    for cls in keras.Model.__mro__:
+        if cls.__name__ == "TensorFlowTrainer":
+            return cls, sys.modules[cls.__module__]
+    return None, None
+
+
+def _in_multi_worker_mode(strategy):
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
+        strategy.extended._in_multi_worker_mode()
+    )
+
+
+def _first_local_value(strategy, value):
+    if isinstance(value, tf.distribute.DistributedValues):
+        return strategy.experimental_local_results(value)[0]
+    return value
+
+
+def _make_maybe_symbolic_build(original):
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        strategy = self._distribute_strategy
+        if not _in_multi_worker_mode(strategy):
+            return original(self, iterator=iterator, data_batch=data_batch)
+        # Keras' own code runs; only its `strategy.reduce("MEAN", batch,
+        # axis=None)` of the first data batch (used for shapes and dtypes)
+        # takes the first local replica's values instead of all-reducing the
+        # batch across workers. Keras 3.5 to 3.15 iterate differently here
+        # but all make that call.
+        real_reduce = strategy.reduce
+
+        def reduce(reduce_op, value, axis=None):
+            leaves = tf.nest.flatten(value)
+            if (
+                axis is None
+                and str(reduce_op).upper().endswith("MEAN")
+                and leaves
+                and all(isinstance(v, tf.distribute.DistributedValues) for v in leaves)
+            ):
+                return tf.nest.map_structure(lambda v: _first_local_value(strategy, v), value)
+            return real_reduce(reduce_op, value, axis=axis)
+
+        strategy.reduce = reduce  # Instance attribute, removed below.
+        try:
+            return original(self, iterator=iterator, data_batch=data_batch)
+        finally:
+            del strategy.reduce
+
+    _maybe_symbolic_build.__wrapped__ = original
+    return _maybe_symbolic_build
+
+
+def _make_reduce_per_replica(original):
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and _in_multi_worker_mode(strategy):
+            # Keras uses `axis=0` here, which fails on scalar logs; the mean
+            # over all replicas of all workers is `axis=None`.
+            return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+        return original(values, strategy, reduction)
+
+    reduce_per_replica.__wrapped__ = original
+    return reduce_per_replica
+
+
+def multi_worker_fit_fix_enabled():
+    """Whether `enable_multi_worker_fit()` is currently applied.
+
+    Returns:
+        bool.
+    """
+    return bool(_ORIGINALS)
+
+
+def enable_multi_worker_fit():
+    """Makes `model.fit` work under `MultiWorkerMirroredStrategy`.
+
+    Works around keras-team/keras#20585 (Keras `>= 3.5, < 3.16`, TensorFlow
+    backend): `fit` and `evaluate` fail under
+    `tf.distribute.MultiWorkerMirroredStrategy` with more than one worker. The
+    fix changes Keras' behaviour only for that strategy in multi-worker mode,
+    the case that fails without it; every other strategy runs Keras' own code.
+    `import keras_isomax` calls it; calling it again does nothing.
+
+    For other Keras versions or backends it does nothing and returns False.
+
+    Returns:
+        bool: True if the fix is applied (now or before).
+
+    Example:
+
+    >>> import keras_isomax.distribute as kd
+    >>> kd.enable_multi_worker_fit() == kd.multi_worker_fit_fix_needed()
+    True
+    """
+    if _ORIGINALS:
+        return True
+    if not multi_worker_fit_fix_needed():
+        return False
+    cls, module = _trainer_class_and_module()
+    if (
+        cls is None
+        or not callable(getattr(cls, "_maybe_symbolic_build", None))
+        or not callable(getattr(cls, "_symbolic_build", None))
+        or not callable(getattr(module, "reduce_per_replica", None))
+    ):
+        warnings.warn(
+            "keras_isomax could not apply its fix for Keras' multi-worker "
+            "`fit` (keras-team/keras#20585): Keras' TensorFlow trainer has "
+            "changed. `model.fit` under MultiWorkerMirroredStrategy may fail. "
+            f"Received: keras.version()={keras.version()}",
+            stacklevel=2,
+        )
+        return False
+    _ORIGINALS["_maybe_symbolic_build"] = cls.__dict__["_maybe_symbolic_build"]
+    _ORIGINALS["reduce_per_replica"] = module.reduce_per_replica
+    cls._maybe_symbolic_build = _make_maybe_symbolic_build(_ORIGINALS["_maybe_symbolic_build"])
+    module.reduce_per_replica = _make_reduce_per_replica(_ORIGINALS["reduce_per_replica"])
+    return True
+
+
+def disable_multi_worker_fit():
+    """Restores Keras' own code replaced by `enable_multi_worker_fit()`.
+
+    Returns:
+        bool: True if the fix was applied and has been removed.
+    """
+    if not _ORIGINALS:
+        return False
+    cls, module = _trainer_class_and_module()
+    cls._maybe_symbolic_build = _ORIGINALS.pop("_maybe_symbolic_build")
+    module.reduce_per_replica = _ORIGINALS.pop("reduce_per_replica")
+    return True
+
+
+def configure_logical_cpus(num_devices):
+    """Splits the host CPU into `num_devices` logical devices.
+
+    `tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1", ...])` can then run
+    several replicas on one machine without GPUs (to try out or test
+    distributed code). TensorFlow fixes its devices when it initializes, so
+    call this at the start of the program, before any op runs.
+
+    Args:
+        num_devices: int, the number of logical CPU devices (at least 1).
+
+    Returns:
+        list of str: the logical CPU device names, e.g.
+        `["/device:CPU:0", "/device:CPU:1"]`.
+
+    Raises:
+        TypeError: if `num_devices` is not an int.
+        ValueError: if `num_devices < 1`.
+        RuntimeError: if TensorFlow is already initialized with a different
+            number of logical CPU devices.
+    """
+    if isinstance(num_devices, bool) or not isinstance(num_devices, int):
+        raise TypeError(f"`num_devices` must be an int. Received: num_devices={num_devices!r}")
+    if num_devices < 1:
+        raise ValueError(f"`num_devices` must be at least 1. Received: num_devices={num_devices}")
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu,
+            [tf.config.LogicalDeviceConfiguration() for _ in range(num_devices)],
+        )
+    except RuntimeError as e:
+        current = tf.config.list_logical_devices("CPU")
+        if len(current) != num_devices:
+            raise RuntimeError(
+                "TensorFlow is already initialized with "
+                f"{len(current)} logical CPU device(s); call "
+                "`configure_logical_cpus()` at the start of the program, before "
+                f"any TensorFlow op runs. Received: num_devices={num_devices}"
+            ) from e
+    return [d.name for d in tf.config.list_logical_devices("CPU")]
+
+
+def task_info(tf_config=None):
+    """The current task's role in a multi-worker cluster, from `TF_CONFIG`.
+
+    Args:
+        tf_config: str or dict, the cluster spec; `None` reads the `TF_CONFIG`
+            environment variable. Defaults to `None`.
+
+    Returns:
+        dict with `task_type` (str or None), `task_index` (int),
+        `num_workers` (int: workers plus chief; 1 without `TF_CONFIG`) and
+        `is_chief` (bool: the chief, or worker 0 when there is no chief).
+
+    Raises:
+        ValueError: if `tf_config` is not valid JSON or lacks a task.
+    """
+    if tf_config is None:
+        tf_config = os.environ.get("TF_CONFIG", "")
+    if isinstance(tf_config, str):
+        if not tf_config.strip():
+            return {
+                "task_type": None,
+                "task_index": 0,
+                "num_workers": 1,
+                "is_chief": True,
+            }
+        try:
+            tf_config = json.loads(tf_config)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"`tf_config` is not valid JSON. Received: tf_config={tf_config}"
+            ) from e
+    if not isinstance(tf_config, dict) or "task" not in tf_config:
+        raise ValueError(
+            f"`tf_config` must hold a 'cluster' and a 'task'. Received: tf_config={tf_config}"
+        )
+    cluster = tf_config.get("cluster", {})
+    task = tf_config["task"]
+    task_type = task.get("type")
+    task_index = int(task.get("index", 0))
+    num_workers = len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+    has_chief = bool(cluster.get("chief"))
+    is_chief = task_type == "chief" or (not has_chief and task_type == "worker" and task_index == 0)
+    return {
+        "task_type": task_type,
+        "task_index": task_index,
+        "num_workers": max(num_workers, 1),
+        "is_chief": is_chief,
+    }
+
+
+def worker_backup_dir(backup_dir, tf_config=None):
+    """A `keras.callbacks.BackupAndRestore` directory for this worker.
+
+    Keras 3's `BackupAndRestore` writes `latest.weights.h5` from every worker;
+    under `MultiWorkerMirroredStrategy` with one shared `backup_dir`, the
+    workers collide on the HDF5 file lock (`BlockingIOError: Unable to
+    synchronously create file (unable to lock file)`). Give each worker its own
+    sub-directory instead: every worker then saves and restores its own copy
+    (the weights are the same on all workers), on a shared file system or on
+    each machine's local disk.
+
+    Args:
+        backup_dir: str, the job's backup directory.
+        tf_config: str or dict, the cluster spec; `None` reads `TF_CONFIG`.
+            Defaults to `None`.
+
+    Returns:
+        str: `backup_dir` itself without a multi-worker cluster, else
+        `<backup_dir>/<task_type>-<task_index>` (e.g. `.../worker-1`).
+
+    Raises:
+        TypeError: if `backup_dir` is not a str or path.
+        ValueError: if `tf_config` is not valid.
+
+    Example:
+
+    >>> worker_backup_dir("/tmp/backup", tf_config={
+    ...     "cluster": {"worker": ["host1:2222", "host2:2222"]},
+    ...     "task": {"type": "worker", "index": 1}})
+    '/tmp/backup/worker-1'
+    """
+    if not isinstance(backup_dir, (str, os.PathLike)):
+        raise TypeError(f"`backup_dir` must be a path. Received: backup_dir={backup_dir!r}")
+    info = task_info(tf_config)
+    backup_dir = os.fspath(backup_dir)
+    if info["num_workers"] <= 1 or info["task_type"] is None:
+        return backup_dir
+    return os.path.join(backup_dir, f"{info['task_type']}-{info['task_index']}")
