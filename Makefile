@@ -24,7 +24,7 @@ data:
 	fi
 
 demo: install
-	$(BIN)/python examples/quickstart.py $(DEMO_ARGS)
+	$(BIN)/keras-isomax demo $(DEMO_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -5,10 +5,22 @@ Swap the classifier's last `Dense` + softmax for `IsoMaxPlusLayer`, its loss for
 `scores.minimum_distance_score(logits)` (higher = more in-distribution).
 """
 
+import keras as _keras
+
 from keras_isomax import scores
+from keras_isomax.calibration import (
+    calibrate_temperature,
+    calibrate_threshold,
+    find_isomax_layer,
+    predict_ood,
+)
+from keras_isomax.evaluation import evaluate_ood
+from keras_isomax.export import export_saved_model
+from keras_isomax.head import replace_head
 from keras_isomax.layers import IsoMaxPlusLayer
 from keras_isomax.losses import IsoMaxPlusLoss, isomax_plus_loss
-from keras_isomax.metrics import OODScore
+from keras_isomax.metrics import OODScore, ood_metrics
+from keras_isomax.plots import plot_roc, plot_score_histograms
 
 __version__ = "0.1.0"
 
@@ -16,6 +28,25 @@ __all__ = [
     "IsoMaxPlusLayer",
     "IsoMaxPlusLoss",
     "OODScore",
+    "calibrate_temperature",
+    "calibrate_threshold",
+    "evaluate_ood",
+    "export_saved_model",
+    "find_isomax_layer",
     "isomax_plus_loss",
+    "ood_metrics",
+    "plot_roc",
+    "plot_score_histograms",
+    "predict_ood",
+    "replace_head",
     "scores",
 ]
+
+if _keras.backend.backend() == "tensorflow":
+    # keras-team/keras#20585: Keras' `fit` fails under MultiWorkerMirroredStrategy.
+    # Version-gated (see keras_isomax.distribute); a no-op for unaffected versions and
+    # for every other strategy.
+    from keras_isomax import distribute
+
+    distribute.enable_multi_worker_fit()
+    __all__ += ["distribute"]

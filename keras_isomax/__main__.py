@@ -1,0 +1,7 @@
+"""`python -m keras_isomax` runs the `keras-isomax` command."""
+
+import sys
+
+from keras_isomax.cli import main
+
+sys.exit(main())

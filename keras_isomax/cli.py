@@ -1,0 +1,161 @@
+"""The `keras-isomax` command (also `python -m keras_isomax`).
+
+keras-isomax demo [--epochs N] [--output DIR]
+keras-isomax evaluate MODEL.keras --in fashion_mnist --ood digits,photos,gaussian_noise
+keras-isomax export MODEL.keras DIR [--calibrate-on fashion_mnist --tpr 0.95]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="keras-isomax",
+        description="IsoMax+ out-of-distribution detection for Keras 3.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser(
+        "demo", help="SoftMax vs IsoMax+ on Fashion-MNIST: train, evaluate, calibrate, export."
+    )
+    demo.add_argument("--epochs", type=int, default=2, help="epochs per model (default 2)")
+    demo.add_argument("--output", default="demo_output", help="output directory")
+    demo.add_argument(
+        "--train-size",
+        type=int,
+        default=30000,
+        help="training images (default 30000; 0 = all 55,000)",
+    )
+    demo.add_argument("--seed", type=int, default=0)
+
+    evaluate = commands.add_parser("evaluate", help="OOD metrics table for a saved model.")
+    evaluate.add_argument("model", help="a .keras file (IsoMax+ or softmax classifier)")
+    evaluate.add_argument(
+        "--in", dest="in_data", required=True, help="in-distribution data set (test split)"
+    )
+    evaluate.add_argument("--ood", required=True, help="comma-separated OOD data set names")
+    evaluate.add_argument(
+        "--score",
+        default=None,
+        help="score name(s), comma-separated (default: minimum_distance for IsoMax+ models, "
+        "max_probability otherwise)",
+    )
+    evaluate.add_argument("--n", type=int, default=None, help="use at most N examples per set")
+    evaluate.add_argument("--tpr", type=float, default=0.95)
+
+    export = commands.add_parser("export", help="Export a SavedModel for TF Serving.")
+    export.add_argument("model", help="a .keras file with an IsoMaxPlusLayer")
+    export.add_argument("export_dir", help="the model base path (a version folder is added)")
+    export.add_argument("--calibrate-on", default=None, help="data set to calibrate the threshold")
+    export.add_argument("--calibrate-split", default="train")
+    export.add_argument("--calibrate-n", type=int, default=5000)
+    export.add_argument("--tpr", type=float, default=0.95)
+    export.add_argument("--threshold", type=float, default=None, help="explicit threshold")
+    export.add_argument("--version", type=int, default=1)
+    export.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def main(argv=None):
+    """Entry point of the `keras-isomax` console script."""
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        if args.command == "demo":
+            from keras_isomax.demo import run_demo
+
+            run_demo(
+                output_dir=args.output,
+                epochs=args.epochs,
+                train_size=args.train_size or None,
+                seed=args.seed,
+            )
+        elif args.command == "evaluate":
+            _evaluate(args)
+        else:
+            _export(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"keras-isomax {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _load(path):
+    import keras
+
+    import keras_isomax  # noqa: F401  (registers the custom objects)
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No model file at {path!r}. Received: model={path!r}")
+    return keras.saving.load_model(path)
+
+
+def _image_shape(model):
+    shape = tuple(model.input_shape[1:])
+    if len(shape) != 3 or None in shape:
+        raise ValueError(
+            "Data sets by name need a model with a fixed image input (H, W, C). "
+            f"Received: input_shape={model.input_shape}"
+        )
+    return shape
+
+
+def _has_isomax(model):
+    from keras_isomax.calibration import find_isomax_layer
+
+    try:
+        find_isomax_layer(model)
+    except ValueError:
+        return False
+    return True
+
+
+def _evaluate(args):
+    from keras_isomax import data
+    from keras_isomax.evaluation import evaluate_ood
+
+    model = _load(args.model)
+    shape = _image_shape(model)
+    x_in, y_in = data.load_dataset(args.in_data, "test", image_shape=shape, n=args.n)
+    ood = {}
+    for name in filter(None, (n.strip() for n in args.ood.split(","))):
+        ood[name] = data.load_dataset(name, "test", image_shape=shape, n=args.n)[0]
+    if args.score:
+        score = [s.strip() for s in args.score.split(",") if s.strip()]
+    else:
+        score = "minimum_distance" if _has_isomax(model) else "max_probability"
+    result = evaluate_ood(model, (x_in, y_in), ood, score=score, tpr=args.tpr)
+    print(result)
+
+
+def _export(args):
+    from keras_isomax import data
+    from keras_isomax.calibration import calibrate_threshold
+    from keras_isomax.export import export_saved_model
+
+    model = _load(args.model)
+    if args.calibrate_on:
+        x, _ = data.load_dataset(
+            args.calibrate_on,
+            args.calibrate_split,
+            image_shape=_image_shape(model),
+            n=args.calibrate_n,
+        )
+        threshold = calibrate_threshold(model, x, tpr=args.tpr)
+        print(f"Calibrated threshold at TPR {args.tpr:.2f} on {args.calibrate_on}: {threshold:.6f}")
+    path = export_saved_model(
+        model,
+        args.export_dir,
+        threshold=args.threshold,
+        version=args.version,
+        overwrite=args.overwrite,
+    )
+    print(f"SavedModel written to {path} (signatures: serving_default, score)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

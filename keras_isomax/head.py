@@ -1,0 +1,449 @@
+"""Turn a trained softmax classifier into an IsoMax+ model: `replace_head`."""
+
+from __future__ import annotations
+
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_isomax.layers import IsoMaxPlusLayer
+
+PROTOTYPE_INITS = ("auto", "dense", "class_means", "random")
+
+
+def replace_head(
+    model,
+    num_classes=None,
+    prototype_init="auto",
+    init_data=None,
+    share_weights=False,
+    exact_neighbors=8,
+    batch_size=256,
+    name="isomax_plus",
+):
+    """Replaces a classifier's final `Dense` (+ softmax) with an `IsoMaxPlusLayer`.
+
+    The model must end in a linear classifier on its penultimate features:
+    a `Dense` layer (with `activation="softmax"` or none), optionally followed
+    by a softmax `Activation`/`Softmax` layer; or the 1x1 `Conv2D` + `Flatten`
+    (or `Reshape`) + activation head of `keras.applications` MobileNet,
+    MobileNetV3 and similar models (equivalent to a `Dense` on the pooled
+    features). Everything before the classifier (the backbone, including any
+    dropout before it) is kept; the classifier's input (flattened, for the
+    convolutional head) becomes the input of the new `IsoMaxPlusLayer`. The
+    classifier's bias is dropped: IsoMax+ has none.
+
+    The prototypes are initialised by `prototype_init`:
+
+    - `"dense"`: prototype `c` is column `c` of the classifier's kernel, the
+      direction in which the logit of class `c` grows. IsoMax+ compares
+      directions (it normalises features and prototypes), so when the kernel
+      columns have similar norms and the biases are small the nearest
+      prototype is the class the softmax model predicts: fine-tuning starts
+      from the trained decision rule instead of from scratch. Needs
+      `num_classes` equal to the classifier's units.
+    - `"class_means"`: prototype `c` is the mean of the L2-normalised features
+      of class `c` in `init_data` (the spherical class mean, as in weight
+      imprinting). This is the point that IsoMax+ training pulls each
+      prototype towards, so the distances (hence the minimum distance OOD
+      score) are meaningful from the first step; it also works when
+      `num_classes` differs from the old classifier's. A class absent from
+      `init_data` falls back to its kernel column (or a random prototype) with
+      a warning.
+    - `"random"`: the paper's `N(0, 1)` initialisation (training from scratch).
+    - `"auto"` (default): `"class_means"` when `init_data` is given, else
+      `"dense"` when the class counts match, else `"random"`.
+
+    By default (`share_weights=False`) the backbone is a copy: the model is
+    cloned with `keras.models.clone_model` and the clone's weights set to the
+    original's, so fine-tuning the new model leaves the original (your softmax
+    baseline) untouched. `share_weights=True` reuses the original's layers
+    and variables instead (no extra memory; training one model changes the
+    other). The distance scale starts at 1.0 and the `ood_threshold` is
+    uncalibrated (NaN), as in a fresh `IsoMaxPlusLayer`. The returned model
+    is not compiled: compile it with `IsoMaxPlusLoss`.
+
+    A `Sequential` model gives a `Sequential` model; a functional one
+    (including `keras.applications` models) gives a functional model with the
+    same inputs.
+
+    Args:
+        model: A built `keras.Sequential` or functional `keras.Model` with one
+            output, ending in a classifier as described above.
+        num_classes: Number of classes of the new head. Defaults to `None`
+            (the classifier's units).
+        prototype_init: `"auto"`, `"dense"`, `"class_means"` or `"random"`,
+            see above. Defaults to `"auto"`.
+        init_data: Labelled data for `"class_means"`: a tuple `(x, y)` of
+            arrays, or a finite iterable of `(x, y, ...)` batches such as a
+            `tf.data.Dataset`. Labels are class ids `(N,)`/`(N, 1)` or one-hot
+            `(N, num_classes)`. Features are computed in inference mode.
+            Defaults to `None`.
+        share_weights: Whether the new model reuses the original's backbone
+            layers and variables instead of a copy. Defaults to `False`.
+        exact_neighbors: Passed to `IsoMaxPlusLayer`. Defaults to `8`.
+        batch_size: Batch size for computing features of array `init_data`.
+            Defaults to `256`.
+        name: Name of the new `IsoMaxPlusLayer` (made unique if a backbone
+            layer already has it). Defaults to `"isomax_plus"`.
+
+    Returns:
+        A new, uncompiled `keras.Model` whose output is the IsoMax+ logits
+        `(batch, num_classes)`.
+
+    Raises:
+        TypeError: If `model` is not a Keras model.
+        ValueError: If the model is not built, has several outputs, does not
+            end in a linear softmax classifier, or the arguments are invalid
+            (unknown `prototype_init`, `"dense"` with a different
+            `num_classes`, `"class_means"` without `init_data`, labels out of
+            range).
+
+    Example:
+
+    >>> import keras
+    >>> from keras_isomax import IsoMaxPlusLoss, replace_head
+    >>> softmax_model = keras.Sequential([
+    ...     keras.Input((8,)),
+    ...     keras.layers.Dense(16, activation="relu"),
+    ...     keras.layers.Dense(3, activation="softmax"),
+    ... ])
+    >>> model = replace_head(softmax_model)
+    >>> model.compile(optimizer="sgd", loss=IsoMaxPlusLoss())
+    >>> tuple(model.output_shape)
+    (None, 3)
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "`model` must be a `keras.Model` (Sequential or functional). "
+            f"Received: model={type(model).__name__}"
+        )
+    if prototype_init not in PROTOTYPE_INITS:
+        raise ValueError(
+            f"`prototype_init` must be one of {PROTOTYPE_INITS}. "
+            f"Received: prototype_init={prototype_init!r}"
+        )
+    if num_classes is not None and (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, int | np.integer)
+        or num_classes <= 0
+    ):
+        raise ValueError(
+            "`num_classes` must be a positive integer or None. "
+            f"Received: num_classes={num_classes!r}"
+        )
+    if prototype_init == "class_means" and init_data is None:
+        raise ValueError(
+            '`prototype_init="class_means"` needs labelled `init_data`. Received: init_data=None'
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(
+            f"`batch_size` must be a positive integer. Received: batch_size={batch_size!r}"
+        )
+
+    _find_head(model)  # Validate the original before paying for a copy.
+    source = model if share_weights else _copy_model(model)
+    head = _find_head(source)
+
+    kernel = head.kernel  # (F, units), the direction each class logit grows.
+    units = kernel.shape[1]
+    num_classes = units if num_classes is None else int(num_classes)
+    if prototype_init == "auto":
+        if init_data is not None:
+            prototype_init = "class_means"
+        elif num_classes == units:
+            prototype_init = "dense"
+        else:
+            prototype_init = "random"
+    if prototype_init == "dense" and num_classes != units:
+        raise ValueError(
+            '`prototype_init="dense"` copies the classifier\'s kernel columns, so '
+            f"`num_classes` must equal its {units} units (use "
+            '"class_means" or "random" for a different class count). '
+            f"Received: num_classes={num_classes}"
+        )
+
+    layer_names = {layer.name for layer in source.layers}
+    head_name = name
+    suffix = 1
+    while head_name in layer_names:
+        head_name = f"{name}_{suffix}"
+        suffix += 1
+    isomax = IsoMaxPlusLayer(num_classes, exact_neighbors=exact_neighbors, name=head_name)
+
+    features = head.features
+    if head.flatten:
+        features = keras.layers.Flatten(name=_unique("flatten_features", layer_names))(features)
+    inputs = source.inputs[0] if isinstance(source, keras.Sequential) else source.input
+    feature_model = keras.Model(inputs, features)
+    if isinstance(source, keras.Sequential):
+        kept = source.layers[: len(source.layers) - len(head.removed)]
+        if head.flatten:
+            kept.append(keras.layers.Flatten(name=feature_model.layers[-1].name))
+        new_model = keras.Sequential(
+            [keras.Input(batch_shape=tuple(source.inputs[0].shape)), *kept, isomax],
+            name=f"{source.name}_isomax",
+        )
+    else:
+        new_model = keras.Model(inputs, isomax(features), name=f"{source.name}_isomax")
+
+    feature_dim = isomax.prototypes.shape[1]
+    if prototype_init == "dense":
+        prototypes = np.asarray(ops.convert_to_numpy(kernel), np.float64).T
+    elif prototype_init == "class_means":
+        fallback = (
+            np.asarray(ops.convert_to_numpy(kernel), np.float64).T if num_classes == units else None
+        )
+        prototypes = _class_means(
+            feature_model, init_data, num_classes, feature_dim, batch_size, fallback
+        )
+    else:
+        prototypes = None  # Keep the layer's N(0, 1) initialisation.
+    if prototypes is not None:
+        isomax.prototypes.assign(prototypes.astype(isomax.prototypes.dtype))
+    return new_model
+
+
+class _Head:
+    """What `_find_head` found: the classifier and the layers to remove."""
+
+    def __init__(self, classifier, kernel, features, removed, flatten):
+        self.classifier = classifier
+        self.kernel = kernel  # (F, C)
+        self.features = features  # The classifier's input tensor.
+        self.removed = removed  # Layers from the classifier to the output.
+        self.flatten = flatten  # Whether features need flattening (1x1 conv head).
+
+
+def _copy_model(model):
+    try:
+        clone = keras.models.clone_model(model)
+    except Exception as error:  # Custom layers without a config, subclassed parts.
+        raise ValueError(
+            f"Could not copy model {model.name!r} with `keras.models.clone_model` "
+            f"({type(error).__name__}: {error}); pass `share_weights=True` to reuse its "
+            f"layers instead. Received: model={model.name!r}"
+        ) from error
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def _producer(model, tensor):
+    """The layer of `model` whose (single) output is `tensor`, or None."""
+    for layer in model.layers:
+        try:
+            output = layer.output
+        except (AttributeError, ValueError, RuntimeError):
+            continue  # Not called, or called several times (shared).
+        if output is tensor:
+            return layer
+    return None
+
+
+def _activation_name(activation):
+    if activation is None:
+        return "linear"
+    try:
+        return keras.activations.serialize(activation)
+    except Exception:  # A custom callable.
+        return getattr(activation, "__name__", repr(activation))
+
+
+def _not_a_classifier(model, reason):
+    return ValueError(
+        "`replace_head` needs a model that ends in a linear softmax classifier: "
+        "`Dense(num_classes)` with a softmax or no activation, optionally followed "
+        "by a softmax `Activation`/`Softmax` layer (or the 1x1 `Conv2D` + `Flatten` "
+        f"head of keras.applications MobileNets); {reason}. Received: model={model.name!r}"
+    )
+
+
+def _find_head(model):
+    """Walks back from the model's output over softmax, flatten, classifier."""
+    try:
+        outputs = model.outputs
+    except (AttributeError, ValueError) as error:
+        raise ValueError(
+            "`model` must be built with a known input (e.g. `keras.Input(...)` as "
+            "its first layer, or called once on data), and be Sequential or "
+            f"functional, not subclassed. Received: model={model.name!r}"
+        ) from error
+    if not outputs:
+        raise ValueError(
+            "`model` has no symbolic outputs; `replace_head` supports built "
+            f"Sequential and functional models. Received: model={model.name!r}"
+        )
+    if len(outputs) != 1:
+        raise ValueError(
+            "`model` must have exactly one output (the class probabilities). "
+            f"Received: model={model.name!r} with {len(outputs)} outputs"
+        )
+    tensor = outputs[0]
+    removed = []
+    layer = _producer(model, tensor)
+    softmax_layer = False
+    if isinstance(layer, keras.layers.Softmax) or (
+        isinstance(layer, keras.layers.Activation)
+        and _activation_name(layer.activation) in ("softmax", "linear")
+    ):
+        if isinstance(layer, keras.layers.Softmax) and layer.axis not in (-1, [-1]):
+            raise _not_a_classifier(model, f"its Softmax layer uses axis={layer.axis}")
+        softmax_layer = True
+        removed.append(layer)
+        tensor = layer.input
+        layer = _producer(model, tensor)
+    flatten = None
+    if isinstance(layer, keras.layers.Flatten | keras.layers.Reshape):
+        flatten = layer
+        removed.append(layer)
+        tensor = layer.input
+        layer = _producer(model, tensor)
+
+    if layer is None:
+        raise _not_a_classifier(
+            model, "its output is not produced by a single-use layer of the model"
+        )
+    activation = _activation_name(getattr(layer, "activation", None))
+    if isinstance(layer, keras.layers.Dense) and flatten is None:
+        kernel = layer.kernel
+    elif (
+        isinstance(layer, keras.layers.Conv2D)
+        and flatten is not None
+        and _is_pointwise_on_pooled(layer)
+    ):
+        kernel = ops.reshape(layer.kernel, (layer.kernel.shape[-2], layer.kernel.shape[-1]))
+    else:
+        what = type(layer).__name__
+        if flatten is not None:
+            what += f" + {type(flatten).__name__}"
+        raise _not_a_classifier(model, f"it ends in {what} ({layer.name!r})")
+    allowed = ("linear",) if softmax_layer else ("softmax", "linear")
+    if activation not in allowed:
+        raise _not_a_classifier(
+            model,
+            f"its classifier {layer.name!r} has activation {activation!r} (IsoMax+ "
+            "replaces a softmax over classes, not sigmoid or other outputs)",
+        )
+    removed.append(layer)
+    features = layer.input
+    if flatten is not None and len(features.shape) != 4:
+        raise _not_a_classifier(model, "its 1x1 convolution is not on pooled features")
+    return _Head(layer, kernel, features, removed, flatten is not None)
+
+
+def _is_pointwise_on_pooled(layer):
+    """A 1x1, stride-1, ungrouped Conv2D on a (batch, 1, 1, F) input = a Dense."""
+    try:
+        input_shape = tuple(layer.input.shape)
+    except (AttributeError, ValueError):
+        return False
+    spatial = input_shape[1:3] if layer.data_format == "channels_last" else input_shape[2:4]
+    return (
+        tuple(layer.kernel_size) == (1, 1)
+        and tuple(layer.strides) == (1, 1)
+        and tuple(layer.dilation_rate) == (1, 1)
+        and getattr(layer, "groups", 1) == 1
+        and layer.data_format == "channels_last"
+        and tuple(spatial) == (1, 1)
+    )
+
+
+def _unique(name, taken):
+    candidate, suffix = name, 1
+    while candidate in taken:
+        candidate = f"{name}_{suffix}"
+        suffix += 1
+    taken.add(candidate)
+    return candidate
+
+
+def _batches(init_data, batch_size):
+    """Yields `(x, y)` batches from `(x, y)` arrays or an iterable of batches."""
+    if isinstance(init_data, tuple | list) and len(init_data) in (2, 3):
+        x, y = init_data[0], init_data[1]
+        if not isinstance(x, dict | list | tuple) and hasattr(x, "shape"):
+            y = np.asarray(y)
+            if len(x) != len(y):
+                raise ValueError(
+                    "`init_data` arrays must have the same length. "
+                    f"Received: init_data with len(x)={len(x)}, len(y)={len(y)}"
+                )
+            for start in range(0, len(y), batch_size):
+                yield x[start : start + batch_size], y[start : start + batch_size]
+            return
+    try:
+        iterator = iter(init_data)
+    except TypeError as error:
+        raise ValueError(
+            "`init_data` must be a tuple `(x, y)` of arrays or an iterable of "
+            f"`(x, y)` batches. Received: init_data={type(init_data).__name__}"
+        ) from error
+    for batch in iterator:
+        if not isinstance(batch, tuple | list) or len(batch) < 2:
+            raise ValueError(
+                "Each batch of `init_data` must be a tuple `(x, y, ...)`. "
+                f"Received: init_data batch of type {type(batch).__name__}"
+            )
+        yield batch[0], batch[1]
+
+
+def _labels(y, num_classes):
+    y = np.asarray(ops.convert_to_numpy(y))
+    if y.ndim == 2 and y.shape[1] == num_classes and num_classes > 1:
+        return np.argmax(y, axis=1)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise ValueError(
+            "Labels in `init_data` must be class ids `(N,)`/`(N, 1)` or one-hot "
+            f"`(N, {num_classes})`. Received: labels of shape {y.shape}"
+        )
+    bad = ~np.isfinite(y.astype(np.float64)) | (y < 0) | (y >= num_classes)
+    bad |= np.floor(y) != y
+    if bad.any():
+        raise ValueError(
+            f"Labels in `init_data` must be integers in [0, {num_classes}). "
+            f"Received: labels {np.unique(y[bad])[:5].tolist()}"
+        )
+    return y.astype(np.int64)
+
+
+def _class_means(feature_model, init_data, num_classes, feature_dim, batch_size, fallback):
+    sums = np.zeros((num_classes, feature_dim), np.float64)
+    counts = np.zeros(num_classes, np.int64)
+    for x, y in _batches(init_data, batch_size):
+        features = np.asarray(ops.convert_to_numpy(feature_model(x, training=False)), np.float64)
+        if features.ndim != 2:
+            raise ValueError(
+                '`prototype_init="class_means"` needs 2D features `(batch, F)`. '
+                f"Received: features of shape {features.shape}"
+            )
+        labels = _labels(y, num_classes)
+        if len(labels) != len(features):
+            raise ValueError(
+                "Each `init_data` batch needs one label per example. Received: "
+                f"{len(features)} examples and {len(labels)} labels"
+            )
+        norms = np.linalg.norm(features, axis=1, keepdims=True)
+        np.add.at(sums, labels, features / np.maximum(norms, 1e-12))
+        np.add.at(counts, labels, 1)
+    if counts.sum() == 0:
+        raise ValueError("`init_data` holds no examples. Received: init_data with 0 batches")
+    means = sums / np.maximum(counts, 1)[:, None]
+    missing = counts == 0
+    if missing.any():
+        warnings.warn(
+            f"{int(missing.sum())} of {num_classes} classes have no example in "
+            "`init_data`; their prototypes start from "
+            + ("the classifier's kernel columns." if fallback is not None else "N(0, 1)."),
+            stacklevel=3,
+        )
+        if fallback is not None:
+            means[missing] = fallback[missing]
+        else:
+            means[missing] = ops.convert_to_numpy(
+                keras.random.normal((int(missing.sum()), feature_dim))
+            )
+    return means
