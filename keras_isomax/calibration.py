@@ -396,7 +396,7 @@ def calibrate_threshold(model, in_val_data, tpr=0.95, *, batch_size=256):
     >>> float(np.mean(scores >= t))
     0.9
     """
-    tpr = _check_fraction(tpr, "tpr")
+    tpr = metrics_lib._check_tpr(tpr)
     layer = find_isomax_layer(model)
     logits, _ = isomax_logits(model, in_val_data, batch_size=batch_size, arg_name="in_val_data")
     scores = np.asarray(logits).max(axis=-1)  # The minimum distance score.
@@ -410,16 +410,6 @@ def calibrate_threshold(model, in_val_data, tpr=0.95, *, batch_size=256):
     threshold = metrics_lib.threshold_at_tpr(scores, tpr, midpoint=True)
     layer.ood_threshold.assign(threshold)
     return float(layer.ood_threshold.numpy())
-
-
-def _check_fraction(value, name):
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not 0.0 < number <= 1.0:
-        raise ValueError(f"`{name}` must be a number in (0, 1]. Received: {name}={value!r}")
-    return number
 
 
 # ----------------------------------------------------------- temperature

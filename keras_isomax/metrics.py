@@ -225,13 +225,14 @@ def ood_metrics(in_scores, out_scores, tpr=0.95):
     }
 
 
-def _check_tpr(tpr):
+def _check_tpr(tpr, name="tpr"):
+    """`tpr` as a float in (0, 1], or a ValueError naming the argument `name`."""
     try:
         value = float(tpr)
     except (TypeError, ValueError):
         value = math.nan
     if isinstance(tpr, bool) or not 0.0 < value <= 1.0:
-        raise ValueError(f"`tpr` must be a number in (0, 1]. Received: tpr={tpr!r}")
+        raise ValueError(f"`{name}` must be a number in (0, 1]. Received: {name}={tpr!r}")
     return value
 
 
