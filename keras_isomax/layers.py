@@ -59,24 +59,33 @@ def pairwise_distances(features, prototypes, exact_neighbors=8):
         Tensor `(..., C)` of distances, finite, with finite gradients (also at
         zero distance).
     """
-    num_classes = prototypes.shape[0]
-    feature_sq = ops.sum(ops.square(features), axis=-1, keepdims=True)
-    prototype_sq = ops.sum(ops.square(prototypes), axis=-1)
-    cross = ops.matmul(features, ops.transpose(prototypes))
+    num_classes, feature_dim = prototypes.shape
+    lead_shape = ops.shape(features)[:-1]
+    x = features if len(features.shape) == 2 else ops.reshape(features, (-1, feature_dim))
+    feature_sq = ops.sum(ops.square(x), axis=-1, keepdims=True)  # (N, 1)
+    prototype_sq = ops.sum(ops.square(prototypes), axis=-1)  # (C,)
+    # (P @ x^T)^T rather than x @ P^T: TensorFlow's CPU kernel for a transposed
+    # right operand is about 2x slower at large C (benchmarks/speed.py).
+    cross = ops.transpose(ops.matmul(prototypes, ops.transpose(x)))  # (N, C)
     squared = feature_sq + prototype_sq - 2.0 * cross
     squared = ops.where(squared < 0, 0.0, squared)  # rounding; NaN stays NaN
 
     k = min(int(exact_neighbors), num_classes)
     if k > 0:
-        _, nearest = ops.top_k(-squared, k=k, sorted=False)  # (..., k)
-        neighbors = ops.take(prototypes, nearest, axis=0)  # (..., k, F)
-        diff = ops.expand_dims(features, -2) - neighbors
-        exact = ops.sum(ops.square(diff), axis=-1)  # (..., k)
-        selected = ops.one_hot(nearest, num_classes, dtype=squared.dtype)  # (..., k, C)
-        scattered = ops.sum(selected * ops.expand_dims(exact, -1), axis=-2)
-        is_exact = ops.sum(selected, axis=-2) > 0
-        squared = ops.where(is_exact, scattered, squared)
-    return _safe_sqrt(squared)
+        _, nearest = ops.top_k(-squared, k=k, sorted=False)  # (N, k)
+        neighbors = ops.take(prototypes, nearest, axis=0)  # (N, k, F)
+        exact = ops.sum(ops.square(ops.expand_dims(x, 1) - neighbors), axis=-1)  # (N, k)
+        # Write the N*k exact values into the (N, C) matrix (no (N, k, C) one-hot).
+        rows = ops.broadcast_to(
+            ops.expand_dims(ops.arange(ops.shape(x)[0], dtype=nearest.dtype), 1),
+            ops.shape(nearest),
+        )
+        indices = ops.reshape(ops.stack([rows, nearest], axis=-1), (-1, 2))
+        squared = ops.scatter_update(squared, indices, ops.reshape(exact, (-1,)))
+    distances = _safe_sqrt(squared)
+    if len(features.shape) == 2:
+        return distances
+    return ops.reshape(distances, (*lead_shape, num_classes))
 
 
 @keras.saving.register_keras_serializable(package="keras_isomax")
