@@ -1,0 +1,303 @@
+"""Peak memory of one forward + backward pass of a large classification head.
+
+The issue's large-head check: B=256 examples, C=10,000 classes, F=2,048 features.
+A naive IsoMax+ (exact differences `x[:, None, :] - p[None]`, as the authors'
+PyTorch code) holds a (B, C, F) float32 tensor: 256 * 10,000 * 2,048 * 4 bytes =
+21 GB. `IsoMaxPlusLayer` uses one matrix product plus an exact recomputation of
+the nearest prototypes, so it should need O(B*C + C*F) memory, like `Dense`.
+
+How memory is measured. Each case runs in a fresh subprocess. The worker builds
+its inputs and weights, runs the step twice (tracing, first allocations), then
+resets the kernel's peak-RSS counter (`echo 5 > /proc/self/clear_refs`, Linux
+>= 4.0), records the resident size, runs the step again and reads the new peak
+(`VmHWM` in `/proc/self/status`). The difference is the transient memory of
+one step: everything the step allocates beyond the live weights and inputs.
+glibc keeps freed blocks below its (dynamic, up to 32 MiB) mmap threshold in
+the heap, which would hide reallocations; the workers run with
+`MALLOC_MMAP_THRESHOLD_=65536` so that large buffers are mapped and unmapped.
+A method check allocates a known 256 MiB tensor inside a `tf.function` and
+must read back about 256 MiB. On a GPU, TensorFlow's own allocator statistics
+(`tf.config.experimental.get_memory_info`) are used instead of the RSS.
+
+The naive implementation is measured at small B (its memory is linear in B)
+and the slope is extrapolated to B=256.
+
+    python benchmarks/head_memory.py [--batch-size 256 --classes 10000 --features 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MIB = 1024**2
+WORKER_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "65536",  # Large blocks are mmapped and returned on free.
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+    "KERAS_BACKEND": "tensorflow",
+    "TF_FORCE_GPU_ALLOW_GROWTH": "true",  # Measure what a step needs, not the reservation.
+}
+HEADS = ("dense", "isomax", "isomax_proto", "naive")
+
+
+# ------------------------------------------------------------ measurement
+
+
+def _proc_status_kib(field):
+    with open("/proc/self/status") as f:
+        match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def reset_peak_rss():
+    """Resets VmHWM to the current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Peak memory of a block of code over the memory live when it starts.
+
+    On a GPU: TensorFlow's allocator peak for `GPU:0`. On a CPU: the process's
+    peak resident set size (`VmHWM`, reset through `/proc/self/clear_refs`);
+    where the peak cannot be reset, the result is `None` unless the process's
+    lifetime peak happens inside the block (`reset=False` reads it anyway).
+    """
+
+    def __init__(self, gpu):
+        self.gpu = gpu
+        self.peak_bytes = None
+        self.method = None
+
+    def __enter__(self):
+        if self.gpu:
+            import tensorflow as tf
+
+            tf.config.experimental.reset_memory_stats("GPU:0")
+            self.base = tf.config.experimental.get_memory_info("GPU:0")["current"]
+            self.method = "tf.config.experimental.get_memory_info('GPU:0') peak - current"
+        else:
+            self.resettable = reset_peak_rss()
+            self.base = _proc_status_kib("VmRSS") * 1024
+            self.method = "peak RSS (VmHWM after clear_refs) - RSS before"
+        return self
+
+    def __exit__(self, *exc):
+        if self.gpu:
+            import tensorflow as tf
+
+            peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
+            self.peak_bytes = peak - self.base
+        elif self.resettable:
+            self.peak_bytes = _proc_status_kib("VmHWM") * 1024 - self.base
+        return False
+
+
+def run_worker(script, args, timeout=1800, flag="--worker"):
+    """Runs `script <flag> args...` in a subprocess and returns its JSON result."""
+    env = {**os.environ, **WORKER_ENV}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, str(script), flag, *[str(a) for a in args]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    return {"error": f"worker exited {proc.returncode}: " + " | ".join(tail)}
+
+
+# ------------------------------------------------------------------ worker
+
+
+def _worker(argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--head", choices=(*HEADS, "method_check"), required=True)
+    parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--classes", type=int, required=True)
+    parser.add_argument("--features", type=int, required=True)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    import numpy as np
+    import tensorflow as tf
+
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    rng = np.random.default_rng(0)
+    batch, classes, features = args.batch_size, args.classes, args.features
+
+    if args.head == "method_check":
+        size = 256 * MIB // 4
+
+        @tf.function
+        def step():
+            big = tf.random.uniform((size,))  # A known 256 MiB allocation.
+            return tf.reduce_sum(big)
+
+        step()
+        step()
+        with PeakMemory(gpu) as mem:
+            step().numpy()
+        return {"expected_bytes": size * 4, "peak_bytes": mem.peak_bytes, "method": mem.method}
+
+    from speed import head_step_fn  # The benchmark's head definitions.
+
+    x = tf.constant(rng.normal(size=(batch, features)).astype("float32"))
+    y = tf.constant(rng.integers(0, classes, size=batch).astype("int32"))
+    step, _ = head_step_fn(args.head, classes, features, train=True)
+    step(x, y)
+    step(x, y)
+    times = []
+    peaks = []
+    for _ in range(args.repeats):
+        with PeakMemory(gpu) as mem:
+            start = time.perf_counter()
+            out = step(x, y)
+            [np.asarray(t) for t in out]
+            times.append(time.perf_counter() - start)
+        peaks.append(mem.peak_bytes)
+    return {
+        "peak_bytes": max(p for p in peaks) if None not in peaks else None,
+        "seconds": float(np.median(times)),
+        "method": mem.method,
+        "device": "GPU" if gpu else "CPU",
+    }
+
+
+# ---------------------------------------------------------------- the check
+
+
+def large_head_check(
+    batch_size=256, classes=10_000, features=2048, naive_batches=(2, 4, 8), threads=0
+):
+    """Measures the peak memory of each head; returns a dict of results."""
+    here = Path(__file__).resolve()
+    naive_bytes = batch_size * classes * features * 4
+    results = {
+        "batch_size": batch_size,
+        "classes": classes,
+        "features": features,
+        "naive_tensor_bytes": naive_bytes,
+        "method_check": run_worker(
+            here, ["--head", "method_check", "--batch-size", 1, "--classes", 1, "--features", 1]
+        ),
+        "heads": {},
+        "naive": [],
+    }
+    common = ["--classes", classes, "--features", features, "--threads", threads]
+    for head in ("dense", "isomax", "isomax_proto"):
+        results["heads"][head] = run_worker(
+            here, ["--head", head, "--batch-size", batch_size, *common]
+        )
+    for b in naive_batches:
+        result = run_worker(here, ["--head", "naive", "--batch-size", b, *common])
+        result["batch_size"] = b
+        results["naive"].append(result)
+    points = [(r["batch_size"], r["peak_bytes"]) for r in results["naive"] if r.get("peak_bytes")]
+    if len(points) >= 2:
+        b = [p[0] for p in points]
+        m = [p[1] for p in points]
+        mean_b, mean_m = sum(b) / len(b), sum(m) / len(m)
+        slope = sum((bi - mean_b) * (mi - mean_m) for bi, mi in zip(b, m)) / sum(
+            (bi - mean_b) ** 2 for bi in b
+        )
+        results["naive_slope_bytes_per_example"] = slope
+        results["naive_extrapolated_bytes"] = mean_m + slope * (batch_size - mean_b)
+    return results
+
+
+def _gib(n):
+    return "n/a" if n is None else f"{n / 1024**3:.2f} GiB"
+
+
+def _mib(n):
+    return "n/a" if n is None else f"{n / MIB:,.0f} MiB"
+
+
+def format_large_head(results):
+    """Markdown for `large_head_check` results."""
+    b, c, f = results["batch_size"], results["classes"], results["features"]
+    lines = [
+        "Forward + backward of the head alone (features in; loss; gradients for the "
+        f"features and the head's weights; SGD update), B={b}, C={c:,}, F={f:,}.",
+        "",
+    ]
+    check = results["method_check"]
+    if check.get("peak_bytes") is not None:
+        lines.append(
+            f"Method check: a known {_mib(check['expected_bytes'])} allocation read "
+            f"{_mib(check['peak_bytes'])} ({check['method']})."
+        )
+        lines.append("")
+    lines += [
+        "| head | peak transient memory | time / step | vs B*C*F*4 |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    names = {
+        "dense": "Dense + softmax cross-entropy",
+        "isomax": "IsoMaxPlusLayer (library)",
+        "isomax_proto": "IsoMax+ prototype (speed.py)",
+    }
+    naive = results["naive_tensor_bytes"]
+    for head, r in results["heads"].items():
+        if "error" in r:
+            lines.append(f"| {names[head]} | failed: {r['error']} | | |")
+            continue
+        peak = r["peak_bytes"]
+        share = "n/a" if peak is None else f"1/{naive / max(peak, 1):,.0f}"
+        lines.append(f"| {names[head]} | {_mib(peak)} | {r['seconds']:.2f} s | {share} |")
+    for r in results["naive"]:
+        if "error" in r:
+            lines.append(f"| naive exact differences, B={r['batch_size']} | failed | | |")
+            continue
+        lines.append(
+            f"| naive exact differences, B={r['batch_size']} | {_mib(r['peak_bytes'])} | "
+            f"{r['seconds']:.2f} s | |"
+        )
+    if "naive_extrapolated_bytes" in results:
+        slope = results["naive_slope_bytes_per_example"]
+        lines.append(
+            f"| naive, extrapolated to B={b} ({_mib(slope)} per example, "
+            f"{slope / (c * f * 4):.1f} x C*F*4) | {_gib(results['naive_extrapolated_bytes'])} "
+            f"| | |"
+        )
+    lines += ["", f"B*C*F*4 bytes = {naive / 1e9:.1f} GB ({_gib(naive)})."]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--worker" in argv:
+        print("RESULT " + json.dumps(_worker(argv)), flush=True)
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--classes", type=int, default=10_000)
+    parser.add_argument("--features", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=0, help="0: TensorFlow's default.")
+    parser.add_argument("--json", help="Also write the raw results to this JSON file.")
+    args = parser.parse_args(argv)
+    results = large_head_check(args.batch_size, args.classes, args.features, threads=args.threads)
+    print(format_large_head(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
