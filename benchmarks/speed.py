@@ -179,6 +179,7 @@ HEAD_NAMES = {
     "dense": "Dense + softmax",
     "dense_isoloss": "Dense + IsoMax+ loss",
     "mm_only": "x @ P^T (no normalisation)",
+    "mm_rev": "(P @ x^T)^T (no normalisation)",
     "mm_norm": "normalised x @ P^T",
     "isomax_k0": "IsoMaxPlusLayer, exact_neighbors=0",
     "isomax": "IsoMaxPlusLayer (library, k=8)",
@@ -192,6 +193,7 @@ LADDER = (
     "dense",
     "dense_isoloss",
     "mm_only",
+    "mm_rev",
     "mm_norm",
     "isomax_k0",
     "isomax",
@@ -377,6 +379,7 @@ def make_head(kind, num_classes):
     else:
         fn = {
             "mm_only": lambda x, p: -ops.matmul(x, ops.transpose(p)),
+            "mm_rev": lambda x, p: -ops.transpose(ops.matmul(p, ops.transpose(x))),
             "mm_norm": lambda x, p: -ops.matmul(l2_normalize(x), ops.transpose(l2_normalize(p))),
             "isomax_scatter": _scatter_library_logits,
             "naive": _naive_logits,
@@ -934,7 +937,7 @@ def parse_args(argv):
         "--quick",
         action="store_true",
         help="About 2 minutes: small backbone, 3 configurations, few repetitions, "
-        "whole-step section only.",
+        "whole-step and head-alone sections only.",
     )
     parser.add_argument("--configs", default=None, help="Comma list of CxF, e.g. 10x128,1000x2048.")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -968,7 +971,7 @@ def parse_args(argv):
         "--sections",
         default=None,
         help="Comma list of: step,head,ablation,memory,large,posthoc. Default: all "
-        "(--quick: step).",
+        "(--quick: step,head).",
     )
     parser.add_argument("--machine", default=None, help="Machine description for the report.")
     parser.add_argument("--markdown", help="Also write the report to this Markdown file.")
@@ -989,7 +992,7 @@ def parse_args(argv):
     if args.quick:
         args.backbone = args.backbone or "small"
         args.reps = args.reps or 5
-        args.sections = args.sections or "step"
+        args.sections = args.sections or "step,head"
     args.backbone = args.backbone or "resnet20"
     args.reps = args.reps or 15
     args.sections = (args.sections or "step,head,ablation,memory,large,posthoc").split(",")
