@@ -4,7 +4,7 @@
 `serve`) with two signatures on one named input (default `"inputs"`):
 
 - `serving_default`: `probabilities` (B, C) float32, `logits` (B, C) float32,
-  `class_id` (B,) int64;
+  `class_id` (B,) int64 (-1 for an input holding NaN/Inf);
 - `score`: `score` (B,) float32 (the minimum distance score, higher = more
   in-distribution), `is_ood` (B,) bool, `threshold` (B,) float32, `class_id`
   (B,) int64, `probabilities` (B, C) float32.
@@ -19,10 +19,12 @@ import math
 import os
 import shutil
 import uuid
+import warnings
 
 import keras
 import numpy as np
 
+from keras_isomax import _serving
 from keras_isomax.calibration import find_isomax_layer
 
 SERVING_DEFAULT = "serving_default"
@@ -59,6 +61,11 @@ def export_saved_model(
       needs every output to have the batch dimension); `class_id` and
       `probabilities` as above.
 
+    An example whose input holds any NaN or Inf gets `score` NaN, `is_ood`
+    True and `class_id` -1 in both signatures, whatever the backbone makes of
+    it (some CPUs' kernels turn NaN into finite features); its `logits` and
+    `probabilities` carry no meaning.
+
     The logits already include the layer's calibrated `temperature`. The
     loss's entropic scale is a training device only and is not applied:
     `probabilities` is `softmax(logits)`, as at inference in the paper. With
@@ -87,10 +94,11 @@ def export_saved_model(
             and raises if it is not calibrated; a float overrides it. Defaults
             to `None`.
         version: Non-negative integer model version for TF Serving's layout,
-            or `None` to write the SavedModel directly into `export_dir`. A
-            versioned export is written to a temporary sibling directory and
-            renamed into place, so a polling server never sees a partial
-            version. Defaults to `None`.
+            or `None` to write the SavedModel directly into `export_dir`.
+            Every export is written to a hidden staging directory next to the
+            target and renamed into place only after a complete write, so a
+            polling server never sees a partial version and a failed export
+            leaves the previous model untouched. Defaults to `None`.
         input_name: Name of the signatures' input (the key of `"inputs"` /
             `"instances"` in requests). Defaults to `"inputs"`.
         input_signature: Shape and dtype of one input, as a `keras.InputSpec`,
@@ -102,7 +110,11 @@ def export_saved_model(
             serving runtime then needs XLA's JIT kernels (the `tensorflow`
             wheel has them). Defaults to `False`.
         overwrite: Whether to replace an existing SavedModel at the target
-            directory. Defaults to `False`.
+            directory. Only a directory holding nothing but a SavedModel
+            (`saved_model.pb`, `fingerprint.pb`, `variables/`, `assets/`) is
+            replaced, and only after the new one is completely written; any
+            other entry (or the working directory itself) makes the export
+            refuse. Defaults to `False`.
         verbose: Whether to print the endpoints written. Defaults to `False`.
 
     Returns:
@@ -114,8 +126,9 @@ def export_saved_model(
         ValueError: If the model has no or several `IsoMaxPlusLayer`s, several
             inputs or outputs, an output that is not the IsoMax+ logits, an
             uncalibrated threshold with `threshold=None`, or if `threshold`,
-            `version` or `input_name` are invalid.
-        FileExistsError: If the target directory holds files and
+            `version`, `input_name` or `export_dir` (empty) are invalid.
+        FileExistsError: If the target is a file, holds anything but a
+            SavedModel, is the working directory, or holds a SavedModel and
             `overwrite=False`.
 
     Example:
@@ -135,6 +148,11 @@ def export_saved_model(
     import tensorflow as tf
 
     export_dir = os.fspath(export_dir)
+    if not isinstance(export_dir, str) or not export_dir.strip():
+        raise ValueError(
+            "`export_dir` must be a non-empty path (an empty one would write into the "
+            f"working directory). Received: export_dir={export_dir!r}"
+        )
     if version is not None and (
         isinstance(version, bool) or not isinstance(version, int | np.integer) or version < 0
     ):
@@ -153,6 +171,9 @@ def export_saved_model(
         functions.pop("_compute")
 
     target = export_dir if version is None else os.path.join(export_dir, str(version))
+    remote = "://" in export_dir
+    if not remote:
+        target = os.path.abspath(target)
     _check_target(target, overwrite)
 
     archive = keras.export.ExportArchive()
@@ -160,24 +181,71 @@ def export_saved_model(
     for name in (SERVING_DEFAULT, SCORE):
         archive.add_endpoint(name, functions[name], input_signature=[input_spec])
 
-    if version is None or "://" in export_dir:
-        if tf.io.gfile.exists(target):
-            tf.io.gfile.rmtree(target)  # Empty, or a SavedModel with overwrite.
-        archive.write_out(target, verbose=verbose)
-        return target
-    os.makedirs(export_dir, exist_ok=True)
-    # TF Serving loads only all-digit directory names: this one is invisible.
-    # (os.mkdir honours the umask; tempfile.mkdtemp would make it 0700.)
-    staging = os.path.join(export_dir, f".tmp-{version}-{uuid.uuid4().hex}")
+    if remote:
+        return _write_remote(archive, target, verbose)
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    # A sibling of the target (same file system, so the renames are atomic)
+    # whose name TF Serving ignores (it loads all-digit names only). os.mkdir
+    # honours the umask; tempfile.mkdtemp would make it 0700.
+    staging = os.path.join(parent, f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex}")
     os.mkdir(staging)
     try:
         archive.write_out(staging, verbose=verbose)
-        if os.path.exists(target):
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        _check_target(target, overwrite)  # Unchanged while we wrote?
+        _swap_in(staging, target)
     finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging)
+        if os.path.lexists(staging):
+            shutil.rmtree(staging, ignore_errors=True)  # Ours: the staged copy.
+    return target
+
+
+# What TensorFlow writes into a SavedModel directory. `overwrite=True`
+# replaces a directory holding these entries only (`assets.extra`, where TF
+# Serving's warm-up requests go, is written by users, not by TensorFlow).
+SAVED_MODEL_ENTRIES = frozenset(
+    {"saved_model.pb", "saved_model.pbtxt", "fingerprint.pb", "variables", "assets"}
+)
+
+
+def _swap_in(staging, target):
+    """Renames `staging` to `target`; an old target is removed only afterwards."""
+    aside = None
+    if os.path.lexists(target):
+        aside = os.path.join(
+            os.path.dirname(target), f".{os.path.basename(target)}.old-{uuid.uuid4().hex}"
+        )
+        os.replace(target, aside)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside, target)  # Put the previous model back.
+        raise
+    if aside is not None:
+        try:
+            shutil.rmtree(aside)
+        except OSError as error:
+            warnings.warn(
+                f"The new SavedModel is in place at {target!r}, but the previous one, "
+                f"moved to {aside!r}, could not be deleted: {error}",
+                stacklevel=3,
+            )
+
+
+def _write_remote(archive, target, verbose):
+    """Writes to a remote file system (no atomic rename): stage, then copy over."""
+    import tensorflow as tf
+
+    staging = f"{target.rstrip('/')}.tmp-{uuid.uuid4().hex}"
+    try:
+        archive.write_out(staging, verbose=verbose)
+        if tf.io.gfile.exists(target):
+            tf.io.gfile.rmtree(target)  # Checked: empty, or only a SavedModel.
+        tf.io.gfile.rename(staging, target)
+    finally:
+        if tf.io.gfile.exists(staging):
+            tf.io.gfile.rmtree(staging)
     return target
 
 
@@ -254,13 +322,18 @@ def _build_serving_functions(model, threshold, input_name, input_signature):
         logits = tf.cast(logits, tf.float32)
         score = tf.reduce_max(logits, axis=-1)
         limit = threshold_fn()
+        # The library, not the backbone, makes a NaN/Inf input OOD.
+        decided = _serving.apply_nonfinite_rule(
+            _serving.nonfinite_rows(inputs),
+            score=score,
+            is_ood=_is_ood(score, limit),
+            class_id=tf.argmax(logits, axis=-1, output_type=tf.int64),
+        )
         return {
             "logits": logits,
             "probabilities": tf.nn.softmax(logits, axis=-1),
-            "class_id": tf.argmax(logits, axis=-1, output_type=tf.int64),
-            "score": score,
-            "is_ood": _is_ood(score, limit),
             "threshold": tf.broadcast_to(limit, tf.shape(score)),
+            **decided,
         }
 
     functions = _endpoint_functions(compute)
@@ -404,24 +477,43 @@ def _input_spec(model, input_name, input_signature):
 
 
 def _check_target(target, overwrite):
+    """Refuses targets that are files, foreign directories or the working directory."""
     import tensorflow as tf
 
     if not tf.io.gfile.exists(target):
         return
     if not tf.io.gfile.isdir(target):
         raise FileExistsError(
-            f"The export target exists and is not a directory. Received: {target}"
+            f"The export target exists and is not a directory. Received: export path {target!r}"
         )
-    if not tf.io.gfile.listdir(target):
+    entries = sorted(name.rstrip("/") for name in tf.io.gfile.listdir(target))
+    if not entries:
         return
-    is_saved_model = tf.io.gfile.exists(os.path.join(target, "saved_model.pb"))
-    if not overwrite or not is_saved_model:
+    is_saved_model = "saved_model.pb" in entries or "saved_model.pbtxt" in entries
+    foreign = [name for name in entries if name not in SAVED_MODEL_ENTRIES]
+    if not is_saved_model or foreign:
+        shown = foreign if is_saved_model else entries
+        listing = ", ".join(repr(name) for name in shown[:10])
+        if len(shown) > 10:
+            listing += f" and {len(shown) - 10} more"
         raise FileExistsError(
-            f"The export target '{target}' is not empty"
-            + (
-                "; pass overwrite=True to replace the SavedModel there"
-                if is_saved_model
-                else " and holds no SavedModel: choose an empty or new directory"
-            )
-            + f". Received: overwrite={overwrite}"
+            f"The export target {target!r} holds "
+            + ("files that are not part of a SavedModel" if is_saved_model else "no SavedModel")
+            + f" ({listing}); it is never replaced, even with overwrite=True. Choose an "
+            "empty or new directory. Received: overwrite="
+            f"{overwrite}"
         )
+    if not overwrite:
+        raise FileExistsError(
+            f"The export target {target!r} holds a SavedModel; pass overwrite=True to "
+            f"replace it. Received: overwrite={overwrite}"
+        )
+    if "://" not in target:
+        cwd = os.path.realpath(os.getcwd())
+        real = os.path.realpath(target)
+        if cwd == real or cwd.startswith(real.rstrip(os.sep) + os.sep):
+            raise FileExistsError(
+                f"The export target {target!r} is the working directory (or holds it); "
+                "it is never replaced. Choose another directory. "
+                f"Received: export path {target!r}"
+            )
