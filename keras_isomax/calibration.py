@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 import keras
 import numpy as np
 
+from keras_isomax import _serving
 from keras_isomax import metrics as metrics_lib
 from keras_isomax import scores as scores_lib
 from keras_isomax.layers import IsoMaxPlusLayer
@@ -398,8 +399,11 @@ def calibrate_threshold(model, in_val_data, tpr=0.95, *, batch_size=256):
     """
     tpr = metrics_lib._check_tpr(tpr)
     layer = find_isomax_layer(model)
-    logits, _ = isomax_logits(model, in_val_data, batch_size=batch_size, arg_name="in_val_data")
+    data, flags, _ = _tap_nonfinite(in_val_data, "in_val_data")
+    logits, _ = isomax_logits(model, data, batch_size=batch_size, arg_name="in_val_data")
     scores = np.asarray(logits).max(axis=-1)  # The minimum distance score.
+    if flags and len(np.concatenate(flags)) == len(scores):
+        scores = np.where(np.concatenate(flags), np.nan, scores)  # NaN/Inf inputs.
     bad = np.isnan(scores)
     if bad.any():
         raise ValueError(
@@ -621,6 +625,9 @@ def predict_ood(model, x, *, threshold=None, score="minimum_distance", batch_siz
     Returns:
         A dict of NumPy arrays of length `N`: `"score"` (float), `"is_ood"`
         (bool) and `"class"` (int64, the arg-max logit, whatever the decision).
+        An input holding any NaN or Inf gets score NaN, `is_ood` True and
+        class -1, whatever the model computes for it (the library checks the
+        inputs itself; some backbones turn NaN into finite features).
 
     Raises:
         ValueError: If `threshold` is `None` and the model's layer is not
@@ -655,7 +662,6 @@ def predict_ood(model, x, *, threshold=None, score="minimum_distance", batch_siz
                 "`threshold=`. Received: threshold=None"
             )
         threshold = float(layer.ood_threshold.numpy())
-        logits, _ = isomax_logits(model, x, batch_size=batch_size, arg_name="x")
     else:
         try:
             value = float(threshold)
@@ -666,17 +672,94 @@ def predict_ood(model, x, *, threshold=None, score="minimum_distance", batch_siz
                 f"`threshold` must be a number (not NaN). Received: threshold={threshold!r}"
             )
         threshold = value
-        logits = _any_logits(model, x, batch_size, "x")
+    logits, _, nonfinite = _any_logits(model, x, batch_size, "x", with_nonfinite=True)
     values = np.asarray(keras.ops.convert_to_numpy(score_fn(logits)))
+    if values.shape != nonfinite.shape:
+        raise ValueError(
+            f"`score` must map logits (N, C) to one value per example, shape "
+            f"({len(nonfinite)},). Received: score output of shape {values.shape}"
+        )
+    values = np.where(nonfinite, np.nan, values).astype(values.dtype, copy=False)
+    with np.errstate(invalid="ignore"):
+        is_ood = ~(values >= threshold)
+    classes = np.argmax(logits, axis=-1).astype(np.int64)
     return {
         "score": values,
-        "is_ood": ~(values >= threshold),
-        "class": np.argmax(logits, axis=-1).astype(np.int64),
+        "is_ood": is_ood | nonfinite,
+        "class": np.where(nonfinite, _serving.NONFINITE_CLASS_ID, classes),
     }
 
 
-def _any_logits(model, data, batch_size, arg_name, *, with_labels=False):
-    """Logits of the IsoMax+ layer when the model has one, else the model output."""
+def _nonfinite_flags(x):
+    """Per-row NaN/Inf flags (NumPy bool) over every array of an input structure."""
+    flags = None
+    for leaf in keras.tree.flatten(x):
+        rows = np.asarray(keras.ops.convert_to_numpy(_serving.nonfinite_rows(leaf)), bool)
+        flags = rows if flags is None else flags | rows
+    return flags
+
+
+def _tap_nonfinite(data, arg_name):
+    """`(data, flags)`: `data` to run the model on and a list that holds, once
+    the model has run over it, the per-row NaN/Inf flags of its inputs (read in
+    the same pass, so they stay aligned with a shuffling dataset)."""
+    if _is_array_like(data) or isinstance(data, Mapping | tuple | list):
+        x, y = _split_element(data, arg_name)
+        return data, [_nonfinite_flags(x)], [_label_width(y)]
+    flags, widths = [], []
+
+    def tapped():
+        for element in _iter_batches_raw(data, arg_name):
+            x, y = _split_element(element, arg_name)
+            flags.append(_nonfinite_flags(x))
+            widths.append(_label_width(y))
+            yield element
+
+    return tapped(), flags, widths
+
+
+def _label_width(y):
+    """The width of one-hot labels `(B, C)`, or None for class ids / no labels."""
+    shape = getattr(y, "shape", None)
+    if shape is None and y is not None:
+        shape = np.shape(y)
+    if shape is None or len(shape) < 2 or shape[-1] in (None, 1):
+        return None
+    return int(shape[-1])
+
+
+def _iter_batches_raw(data, arg_name):
+    if isinstance(data, str | bytes) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"`{arg_name}` must be a NumPy array, a tuple `(x, y)`, a batched "
+            f"`tf.data.Dataset` or another iterable of batches. "
+            f"Received: {arg_name}={type(data).__name__}"
+        )
+    yield from data
+
+
+def _any_logits(model, data, batch_size, arg_name, *, with_labels=False, with_nonfinite=False):
+    """Logits of the IsoMax+ layer when the model has one, else the model output.
+
+    With `with_nonfinite=True` also returns the per-row NaN/Inf flags of the
+    inputs (`(logits, labels, flags)`).
+    """
+    if with_nonfinite:
+        data, flags, widths = _tap_nonfinite(data, arg_name)
+        logits, labels = _any_logits(model, data, batch_size, arg_name, with_labels=True)
+        wrong = {w for w in widths if w is not None and w != logits.shape[-1]}
+        if with_labels and labels is not None and wrong:
+            raise ValueError(
+                f"One-hot labels of `{arg_name}` must have one column per class of the "
+                f"model ({logits.shape[-1]}). Received: labels of width {sorted(wrong)}"
+            )
+        nonfinite = np.concatenate(flags) if flags else np.zeros(len(logits), bool)
+        if nonfinite.shape != (len(logits),):
+            raise ValueError(
+                f"`{arg_name}` gave {len(logits)} outputs for {nonfinite.size} inputs. "
+                f"Received: {arg_name} with mismatched outputs"
+            )
+        return logits, labels, nonfinite
     try:
         find_isomax_layer(model)
         has_layer = True

@@ -298,23 +298,29 @@ def evaluate_ood(
 
     rows, raw_scores, accuracy = [], {}, {}
     for model_name, net in models.items():
-        in_logits, labels = calibration._any_logits(
-            net, in_data, batch_size, "in_data", with_labels=True
+        in_logits, labels, in_nonfinite = calibration._any_logits(
+            net, in_data, batch_size, "in_data", with_labels=True, with_nonfinite=True
         )
         _warn_if_probabilities(in_logits, model_name, score_lists[model_name])
         if labels is None:
             acc = math.nan
         else:
+            _check_labels(labels, in_logits.shape[-1], model_name)
             acc = float(np.mean(np.argmax(in_logits, axis=-1) == labels))
         accuracy[model_name] = acc
-        ood_logits = {
-            name: calibration._any_logits(net, data, batch_size, f"ood_data[{name!r}]")
-            for name, data in ood_data.items()
-        }
+        ood_logits = {}
+        for name, data in ood_data.items():
+            logits, _, nonfinite = calibration._any_logits(
+                net, data, batch_size, f"ood_data[{name!r}]", with_nonfinite=True
+            )
+            ood_logits[name] = (logits, nonfinite)
         for score_name, score_fn in score_lists[model_name]:
-            in_scores = _score_values(score_fn, in_logits)
+            # A NaN/Inf input scores NaN whatever the backbone does with it;
+            # ood_metrics then names the data set.
+            in_scores = _score_values(score_fn, in_logits, in_nonfinite)
             ood_scores = {
-                name: _score_values(score_fn, logits) for name, logits in ood_logits.items()
+                name: _score_values(score_fn, logits, nonfinite)
+                for name, (logits, nonfinite) in ood_logits.items()
             }
             raw_scores[(model_name, score_name)] = (in_scores, ood_scores)
             for ood_name, out_scores in ood_scores.items():
@@ -355,9 +361,26 @@ def _model_dict(model):
     )
 
 
-def _score_values(score_fn, logits):
+def _score_values(score_fn, logits, nonfinite):
     values = np.asarray(keras.ops.convert_to_numpy(score_fn(logits)))
-    return values.reshape(-1).astype(np.float64)
+    values = values.reshape(-1).astype(np.float64)
+    if values.shape != nonfinite.shape:
+        raise ValueError(
+            f"A score must map logits (N, C) to one value per example, shape "
+            f"({len(nonfinite)},). Received: score output of shape {values.shape}"
+        )
+    return np.where(nonfinite, np.nan, values)
+
+
+def _check_labels(labels, num_classes, model_name):
+    """Labels must be class ids of the model's classes (one-hot width checked too)."""
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        raise ValueError(
+            f"The labels of `in_data` must be class ids in [0, {num_classes}) for model "
+            f"{model_name!r} ({num_classes} classes); {int(bad.sum())} of {labels.size} "
+            f"are not. Received: labels {np.unique(labels[bad])[:5].tolist()}"
+        )
 
 
 def _warn_if_probabilities(logits, model_name, score_list):

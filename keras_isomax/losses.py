@@ -13,6 +13,7 @@ from keras_isomax import _utils
 DEFAULT_ENTROPIC_SCALE = 10.0
 
 
+@keras.saving.register_keras_serializable(package="keras_isomax")
 def isomax_plus_loss(y_true, y_pred, entropic_scale=DEFAULT_ENTROPIC_SCALE):
     """Per-example IsoMax+ loss: `-log softmax(entropic_scale * logits)[y]`.
 
@@ -37,9 +38,15 @@ def isomax_plus_loss(y_true, y_pred, entropic_scale=DEFAULT_ENTROPIC_SCALE):
     Returns:
         Tensor of shape `(...)`: one loss value per example.
 
+    Integer targets of shape `(..., C)` must be one-hot (checked eagerly); soft
+    targets must be floats. Registered as serializable: a model compiled with
+    `loss=isomax_plus_loss` saves and reloads (after `import keras_isomax`).
+
     Raises:
-        ValueError: If the shapes of `y_true` and `y_pred` do not match, or (in
-            eager mode) a sparse label is out of range or not an integer.
+        ValueError: If the shapes of `y_true` and `y_pred` do not match,
+            `entropic_scale` is not a positive finite number, or (in eager
+            mode) a sparse label is out of range or not an integer, or integer
+            `(..., C)` labels are not one-hot.
 
     Example:
 
@@ -50,6 +57,7 @@ def isomax_plus_loss(y_true, y_pred, entropic_scale=DEFAULT_ENTROPIC_SCALE):
     >>> tuple(loss.shape)
     (2,)
     """
+    entropic_scale = _check_entropic_scale(entropic_scale)
     y_pred = ops.convert_to_tensor(y_pred)
     if keras.backend.standardize_dtype(y_pred.dtype) not in ("float32", "float64"):
         y_pred = ops.cast(y_pred, "float32")
@@ -63,6 +71,8 @@ def isomax_plus_loss(y_true, y_pred, entropic_scale=DEFAULT_ENTROPIC_SCALE):
     log_probs = ops.log_softmax(entropic_scale * y_pred, axis=-1)
 
     if _is_one_hot(y_true, y_pred):
+        if _utils.is_eager(y_true):
+            _check_one_hot(y_true)
         targets = ops.cast(y_true, log_probs.dtype)
         return -ops.sum(targets * log_probs, axis=-1)
 
@@ -85,6 +95,40 @@ def isomax_plus_loss(y_true, y_pred, entropic_scale=DEFAULT_ENTROPIC_SCALE):
     picked = ops.take_along_axis(log_probs, ops.expand_dims(safe_labels, -1), axis=-1)
     loss = -ops.squeeze(picked, axis=-1)
     return ops.where(valid, loss, ops.cast(math.nan, loss.dtype))
+
+
+def _check_entropic_scale(entropic_scale):
+    """A positive finite Python float (or a tensor, checked when eager)."""
+    if hasattr(entropic_scale, "shape") and not _utils.is_eager(entropic_scale):
+        return entropic_scale  # Traced: the class and eager calls check it.
+    try:
+        scale = float(ops.convert_to_numpy(entropic_scale))
+    except (TypeError, ValueError):
+        scale = math.nan
+    if isinstance(entropic_scale, bool) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(
+            "`entropic_scale` must be a positive finite number. "
+            f"Received: entropic_scale={entropic_scale!r}"
+        )
+    return scale
+
+
+def _check_one_hot(y_true):
+    """Integer `(..., C)` targets must be one-hot rows (float ones may be soft)."""
+    if "int" not in keras.backend.standardize_dtype(y_true.dtype):
+        return
+    values = np.asarray(ops.convert_to_numpy(y_true))
+    if values.size == 0:
+        return
+    rows = values.reshape(-1, values.shape[-1])
+    bad = np.any((rows != 0) & (rows != 1), axis=-1) | (rows.sum(axis=-1) != 1)
+    if bad.any():
+        raise ValueError(
+            "Integer labels of shape `(..., C)` must be one-hot rows (a single 1); "
+            f"{int(bad.sum())} of {len(rows)} rows are not (sparse class ids have "
+            "shape `(...)` or `(..., 1)`; soft targets must be floats). "
+            f"Received: y_true rows such as {rows[bad][0].tolist()}"
+        )
 
 
 def _is_one_hot(y_true, y_pred):
@@ -149,15 +193,7 @@ class IsoMaxPlusLoss(keras.losses.Loss):
         name="isomax_plus_loss",
         dtype=None,
     ):
-        try:
-            scale = float(entropic_scale)
-        except (TypeError, ValueError):
-            scale = math.nan
-        if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(
-                "`entropic_scale` must be a positive finite number. "
-                f"Received: entropic_scale={entropic_scale!r}"
-            )
+        scale = _check_entropic_scale(entropic_scale)
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.entropic_scale = scale
 

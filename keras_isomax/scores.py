@@ -9,11 +9,34 @@ and `entropic_score` (ES). `max_probability_score`, `max_logit_score` and
 `energy_score` are the usual baselines for softmax classifiers; they accept any
 logits. No score applies the loss's entropic scale: that scale is a training
 device only.
+
+Every score takes float logits `(..., C)` with `C >= 1`; integer logits raise
+a `TypeError` and an empty class axis a `ValueError`, naming the score.
 """
 
 from __future__ import annotations
 
+import keras
 from keras import ops
+
+
+def _check_logits(logits, name):
+    """Float logits `(..., C)` with at least one class, or a clear error."""
+    if not hasattr(logits, "dtype") or not hasattr(logits, "shape"):
+        logits = ops.convert_to_tensor(logits)
+    dtype = keras.backend.standardize_dtype(logits.dtype)
+    if "float" not in dtype:
+        raise TypeError(
+            f"`{name}` needs float logits (cast them, e.g. `logits.astype('float32')`). "
+            f"Received: logits.dtype={dtype}"
+        )
+    shape = tuple(logits.shape)
+    if len(shape) == 0 or shape[-1] == 0:
+        raise ValueError(
+            f"`{name}` needs logits of shape (..., C) with C >= 1 classes. "
+            f"Received: logits.shape={shape}"
+        )
+    return logits
 
 
 def minimum_distance_score(logits):
@@ -30,6 +53,7 @@ def minimum_distance_score(logits):
     Returns:
         Tensor `(...)`.
     """
+    logits = _check_logits(logits, "minimum_distance_score")
     return ops.max(logits, axis=-1)
 
 
@@ -46,6 +70,7 @@ def entropic_score(logits):
     Returns:
         Tensor `(...)`.
     """
+    logits = _check_logits(logits, "entropic_score")
     log_probs = ops.log_softmax(logits, axis=-1)
     return ops.sum(ops.exp(log_probs) * log_probs, axis=-1)
 
@@ -62,6 +87,7 @@ def max_probability_score(logits):
     Returns:
         Tensor `(...)`.
     """
+    logits = _check_logits(logits, "max_probability_score")
     return ops.max(ops.softmax(logits, axis=-1), axis=-1)
 
 
@@ -77,6 +103,7 @@ def max_logit_score(logits):
     Returns:
         Tensor `(...)`.
     """
+    logits = _check_logits(logits, "max_logit_score")
     return ops.max(logits, axis=-1)
 
 
@@ -92,6 +119,7 @@ def energy_score(logits):
     Returns:
         Tensor `(...)`.
     """
+    logits = _check_logits(logits, "energy_score")
     return ops.logsumexp(logits, axis=-1)
 
 
