@@ -2,14 +2,54 @@
 
 keras-isomax demo [--epochs N] [--output DIR]
 keras-isomax evaluate MODEL.keras --in fashion_mnist --ood digits,photos,gaussian_noise
-keras-isomax export MODEL.keras DIR [--calibrate-on fashion_mnist --tpr 0.95]
+keras-isomax export MODEL.keras DIR [--calibrate-on fashion_mnist --calibrate-split test]
+
+A mistake (a missing or corrupted file, a bad argument, an existing export)
+prints one line on stderr and exits with status 2; `--debug` shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import zipfile
+
+
+def _int_at_least(minimum):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _finite(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
 
 
 def _parser():
@@ -17,16 +57,19 @@ def _parser():
         prog="keras-isomax",
         description="IsoMax+ out-of-distribution detection for Keras 3.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(
         "demo", help="SoftMax vs IsoMax+ on Fashion-MNIST: train, evaluate, calibrate, export."
     )
-    demo.add_argument("--epochs", type=int, default=2, help="epochs per model (default 2)")
+    demo.add_argument(
+        "--epochs", type=_int_at_least(1), default=2, help="epochs per model, >= 1 (default 2)"
+    )
     demo.add_argument("--output", default="demo_output", help="output directory")
     demo.add_argument(
         "--train-size",
-        type=int,
+        type=_int_at_least(0),
         default=30000,
         help="training images (default 30000; 0 = all 55,000)",
     )
@@ -44,25 +87,59 @@ def _parser():
         help="score name(s), comma-separated (default: minimum_distance for IsoMax+ models, "
         "max_probability otherwise)",
     )
-    evaluate.add_argument("--n", type=int, default=None, help="use at most N examples per set")
-    evaluate.add_argument("--tpr", type=float, default=0.95)
+    evaluate.add_argument(
+        "--n", type=_int_at_least(1), default=None, help="use at most N examples per set"
+    )
+    evaluate.add_argument("--tpr", type=_fraction, default=0.95, help="in (0, 1] (default 0.95)")
 
     export = commands.add_parser("export", help="Export a SavedModel for TF Serving.")
     export.add_argument("model", help="a .keras file with an IsoMaxPlusLayer")
     export.add_argument("export_dir", help="the model base path (a version folder is added)")
-    export.add_argument("--calibrate-on", default=None, help="data set to calibrate the threshold")
-    export.add_argument("--calibrate-split", default="train")
-    export.add_argument("--calibrate-n", type=int, default=5000)
-    export.add_argument("--tpr", type=float, default=0.95)
-    export.add_argument("--threshold", type=float, default=None, help="explicit threshold")
-    export.add_argument("--version", type=int, default=1)
-    export.add_argument("--overwrite", action="store_true")
+    export.add_argument(
+        "--calibrate-on",
+        default=None,
+        help="in-distribution data set to calibrate the threshold on (needs --calibrate-split)",
+    )
+    export.add_argument(
+        "--calibrate-split",
+        default=None,
+        help="split of --calibrate-on to calibrate on; required with it, and it must be data "
+        "the model was not trained on (e.g. 'test', or a held-out slice such as "
+        "'train[55000:]' for a TFDS set)",
+    )
+    export.add_argument(
+        "--calibrate-n",
+        type=_int_at_least(1),
+        default=5000,
+        help="calibrate on at most N examples (default 5000)",
+    )
+    export.add_argument(
+        "--tpr", type=_fraction, default=0.95, help="fraction of inputs to accept, in (0, 1]"
+    )
+    export.add_argument("--threshold", type=_finite, default=None, help="explicit threshold")
+    export.add_argument("--version", type=_int_at_least(0), default=1, help="version folder")
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace an existing SavedModel version"
+    )
+    for command in (demo, evaluate, export):
+        command.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show the full traceback of an error",
+        )
     return parser
 
 
 def main(argv=None):
     """Entry point of the `keras-isomax` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "export" and bool(args.calibrate_on) != bool(args.calibrate_split):
+        parser.error(
+            "--calibrate-on and --calibrate-split go together: name the data set and a split "
+            "the model was not trained on (e.g. --calibrate-split test)"
+        )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         if args.command == "demo":
@@ -78,10 +155,31 @@ def main(argv=None):
             _evaluate(args)
         else:
             _export(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"keras-isomax {args.command}: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"keras-isomax {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # Every failure: one line, the traceback on --debug.
+        if args.debug:
+            raise
+        print(f"keras-isomax {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(error):
+    text = " ".join(str(error).split())
+    if len(text) > 400:
+        text = text[:397] + "..."
+    kind = type(error).__name__
+    if isinstance(error, ValueError | TypeError) or not text:
+        return text or kind
+    return f"{kind}: {text}"
+
+
+class ModelFileError(ValueError):
+    """A model file that is missing, not a Keras file, or cannot be loaded."""
 
 
 def _load(path):
@@ -90,8 +188,24 @@ def _load(path):
     import keras_isomax  # noqa: F401  (registers the custom objects)
 
     if not os.path.exists(path):
-        raise FileNotFoundError(f"No model file at {path!r}. Received: model={path!r}")
-    return keras.saving.load_model(path)
+        raise ModelFileError(f"No model file at {path!r}. Received: model={path!r}")
+    if os.path.isdir(path):
+        raise ModelFileError(
+            f"{path!r} is a directory, not a .keras file (a SavedModel cannot be "
+            f"re-exported; pass the .keras file). Received: model={path!r}"
+        )
+    if path.endswith(".keras") and not zipfile.is_zipfile(path):
+        raise ModelFileError(
+            f"{path!r} is not a Keras model file (a .keras file is a zip archive); "
+            f"it is corrupted or of another format. Received: model={path!r}"
+        )
+    try:
+        return keras.saving.load_model(path)
+    except Exception as error:
+        raise ModelFileError(
+            f"Could not load the Keras model {path!r} (corrupted, truncated or not a "
+            f"Keras model file?): {type(error).__name__}: {_one_line(error)}"
+        ) from error
 
 
 def _image_shape(model):
@@ -146,7 +260,10 @@ def _export(args):
             n=args.calibrate_n,
         )
         threshold = calibrate_threshold(model, x, tpr=args.tpr)
-        print(f"Calibrated threshold at TPR {args.tpr:.2f} on {args.calibrate_on}: {threshold:.6f}")
+        print(
+            f"Calibrated threshold at TPR {args.tpr:.2f} on {args.calibrate_on} split "
+            f"{args.calibrate_split!r} ({len(x)} examples): {threshold:.6f}"
+        )
     path = export_saved_model(
         model,
         args.export_dir,

@@ -91,14 +91,31 @@ def run_demo(output_dir="demo_output", epochs=2, train_size=30000, seed=0, verbo
         seed: Random seed (same for both models). Defaults to `0`.
         verbose: Keras progress bars (`1`) or none (`0`). Defaults to `1`.
 
+    Raises:
+        ValueError: If `epochs` < 1 or `train_size` is not None or positive.
+        FileExistsError: If `output_dir` is a file.
+
     Returns:
         Dict with `table` (the comparison as text), `temperature`, `threshold`,
         `accepted_test` (fraction of the ID test set accepted at it),
         `report` (path), `saved_model` (path), `request` and `response`
         (the scored request), and `seconds`.
     """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"`epochs` must be an integer >= 1. Received: epochs={epochs!r}")
+    if train_size is not None and (
+        isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1
+    ):
+        raise ValueError(
+            "`train_size` must be a positive integer or None (all 55,000 images). "
+            f"Received: train_size={train_size!r}"
+        )
     start = time.perf_counter()
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(
+            f"The demo's output path exists and is not a directory. Received: output_dir={str(out)!r}"
+        )
     out.mkdir(parents=True, exist_ok=True)
 
     _say("1/6 Loading Fashion-MNIST (offline) and the OOD sets")
