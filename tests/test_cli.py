@@ -93,6 +93,8 @@ def test_export_with_calibration(saved_models, tmp_path, capsys):
             str(tmp_path / "served"),
             "--calibrate-on",
             "fashion_mnist",
+            "--calibrate-split",
+            "test",
             "--calibrate-n",
             "500",
             "--tpr",
