@@ -16,6 +16,9 @@ a `TypeError` and an empty class axis a `ValueError`, naming the score.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import keras
 from keras import ops
 
@@ -39,6 +42,21 @@ def _check_logits(logits, name):
     return logits
 
 
+def _checked(score):
+    """Checks the logits of a score function; an empty batch gives an empty result."""
+
+    @functools.wraps(score)
+    def checked(logits):
+        logits = _check_logits(logits, score.__name__)
+        shape = tuple(logits.shape)
+        if None not in shape and math.prod(shape) == 0:
+            return ops.zeros(shape[:-1], logits.dtype)  # ops.max fails on no rows.
+        return score(logits)
+
+    return checked
+
+
+@_checked
 def minimum_distance_score(logits):
     """The paper's minimum distance score (MDS): the largest logit.
 
@@ -53,10 +71,10 @@ def minimum_distance_score(logits):
     Returns:
         Tensor `(...)`.
     """
-    logits = _check_logits(logits, "minimum_distance_score")
     return ops.max(logits, axis=-1)
 
 
+@_checked
 def entropic_score(logits):
     """The paper's entropic score (ES): negative entropy of `softmax(logits)`.
 
@@ -70,11 +88,11 @@ def entropic_score(logits):
     Returns:
         Tensor `(...)`.
     """
-    logits = _check_logits(logits, "entropic_score")
     log_probs = ops.log_softmax(logits, axis=-1)
     return ops.sum(ops.exp(log_probs) * log_probs, axis=-1)
 
 
+@_checked
 def max_probability_score(logits):
     """Maximum softmax probability (MPS), `max_c softmax(logits)_c`.
 
@@ -87,10 +105,10 @@ def max_probability_score(logits):
     Returns:
         Tensor `(...)`.
     """
-    logits = _check_logits(logits, "max_probability_score")
     return ops.max(ops.softmax(logits, axis=-1), axis=-1)
 
 
+@_checked
 def max_logit_score(logits):
     """Maximum logit, the MaxLogit baseline for softmax classifiers.
 
@@ -103,10 +121,10 @@ def max_logit_score(logits):
     Returns:
         Tensor `(...)`.
     """
-    logits = _check_logits(logits, "max_logit_score")
     return ops.max(logits, axis=-1)
 
 
+@_checked
 def energy_score(logits):
     """Negative free energy, `logsumexp_c logits_c` (temperature 1).
 
@@ -119,7 +137,6 @@ def energy_score(logits):
     Returns:
         Tensor `(...)`.
     """
-    logits = _check_logits(logits, "energy_score")
     return ops.logsumexp(logits, axis=-1)
 
 
