@@ -151,3 +151,23 @@ def test_threshold_is_strictly_between_accepted_and_next_score(rng, tpr):
     assert rejected < threshold < accepted
     np.testing.assert_allclose(threshold, (accepted + rejected) / 2, rtol=1e-6)
     assert np.mean(values >= threshold) == k / len(values)
+
+
+# ---------------------------------------------------------------- the demo
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"epochs": 0}, "Received: epochs=0"),
+        ({"epochs": 1.5}, "Received: epochs=1.5"),
+        ({"train_size": -5}, "Received: train_size=-5"),
+        ({"train_size": 0}, "Received: train_size=0"),
+    ],
+)
+def test_run_demo_refuses_nonsense_before_any_work(tmp_path, kwargs, match):
+    from keras_isomax.demo import run_demo
+
+    with pytest.raises(ValueError, match=match):
+        run_demo(output_dir=tmp_path / "out", verbose=0, **kwargs)
+    assert not (tmp_path / "out").exists()
