@@ -2,7 +2,7 @@
 
 keras-isomax demo [--epochs N] [--output DIR]
 keras-isomax evaluate MODEL.keras --in fashion_mnist --ood digits,photos,gaussian_noise
-keras-isomax export MODEL.keras DIR [--calibrate-on fashion_mnist --tpr 0.95]
+keras-isomax export MODEL.keras DIR [--calibrate-on fashion_mnist --tpr 0.95] [--format litert|onnx]
 """
 
 from __future__ import annotations
@@ -57,6 +57,12 @@ def _parser():
     export.add_argument("--threshold", type=float, default=None, help="explicit threshold")
     export.add_argument("--version", type=int, default=1)
     export.add_argument("--overwrite", action="store_true")
+    export.add_argument(
+        "--format",
+        choices=("saved_model", "litert", "onnx"),
+        default="saved_model",
+        help="saved_model: EXPORT_DIR/VERSION for TF Serving; litert/onnx: one file EXPORT_DIR",
+    )
     return parser
 
 
@@ -147,6 +153,13 @@ def _export(args):
         )
         threshold = calibrate_threshold(model, x, tpr=args.tpr)
         print(f"Calibrated threshold at TPR {args.tpr:.2f} on {args.calibrate_on}: {threshold:.6f}")
+    if args.format != "saved_model":
+        from keras_isomax import edge
+
+        export = edge.export_litert if args.format == "litert" else edge.export_onnx
+        path = export(model, args.export_dir, threshold=args.threshold, overwrite=args.overwrite)
+        print(f"{args.format} file written to {path} (outputs: {', '.join(edge.OUTPUT_NAMES)})")
+        return
     path = export_saved_model(
         model,
         args.export_dir,

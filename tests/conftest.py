@@ -21,3 +21,41 @@ def _restore_keras_globals():
     policy = keras.config.dtype_policy()
     yield
     keras.config.set_dtype_policy(policy)
+
+
+# Test files whose tests run on every Keras backend (the rest need TensorFlow:
+# SavedModel export, tf.distribute, tf.data/TFDS, the CLI). Tests inside them
+# that need TensorFlow skip themselves on other backends.
+BACKEND_NEUTRAL_FILES = {
+    "test_layers.py",
+    "test_losses.py",
+    "test_scores.py",
+    "test_metrics.py",
+    "test_detection_metrics.py",
+    "test_calibration.py",
+    "test_evaluation.py",
+    "test_head.py",
+    "test_backends.py",
+    "test_edge_export.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in BACKEND_NEUTRAL_FILES:
+            item.add_marker(pytest.mark.backend_neutral)
+    if keras.backend.backend() != "tensorflow":
+        skip = pytest.mark.skip(
+            reason=f"needs the TensorFlow backend (running on {keras.backend.backend()})"
+        )
+        for item in items:
+            if item.path.name not in BACKEND_NEUTRAL_FILES:
+                item.add_marker(skip)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "backend_neutral: runs on every Keras backend (make test runs these again "
+        "with KERAS_BACKEND=jax and KERAS_BACKEND=torch)",
+    )
