@@ -7,14 +7,18 @@ BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
 
-.PHONY: install data demo test lint clean
+.PHONY: install data demo test test-backends lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 
+# torch pinned to the CPU wheel (a plain `torch` pulls a multi-GB CUDA build).
+TORCH_SPEC ?= torch==2.13.0
+
 install: $(BIN)/python data
-	$(BIN)/python -m pip install -e ".[test,plots,data]"
+	$(BIN)/python -m pip install "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -e ".[test,plots,data,edge,backends]"
 
 # Fashion-MNIST as Debian ships it (the raw idx files; offline afterwards).
 data:
@@ -30,8 +34,15 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The whole suite on TensorFlow, then its backend-neutral part (tests/conftest.py:
+# BACKEND_NEUTRAL_FILES) on JAX and PyTorch.
 test: lint
 	$(BIN)/python -m pytest
+	$(MAKE) test-backends
+
+test-backends:
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -m backend_neutral
+	KERAS_BACKEND=torch $(BIN)/python -m pytest -m backend_neutral
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

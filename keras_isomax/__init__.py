@@ -15,7 +15,7 @@ from keras_isomax.calibration import (
     predict_ood,
 )
 from keras_isomax.evaluation import evaluate_ood
-from keras_isomax.export import export_saved_model
+from keras_isomax.export import export_litert, export_onnx, export_saved_model
 from keras_isomax.head import replace_head
 from keras_isomax.layers import IsoMaxPlusLayer
 from keras_isomax.losses import IsoMaxPlusLoss, isomax_plus_loss
@@ -31,6 +31,8 @@ __all__ = [
     "calibrate_temperature",
     "calibrate_threshold",
     "evaluate_ood",
+    "export_litert",
+    "export_onnx",
     "export_saved_model",
     "find_isomax_layer",
     "isomax_plus_loss",

@@ -3,6 +3,7 @@
 keras-isomax demo [--epochs N] [--output DIR]
 keras-isomax evaluate MODEL.keras --in fashion_mnist --ood digits,photos,gaussian_noise
 keras-isomax export MODEL.keras DIR [--calibrate-on fashion_mnist --calibrate-split test]
+    [--format saved_model|litert|onnx]
 
 A mistake (a missing or corrupted file, a bad argument, an existing export)
 prints one line on stderr and exits with status 2; `--debug` shows the
@@ -120,6 +121,12 @@ def _parser():
     export.add_argument("--version", type=_int_at_least(0), default=1, help="version folder")
     export.add_argument(
         "--overwrite", action="store_true", help="replace an existing SavedModel version"
+    )
+    export.add_argument(
+        "--format",
+        choices=("saved_model", "litert", "onnx"),
+        default="saved_model",
+        help="saved_model: EXPORT_DIR/VERSION for TF Serving; litert/onnx: one file EXPORT_DIR",
     )
     for command in (demo, evaluate, export):
         command.add_argument(
@@ -264,6 +271,13 @@ def _export(args):
             f"Calibrated threshold at TPR {args.tpr:.2f} on {args.calibrate_on} split "
             f"{args.calibrate_split!r} ({len(x)} examples): {threshold:.6f}"
         )
+    if args.format != "saved_model":
+        from keras_isomax import edge
+
+        export = edge.export_litert if args.format == "litert" else edge.export_onnx
+        path = export(model, args.export_dir, threshold=args.threshold, overwrite=args.overwrite)
+        print(f"{args.format} file written to {path} (outputs: {', '.join(edge.OUTPUT_NAMES)})")
+        return
     path = export_saved_model(
         model,
         args.export_dir,

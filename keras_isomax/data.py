@@ -21,8 +21,8 @@ already holds a prepared `fashion_mnist` (see `prepare_tfds_fashion_mnist`).
 Any other name is looked up in TensorFlow Datasets (`cifar10`, `svhn_cropped`,
 `mnist`, ...), which downloads it on first use.
 
-TensorFlow and TFDS are imported only when a function needs them (resizing,
-TFDS names, `to_tf_dataset`).
+TensorFlow and TFDS are imported only when a function needs them (TFDS names,
+`to_tf_dataset`); resizing uses `keras.ops` and works on every backend.
 """
 
 from __future__ import annotations
@@ -822,15 +822,22 @@ def _resize(x, size):
     """Bilinear resize (antialiased when shrinking) of `(N, H, W, C)` images."""
     if tuple(x.shape[1:3]) == tuple(size):
         return x
-    import tensorflow as tf
+    import keras
 
     # Antialiasing only changes downscaling (upscaling: same values to 4e-6)
-    # but makes TF's resize about 4x slower, so use it only there.
+    # but makes the resize about 4x slower, so use it only there. keras.ops
+    # runs on every backend (TensorFlow's tf.image.resize under TensorFlow).
     antialias = size[0] < x.shape[1] or size[1] < x.shape[2]
     chunks = [
-        tf.image.resize(
-            x[i : i + _RESIZE_CHUNK], size, method="bilinear", antialias=antialias
-        ).numpy()
+        keras.ops.convert_to_numpy(
+            keras.ops.image.resize(
+                x[i : i + _RESIZE_CHUNK],
+                size,
+                interpolation="bilinear",
+                antialias=antialias,
+                data_format="channels_last",
+            )
+        )
         for i in range(0, len(x), _RESIZE_CHUNK)
     ]
     return np.concatenate(chunks).astype(np.float32, copy=False)

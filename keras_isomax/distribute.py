@@ -58,7 +58,17 @@ import sys
 import warnings
 
 import keras
-import tensorflow as tf
+
+if keras.backend.backend() != "tensorflow":
+    raise ImportError(
+        "keras_isomax.distribute holds tf.distribute helpers and needs the "
+        "TensorFlow backend (KERAS_BACKEND=tensorflow). On JAX use "
+        "`keras.distribution` (e.g. `keras.distribution.DataParallel`); on "
+        "PyTorch use `torch.distributed`. IsoMax+ itself needs nothing special "
+        f"there. Received: backend={keras.backend.backend()!r}"
+    )
+
+import tensorflow as tf  # noqa: E402
 from packaging.version import Version
 
 __all__ = [

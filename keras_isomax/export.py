@@ -26,6 +26,7 @@ import numpy as np
 
 from keras_isomax import _serving
 from keras_isomax.calibration import find_isomax_layer
+from keras_isomax.edge import export_litert, export_onnx  # noqa: F401  (re-exported)
 
 SERVING_DEFAULT = "serving_default"
 SCORE = "score"
@@ -145,6 +146,7 @@ def export_saved_model(
     >>> os.path.relpath(path, base)  # tensorflow_model_server --model_base_path=base
     '1'
     """
+    _check_backend()  # Before importing TensorFlow.
     import tensorflow as tf
 
     export_dir = os.fspath(export_dir)
@@ -280,14 +282,9 @@ def serving_functions(model, threshold=None, input_signature=None):
 
 def _build_serving_functions(model, threshold, input_name, input_signature):
     """Validates the arguments; returns the signature functions and input spec."""
+    _check_backend()
     import tensorflow as tf
 
-    if keras.backend.backend() != "tensorflow":
-        raise ValueError(
-            "`export_saved_model` needs the TensorFlow backend (set "
-            "KERAS_BACKEND=tensorflow). "
-            f"Received: backend={keras.backend.backend()!r}"
-        )
     if not isinstance(model, keras.Model):
         raise TypeError(f"`model` must be a keras.Model. Received: model={type(model).__name__}")
     if not model.built:
@@ -339,6 +336,17 @@ def _build_serving_functions(model, threshold, input_name, input_signature):
     functions = _endpoint_functions(compute)
     functions["_compute"] = compute
     return functions, input_spec
+
+
+def _check_backend():
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            "`export_saved_model` needs the TensorFlow backend (set "
+            "KERAS_BACKEND=tensorflow, or load the saved `.keras` file in a "
+            "TensorFlow process). On this backend use "
+            "`keras_isomax.edge.export_onnx` (ONNX, any backend). "
+            f"Received: backend={keras.backend.backend()!r}"
+        )
 
 
 def _is_ood(score, threshold):

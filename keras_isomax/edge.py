@@ -1,0 +1,407 @@
+"""Edge exports: one LiteRT (`.tflite`) or ONNX (`.onnx`) file per model.
+
+Both artifacts have the outputs of the SavedModel's `score` signature (see
+`keras_isomax.export`), on one input with a dynamic batch size:
+
+- `score` (B,) float32: the minimum distance score (the largest IsoMax+ logit;
+  higher means more in-distribution);
+- `is_ood` (B,) bool: `not (score >= threshold)`, so a NaN score is OOD;
+- `threshold` (B,) float32: the threshold, carried inside the artifact as a
+  constant and repeated per example;
+- `class_id` (B,) int64 (int32 from the JAX backend unless `jax_enable_x64`):
+  the arg-max class (the first on ties), -1 where `score` is NaN;
+- `probabilities` (B, C) float32: `softmax(logits)`.
+
+An example whose input holds NaN or Inf anywhere gets `score` NaN, `is_ood`
+True, `class_id` -1 and NaN `probabilities`, whatever the CPU's kernels do
+with NaN inside the backbone (the decision is taken from the input itself).
+
+- `export_litert` needs the TensorFlow backend and converts with LiteRT's
+  builtin operators only (no Flex delegate, so the file runs on a phone with
+  the plain LiteRT runtime).
+- `export_onnx` works from the TensorFlow (`tf2onnx`), PyTorch (`torch.onnx`)
+  and JAX (`jax2onnx`) backends, through Keras' own ONNX export.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import shutil
+import tempfile
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_isomax._serving import NONFINITE_CLASS_ID
+from keras_isomax.calibration import find_isomax_layer
+
+OUTPUT_NAMES = ("score", "is_ood", "threshold", "class_id", "probabilities")
+_MAX_FLOAT32 = float(np.finfo(np.float32).max)
+
+
+def export_litert(model, path, threshold=None, *, input_signature=None, overwrite=False):
+    """Exports an IsoMax+ classifier as one LiteRT (TensorFlow Lite) file.
+
+    The file has one signature, `score`, with one input named `inputs`
+    (dynamic batch size) and the outputs listed in `keras_isomax.edge`. Only
+    LiteRT builtin operators are used: the file runs with the plain LiteRT
+    interpreter (`ai_edge_litert.interpreter.Interpreter` or
+    `tf.lite.Interpreter`), without the Flex (TensorFlow ops) delegate.
+
+    Args:
+        model: A built `keras.Model` with one input, one output and one
+            `IsoMaxPlusLayer`, whose output is the model's output.
+        path: File to write (conventionally ending in `.tflite`).
+        threshold: OOD threshold on the minimum distance score. `None` uses
+            the layer's calibrated `ood_threshold` and raises if it is not
+            calibrated. Defaults to `None`.
+        input_signature: Shape and dtype of one input (`keras.InputSpec` or
+            `KerasTensor`), needed only for models without symbolic inputs.
+            The batch dimension is made dynamic. Defaults to `None`.
+        overwrite: Whether to replace an existing file at `path`. Defaults to
+            `False`.
+
+    Returns:
+        The path (a `str`) written.
+
+    Raises:
+        RuntimeError: If the Keras backend is not TensorFlow.
+        ValueError: If the model is not an IsoMax+ classifier, the threshold
+            is not calibrated with `threshold=None`, or the backbone uses an
+            operation that LiteRT builtins do not have.
+        FileExistsError: If `path` exists and `overwrite=False`.
+
+    Example:
+
+    >>> import os, tempfile, numpy as np, keras
+    >>> from keras_isomax import IsoMaxPlusLayer
+    >>> from keras_isomax.edge import export_litert
+    >>> model = keras.Sequential([keras.Input((4,)), IsoMaxPlusLayer(3)])
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.tflite")
+    >>> export_litert(model, path, threshold=-0.5) == path
+    True
+    """
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(
+            "`export_litert` needs the TensorFlow backend (LiteRT converts "
+            "TensorFlow graphs). Save the model with `model.save('m.keras')`, "
+            "load it in a process with KERAS_BACKEND=tensorflow and export "
+            "there, or use `export_onnx`, which works on every backend. "
+            f"Received: backend={keras.backend.backend()!r}"
+        )
+    import tensorflow as tf
+
+    path = _check_path(path, overwrite)
+    wrapper, spec = _prepare(model, threshold, input_signature)
+
+    def score(inputs):
+        return dict(zip(OUTPUT_NAMES, wrapper(inputs), strict=True))
+
+    # Keras' own LiteRT route (ExportArchive -> SavedModel -> converter), with
+    # the endpoint named `score` and builtin operators only.
+    archive = keras.export.ExportArchive()
+    archive.track(wrapper)
+    archive.add_endpoint(
+        "score",
+        score,
+        input_signature=[tf.TensorSpec((None,) + spec.shape[1:], spec.dtype, name="inputs")],
+    )
+    with tempfile.TemporaryDirectory(prefix="keras-isomax-litert-") as staging:
+        archive.write_out(staging, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(staging, signature_keys=["score"])
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        try:
+            flatbuffer = converter.convert()
+        except Exception as error:  # The converter raises ConverterError and others.
+            raise ValueError(
+                "The model cannot be converted to LiteRT with builtin operators "
+                "only (a layer in the backbone uses a TensorFlow op that LiteRT "
+                "lacks; replace that layer, or export with `export_onnx` or "
+                "`export_saved_model`). Converter message: "
+                f"{_first_lines(error)}. Received: model={model.name}"
+            ) from error
+    _write_staged(path, lambda target: _write_bytes(target, flatbuffer))
+    return path
+
+
+def export_onnx(
+    model,
+    path,
+    threshold=None,
+    *,
+    input_signature=None,
+    opset_version=None,
+    overwrite=False,
+):
+    """Exports an IsoMax+ classifier as one ONNX file, from any Keras backend.
+
+    The graph has one input named `inputs` (dynamic batch size) and the
+    outputs listed in `keras_isomax.edge`, in that order and under those names.
+    It is written by Keras' ONNX export: `tf2onnx` on TensorFlow, `torch.onnx`
+    on PyTorch, `jax2onnx` on JAX.
+
+    Args:
+        model: A built `keras.Model` with one input, one output and one
+            `IsoMaxPlusLayer`, whose output is the model's output.
+        path: File to write (conventionally ending in `.onnx`).
+        threshold: OOD threshold on the minimum distance score. `None` uses
+            the layer's calibrated `ood_threshold` and raises if it is not
+            calibrated. Defaults to `None`.
+        input_signature: Shape and dtype of one input (`keras.InputSpec` or
+            `KerasTensor`), needed only for models without symbolic inputs.
+            The batch dimension is made dynamic. Defaults to `None`.
+        opset_version: ONNX opset, or `None` for the converter's default.
+            Defaults to `None`.
+        overwrite: Whether to replace an existing file at `path`. Defaults to
+            `False`.
+
+    Returns:
+        The path (a `str`) written.
+
+    Raises:
+        ImportError: If the converter for the current backend or `onnx` is
+            not installed (`pip install "keras-isomax[edge]"`).
+        ValueError: If the model is not an IsoMax+ classifier, the threshold
+            is not calibrated with `threshold=None`, or the converter fails on
+            a layer of the backbone.
+        FileExistsError: If `path` exists and `overwrite=False`.
+    """
+    backend = keras.backend.backend()
+    needed = {"tensorflow": "tf2onnx", "torch": "onnxscript", "jax": "jax2onnx"}.get(backend)
+    for module in ("onnx", needed):
+        if module is None:
+            raise RuntimeError(
+                "`export_onnx` supports the TensorFlow, PyTorch and JAX backends. "
+                f"Received: backend={backend!r}"
+            )
+        if importlib.util.find_spec(module) is None:
+            raise ImportError(
+                f"`export_onnx` on the {backend} backend needs the `{module}` "
+                'package: pip install "keras-isomax[edge]" '
+                f"(or pip install {module}). Received: backend={backend!r}"
+            )
+    import onnx
+
+    path = _check_path(path, overwrite)
+    wrapper, spec = _prepare(model, threshold, input_signature)
+    spec = keras.InputSpec(shape=(None,) + spec.shape[1:], dtype=spec.dtype, name="inputs")
+
+    def write(target):
+        try:
+            wrapper.export(
+                target,
+                format="onnx",
+                input_signature=[spec],
+                opset_version=opset_version,
+                verbose=False,
+            )
+        except Exception as error:
+            raise ValueError(
+                f"The ONNX converter of the {backend} backend failed on the "
+                "model (a layer in the backbone it cannot convert?). Export "
+                "from another backend (load the `.keras` file there) or replace "
+                f"that layer. Converter message: {_first_lines(error)}. "
+                f"Received: model={model.name}"
+            ) from error
+        proto = onnx.load(target)
+        _name_outputs(proto)
+        onnx.save(proto, target)
+
+    _write_staged(path, write)
+    return path
+
+
+def score_outputs(model, inputs, threshold):
+    """The edge artifacts' computation in `keras.ops`, on any backend.
+
+    Args:
+        model: The IsoMax+ classifier (its output is the logits).
+        inputs: A batch of inputs.
+        threshold: The threshold (a Python float).
+
+    Returns:
+        A tuple of tensors in the order of `OUTPUT_NAMES`.
+    """
+    x = ops.convert_to_tensor(inputs)
+    batch_shape = ops.shape(x)[:1]
+    if "float" in str(x.dtype):
+        # NaN and Inf fail `|x| <= max`; comparisons only (IsFinite is no
+        # LiteRT builtin).
+        finite = ops.abs(x) <= _MAX_FLOAT32
+        if len(x.shape) > 1:
+            finite = ops.all(finite, axis=tuple(range(1, len(x.shape))))
+        mask = ops.reshape(finite, (-1,) + (1,) * (len(x.shape) - 1))
+        x = ops.where(mask, x, ops.zeros_like(x))
+    else:
+        finite = ops.ones(batch_shape, dtype="bool")
+    logits = ops.cast(model(x, training=False), "float32")
+    num_classes = logits.shape[-1]
+    score = ops.max(logits, axis=-1)
+    # The first index of the maximum, from comparisons: Keras' TensorFlow
+    # argmax bitcasts floats (no LiteRT builtin, no ONNX op).
+    hits = logits >= ops.expand_dims(score, -1)
+    index = ops.where(hits, ops.arange(num_classes, dtype="int32"), num_classes)
+    class_id = ops.min(index, axis=-1)
+    class_id = ops.where(
+        ops.logical_and(finite, class_id < num_classes), class_id, NONFINITE_CLASS_ID
+    )
+    class_id = ops.cast(class_id, "int64")
+    # NaN for non-finite examples, added after the reductions (runtimes differ
+    # in how max treats NaN) and without `where`: tf2onnx lowers a float
+    # `where` to `c * a + (1 - c) * b`, which turns every row NaN.
+    # sqrt(0) = 0 for finite rows, sqrt(-1) = NaN otherwise.
+    nan_if_bad = ops.sqrt(ops.cast(finite, "float32") - 1.0)
+    score = score + nan_if_bad
+    limit = ops.full_like(score, threshold)
+    is_ood = ops.logical_or(ops.logical_not(finite), ops.logical_not(score >= limit))
+    probabilities = ops.softmax(logits, axis=-1) + ops.expand_dims(nan_if_bad, -1)
+    return score, is_ood, limit, class_id, probabilities
+
+
+class _ScoreModel(keras.Model):
+    """Wraps the classifier; returns the `score` outputs as a tuple."""
+
+    def __init__(self, model, threshold, **kwargs):
+        super().__init__(**kwargs)
+        self.model = model
+        self.threshold = threshold
+
+    def call(self, inputs):
+        return score_outputs(self.model, inputs, self.threshold)
+
+
+def _prepare(model, threshold, input_signature):
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"`model` must be a keras.Model. Received: model={type(model).__name__}")
+    if not model.built:
+        raise ValueError(
+            "The model must be built (called once or created with an Input) "
+            f"before export. Received: model={model.name}"
+        )
+    layer = find_isomax_layer(model)
+    outputs = getattr(model, "outputs", None)
+    if outputs is not None and len(outputs) != 1:
+        raise ValueError(
+            "The model must have exactly one output, the IsoMaxPlusLayer's "
+            f"logits. Received: model '{model.name}' with {len(outputs)} outputs"
+        )
+    value = _threshold_value(layer, threshold)
+    spec = _input_spec(model, input_signature)
+    wrapper = _ScoreModel(model, value, name=f"{model.name}_score")
+    # Build the wrapper (and check the output) with one symbolic call.
+    symbolic = wrapper(keras.KerasTensor((None,) + spec.shape[1:], dtype=spec.dtype))
+    if symbolic[-1].shape[-1] != layer.num_classes:
+        raise ValueError(
+            f"The model's output must be the (batch, {layer.num_classes}) logits "
+            f"of IsoMaxPlusLayer '{layer.name}'. Received: output shape "
+            f"{symbolic[-1].shape}"
+        )
+    return wrapper, spec
+
+
+def _threshold_value(layer, threshold):
+    if threshold is None:
+        if not layer.is_calibrated:
+            raise ValueError(
+                f"IsoMaxPlusLayer '{layer.name}' has no calibrated OOD threshold "
+                "(its `ood_threshold` is NaN). Call "
+                "`keras_isomax.calibrate_threshold(model, in_val_data)` before "
+                "exporting, or pass `threshold=` explicitly. Received: threshold=None"
+            )
+        return float(ops.convert_to_numpy(layer.ood_threshold))
+    if isinstance(threshold, bool) or not isinstance(
+        threshold, int | float | np.integer | np.floating
+    ):
+        raise TypeError(f"`threshold` must be a float or None. Received: threshold={threshold!r}")
+    if not math.isfinite(float(threshold)):
+        raise ValueError(f"`threshold` must be finite. Received: threshold={threshold!r}")
+    return float(threshold)
+
+
+def _input_spec(model, input_signature):
+    if input_signature is None:
+        try:
+            inputs = model.inputs
+        except (AttributeError, ValueError):
+            inputs = None
+        if not inputs:
+            raise ValueError(
+                f"Model '{model.name}' has no symbolic inputs (a subclassed "
+                "model?): pass `input_signature=keras.InputSpec(shape=..., "
+                "dtype=...)`. Received: input_signature=None"
+            )
+        if len(inputs) != 1:
+            raise ValueError(
+                "Edge export supports models with exactly one input. "
+                f"Received: model '{model.name}' with {len(inputs)} inputs"
+            )
+        input_signature = inputs[0]
+    if not isinstance(input_signature, keras.InputSpec | keras.KerasTensor):
+        raise TypeError(
+            "`input_signature` must be a keras.InputSpec or KerasTensor. "
+            f"Received: input_signature={input_signature!r}"
+        )
+    shape, dtype = input_signature.shape, input_signature.dtype
+    if shape is None or len(shape) == 0 or dtype is None:
+        raise ValueError(
+            "`input_signature` needs a shape with a batch dimension and a "
+            f"dtype. Received: input_signature={input_signature!r}"
+        )
+    return keras.InputSpec(shape=tuple(shape), dtype=dtype)
+
+
+def _name_outputs(proto):
+    """Renames the graph outputs (positional) to `OUTPUT_NAMES`."""
+    import onnx
+
+    graph = proto.graph
+    if len(graph.output) != len(OUTPUT_NAMES):
+        raise ValueError(
+            f"The converter wrote {len(graph.output)} outputs, expected "
+            f"{len(OUTPUT_NAMES)}. Received: outputs "
+            f"{[output.name for output in graph.output]}"
+        )
+    for output, name in zip(list(graph.output), OUTPUT_NAMES, strict=True):
+        if output.name == name:
+            continue
+        graph.node.append(onnx.helper.make_node("Identity", [output.name], [name]))
+        output.name = name
+
+
+def _check_path(path, overwrite):
+    path = os.fspath(path)
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"`overwrite` must be a bool. Received: overwrite={overwrite!r}")
+    if os.path.isdir(path):
+        raise FileExistsError(f"The export path is a directory. Received: path={path!r}")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(
+            f"'{path}' exists; pass overwrite=True to replace it. Received: overwrite=False"
+        )
+    return path
+
+
+def _write_staged(path, write):
+    """Writes through a temporary file in the same directory, then renames."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".keras-isomax-", dir=directory)
+    try:
+        target = os.path.join(staging, os.path.basename(path))
+        write(target)
+        os.replace(target, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_bytes(target, data):
+    with open(target, "wb") as f:
+        f.write(data)
+
+
+def _first_lines(error, limit=600):
+    text = f"{type(error).__name__}: {error}".strip()
+    return text if len(text) <= limit else text[:limit] + " ..."
