@@ -38,33 +38,50 @@ def _safe_sqrt(x):
     return ops.where(positive, root, x * 0)
 
 
-def _squared_distances(features, prototypes, p_sq, prototype_scale=None, exact_nearest=True):
-    """Squared distances `(N, C)` between `features` `(N, F)` and scaled prototypes.
+# Floor of the squared distances from the matrix product (all but each row's
+# nearest prototype): keeps the gradient of `sqrt` finite (its value there is
+# 1e-6, far below the expansion's own rounding error of about 1e-4).
+_SQUARED_FLOOR = 1e-12
+
+
+def _row_norms_squared(x):
+    """`sum(x**2, axis=-1)` of a 2D tensor without an `x**2` temporary."""
+    return ops.einsum("ij,ij->i", x, x)
+
+
+def _distances(features, prototypes, p_sq, prototype_scale=None, exact_nearest=True):
+    """Distances `(N, C)` between `features` `(N, F)` and scaled prototypes.
 
     The prototypes compared are `prototypes * prototype_scale[:, None]` (or
     `prototypes` when `prototype_scale` is None), without building that `(C, F)`
     product: the scale multiplies the `(N, C)` matrix product instead. `p_sq`
-    holds the `(C,)` squared norms of the unscaled prototypes.
+    holds the `(C,)` squared norms of the unscaled prototypes. Rows with NaN
+    or Inf are not guaranteed to be NaN here (callers multiply by a NaN guard).
     """
     x_sq = ops.sum(ops.square(features), axis=-1, keepdims=True)  # (N, 1)
     # (P @ x^T)^T rather than x @ P^T: TensorFlow's CPU kernel for a transposed
     # right operand is about 2x slower at large C (benchmarks/speed.py).
     cross = ops.transpose(ops.matmul(prototypes, ops.transpose(features)))  # (N, C)
-    if prototype_scale is not None:
-        cross = cross * prototype_scale
-        p_sq = p_sq * ops.square(prototype_scale)
-    squared = x_sq + p_sq - 2.0 * cross
-    squared = ops.where(squared < 0, 0.0, squared)  # rounding; NaN stays NaN
+    if prototype_scale is None:
+        squared = (x_sq + p_sq) - 2.0 * cross
+    else:
+        squared = (x_sq + p_sq * ops.square(prototype_scale)) - cross * (2.0 * prototype_scale)
+    distances = ops.sqrt(ops.maximum(squared, _SQUARED_FLOOR))
     if not exact_nearest:
-        return squared
-    # The nearest prototype of each row, recomputed from the differences x - p.
+        return distances
+    # The nearest prototype of each row, recomputed from the difference x - p.
     nearest = ops.argmin(squared, axis=-1)  # (N,)
     neighbor = ops.take(prototypes, nearest, axis=0)  # (N, F)
     if prototype_scale is not None:
         neighbor = neighbor * ops.expand_dims(ops.take(prototype_scale, nearest, axis=0), -1)
-    exact = ops.sum(ops.square(features - neighbor), axis=-1, keepdims=True)  # (N, 1)
+    exact = _safe_sqrt(ops.sum(ops.square(features - neighbor), axis=-1, keepdims=True))
     is_nearest = ops.one_hot(nearest, prototypes.shape[0], dtype="bool")  # (N, C)
-    return ops.where(is_nearest, exact, squared)
+    return ops.where(is_nearest, exact, distances)
+
+
+def _nan_guard(x):
+    """`(N, 1)`: 0 for finite rows of `x` `(N, F)`, NaN for rows with NaN or Inf."""
+    return 0.0 * ops.sum(x, axis=-1, keepdims=True)
 
 
 def pairwise_distances(features, prototypes, exact_nearest=True):
@@ -87,32 +104,15 @@ def pairwise_distances(features, prototypes, exact_nearest=True):
 
     Returns:
         Tensor `(..., C)` of distances, with finite gradients (also at zero
-        distance).
+        distance); NaN in the rows of `features` that hold NaN or Inf.
     """
     num_classes, feature_dim = prototypes.shape
     lead_shape = ops.shape(features)[:-1]
     x = features if len(features.shape) == 2 else ops.reshape(features, (-1, feature_dim))
-    p_sq = ops.sum(ops.square(prototypes), axis=-1)
-    distances = _safe_sqrt(_squared_distances(x, prototypes, p_sq, exact_nearest=exact_nearest))
-    if len(features.shape) == 2:
-        return distances
-    return ops.reshape(distances, (*lead_shape, num_classes))
-
-
-def _normalized_distances(features, prototypes):
-    """`pairwise_distances(l2_normalize(features), l2_normalize(prototypes))`.
-
-    The same values without a normalised `(C, F)` copy of the prototypes: their
-    `(C,)` inverse norms scale the `(N, C)` matrix product and the one gathered
-    nearest prototype per row.
-    """
-    num_classes, feature_dim = prototypes.shape
-    lead_shape = ops.shape(features)[:-1]
-    x = features if len(features.shape) == 2 else ops.reshape(features, (-1, feature_dim))
-    x = l2_normalize(x)
-    p_sq = ops.sum(ops.square(prototypes), axis=-1)
-    inverse_norm = ops.rsqrt(ops.maximum(p_sq, _NORM_EPSILON * _NORM_EPSILON))  # (C,)
-    distances = _safe_sqrt(_squared_distances(x, prototypes, p_sq, inverse_norm))
+    distances = _distances(
+        x, prototypes, _row_norms_squared(prototypes), exact_nearest=exact_nearest
+    )
+    distances = distances + _nan_guard(x)
     if len(features.shape) == 2:
         return distances
     return ops.reshape(distances, (*lead_shape, num_classes))
@@ -244,15 +244,26 @@ class IsoMaxPlusLayer(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: feature_dim})
 
     def call(self, inputs):
-        # The prototypes are normalised on every call (no cached copy that could
-        # go stale after `assign`/`fit`): the (C,) norms cost one read of the
-        # (C, F) matrix, a few percent of the matrix product (BENCHMARKS.md).
-        features = ops.cast(inputs, self.compute_dtype)
+        # The prototypes' norms are computed on every call rather than cached
+        # (no copy that could go stale after `assign`/`fit`): one read of the
+        # (C, F) matrix, measured in BENCHMARKS.md.
+        x = ops.cast(inputs, self.compute_dtype)
         prototypes = ops.cast(self.prototypes, self.compute_dtype)
-        distances = _normalized_distances(features, prototypes)
+        num_classes, feature_dim = prototypes.shape
+        lead_shape = ops.shape(x)[:-1]
+        if len(x.shape) != 2:
+            x = ops.reshape(x, (-1, feature_dim))
+        features = l2_normalize(x)
+        p_sq = _row_norms_squared(prototypes)  # (C,)
+        inverse_norm = ops.rsqrt(ops.maximum(p_sq, _NORM_EPSILON * _NORM_EPSILON))
+        distances = _distances(features, prototypes, p_sq, inverse_norm)
         scale = ops.abs(ops.cast(self.distance_scale, self.compute_dtype))
         temperature = ops.cast(self.temperature, self.compute_dtype)
-        return -(scale / temperature) * distances
+        # One (N, C) product: the scale, and NaN for rows with NaN or Inf.
+        logits = distances * (_nan_guard(x) - scale / temperature)
+        if len(inputs.shape) == 2:
+            return logits
+        return ops.reshape(logits, (*lead_shape, num_classes))
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.num_classes,)
