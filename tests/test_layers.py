@@ -389,3 +389,17 @@ def test_jit_compile_matches_eager(rng):
     forward = tf.function(jitted.layers[-1].call, jit_compile=True)
     features = jitted.layers[0](x)
     np.testing.assert_allclose(forward(features), jitted.layers[-1](features), rtol=1e-5, atol=1e-6)
+
+
+def test_no_stale_prototypes_after_assign(rng):
+    """Nothing derived from the prototypes outlives a change of their values."""
+    model = keras.Sequential([keras.Input((6,)), IsoMaxPlusLayer(4)])
+    head = model.layers[-1]
+    x = rng.normal(size=(5, 6)).astype("float32")
+    traced = tf.function(model)
+    for _ in range(2):
+        p = rng.normal(size=(4, 6)).astype("float32") * rng.uniform(0.1, 10, size=(4, 1))
+        head.prototypes.assign(p)
+        expected = ref_logits(x, p)
+        for got in (model(x), traced(x), model.predict(x, verbose=0)):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
