@@ -49,31 +49,33 @@ def _row_norms_squared(x):
     return ops.einsum("ij,ij->i", x, x)
 
 
-def _distances(features, prototypes, p_sq, prototype_scale=None, exact_nearest=True):
-    """Distances `(N, C)` between `features` `(N, F)` and scaled prototypes.
+def _distances(features, prototypes, p_sq, inverse_norm=None, exact_nearest=True):
+    """Distances `(N, C)` between `features` `(N, F)` and the prototypes.
 
-    The prototypes compared are `prototypes * prototype_scale[:, None]` (or
-    `prototypes` when `prototype_scale` is None), without building that `(C, F)`
-    product: the scale multiplies the `(N, C)` matrix product instead. `p_sq`
-    holds the `(C,)` squared norms of the unscaled prototypes. Rows with NaN
-    or Inf are not guaranteed to be NaN here (callers multiply by a NaN guard).
+    With `inverse_norm` (the `(C,)` values `1 / max(||p||, eps)`), the
+    prototypes are compared after L2 normalisation, without building a
+    normalised `(C, F)` copy: the inverse norms scale the `(N, C)` matrix
+    product, and the one gathered nearest prototype per row is normalised like
+    the features (same rounding, which keeps tiny distances accurate). `p_sq`
+    holds the `(C,)` squared norms of the raw prototypes. Rows with NaN or Inf
+    are not guaranteed to be NaN here (callers multiply by a NaN guard).
     """
     x_sq = ops.sum(ops.square(features), axis=-1, keepdims=True)  # (N, 1)
     # (P @ x^T)^T rather than x @ P^T: TensorFlow's CPU kernel for a transposed
     # right operand is about 2x slower at large C (benchmarks/speed.py).
     cross = ops.transpose(ops.matmul(prototypes, ops.transpose(features)))  # (N, C)
-    if prototype_scale is None:
+    if inverse_norm is None:
         squared = (x_sq + p_sq) - 2.0 * cross
     else:
-        squared = (x_sq + p_sq * ops.square(prototype_scale)) - cross * (2.0 * prototype_scale)
+        squared = (x_sq + p_sq * ops.square(inverse_norm)) - cross * (2.0 * inverse_norm)
     distances = ops.sqrt(ops.maximum(squared, _SQUARED_FLOOR))
     if not exact_nearest:
         return distances
     # The nearest prototype of each row, recomputed from the difference x - p.
     nearest = ops.argmin(squared, axis=-1)  # (N,)
     neighbor = ops.take(prototypes, nearest, axis=0)  # (N, F)
-    if prototype_scale is not None:
-        neighbor = neighbor * ops.expand_dims(ops.take(prototype_scale, nearest, axis=0), -1)
+    if inverse_norm is not None:
+        neighbor = l2_normalize(neighbor)
     exact = _safe_sqrt(ops.sum(ops.square(features - neighbor), axis=-1, keepdims=True))
     is_nearest = ops.one_hot(nearest, prototypes.shape[0], dtype="bool")  # (N, C)
     return ops.where(is_nearest, exact, distances)
