@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # IsoMax+ / Dense speed and memory ratios on a GPU, in under 10 minutes.
 #
-# Prints the card (nvidia-smi) and then the tables of benchmarks/speed.py:
-# whole training step and inference + score on a ResNet-20 backbone, with and
-# without XLA (Keras' model.fit uses XLA on a GPU by default), the head alone,
-# peak GPU memory per step (TensorFlow's allocator statistics), and the
-# B=256, C=10,000, F=2,048 large-head check. Each stage runs under its own
+# Prints the card (nvidia-smi), then: the distance precision of the layer on the
+# GPU with TF32 matmuls (TensorFlow's default on Ampere and later) at near-zero
+# distances (benchmarks/precision.py); the tables of benchmarks/speed.py: the
+# head alone at B=256 (the issue's configs) and the whole training step and
+# inference + score on a ResNet-20 backbone, with and without XLA (Keras'
+# model.fit uses XLA on a GPU by default), wall clock; peak GPU memory per step
+# (TensorFlow's allocator statistics) and the B=256, C=10,000, F=2,048
+# large-head check (benchmarks/head_memory.py). Each stage runs under its own
 # time limit; the tables of a stage stopped by its limit are kept up to the
 # last finished section.
 #
@@ -77,11 +80,22 @@ else
 fi
 status=0
 
-# Stage 1 (about 60% of the budget): timings, all four (C, F), XLA off and on.
+# Stage 0 (at most 60 s): precision with TF32 on the GPU, near-zero distances.
+echo "== stage 0: precision.py (TF32 as TensorFlow sets it)"
+timeout -k 10 60 "$PYTHON" benchmarks/precision.py --classes 1000 --features 2048 \
+  --examples 500 | tee "$OUT_DIR/gpu_precision.txt" || status=$?
+
+# Stage 1 (about 60% of the rest): the head alone at B=256 (the issue's
+# configurations, C up to 100,000), then the backbone, XLA on and off.
 t1=$(($(remaining) * 6 / 10))
-echo "== stage 1: timing ratios (limit ${t1} s)"
-timeout -k 10 "$t1" "$PYTHON" benchmarks/speed.py \
-  --backbone resnet20 --batch-size 128 --reps 30 --jit both --sections step,head \
+echo "== stage 1a: head alone, B=256 (limit $((t1 / 2)) s)"
+timeout -k 10 "$((t1 / 2))" "$PYTHON" benchmarks/speed.py \
+  --batch-size 256 --reps 20 --jit both --sections head \
+  --configs 10x2048,100x2048,1000x2048,10000x2048,100000x512 --machine "$MACHINE" \
+  --markdown "$OUT_DIR/gpu_head.md" --json "$OUT_DIR/gpu_head.json" "$@" || status=$?
+echo "== stage 1b: backbone (limit $((t1 / 2)) s)"
+timeout -k 10 "$((t1 / 2))" "$PYTHON" benchmarks/speed.py \
+  --backbone resnet20 --batch-size 128 --reps 20 --jit both --sections step \
   --machine "$MACHINE" \
   --markdown "$OUT_DIR/gpu_timing.md" --json "$OUT_DIR/gpu_timing.json" "$@" || status=$?
 if [[ $status -eq 124 ]]; then echo "stage 1 hit its time limit; tables above are complete ones"; fi
@@ -90,10 +104,12 @@ if [[ $status -eq 124 ]]; then echo "stage 1 hit its time limit; tables above ar
 t2=$(($(remaining) - 5))
 if [[ $t2 -gt 30 ]]; then
   echo "== stage 2: peak memory and the large-head check (limit ${t2} s)"
-  timeout -k 10 "$t2" "$PYTHON" benchmarks/speed.py \
+  timeout -k 10 "$((t2 / 2))" "$PYTHON" benchmarks/speed.py \
     --backbone resnet20 --batch-size 128 --configs 1000x2048,10000x2048 \
-    --sections memory,large --machine "$MACHINE" \
+    --sections memory --machine "$MACHINE" \
     --markdown "$OUT_DIR/gpu_memory.md" --json "$OUT_DIR/gpu_memory.json" || status=$?
+  timeout -k 10 "$((t2 / 2))" "$PYTHON" benchmarks/head_memory.py \
+    --json "$OUT_DIR/gpu_large_head.json" | tee "$OUT_DIR/gpu_large_head.md" || status=$?
 else
   echo "== stage 2 skipped: no time left in the budget"
 fi

@@ -4,7 +4,7 @@ The issue's large-head check: B=256 examples, C=10,000 classes, F=2,048 features
 A naive IsoMax+ (exact differences `x[:, None, :] - p[None]`, as the authors'
 PyTorch code) holds a (B, C, F) float32 tensor: 256 * 10,000 * 2,048 * 4 bytes =
 21 GB. `IsoMaxPlusLayer` uses one matrix product plus an exact recomputation of
-the nearest prototypes, so it should need O(B*C + C*F) memory, like `Dense`.
+the nearest prototype, so it should need O(B*C + C*F) memory, like `Dense`.
 
 How memory is measured. Each case runs in a fresh subprocess. The worker builds
 its inputs and weights, runs the step twice (tracing, first allocations), then
@@ -29,92 +29,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-MIB = 1024**2
-WORKER_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": "65536",  # Large blocks are mmapped and returned on free.
-    "TF_CPP_MIN_LOG_LEVEL": "3",
-    "KERAS_BACKEND": "tensorflow",
-    "TF_FORCE_GPU_ALLOW_GROWTH": "true",  # Measure what a step needs, not the reservation.
-}
-HEADS = ("dense", "isomax", "isomax_proto", "naive")
+_HERE = Path(__file__).resolve().parent
+if str(_HERE) not in sys.path:
+    sys.path.insert(0, str(_HERE))
 
+from _common import MIB, PeakMemory, run_worker  # noqa: E402
 
-# ------------------------------------------------------------ measurement
-
-
-def _proc_status_kib(field):
-    with open("/proc/self/status") as f:
-        match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
-    return int(match.group(1)) if match else None
-
-
-def reset_peak_rss():
-    """Resets VmHWM to the current RSS; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class PeakMemory:
-    """Peak memory of a block of code over the memory live when it starts.
-
-    On a GPU: TensorFlow's allocator peak for `GPU:0`. On a CPU: the process's
-    peak resident set size (`VmHWM`, reset through `/proc/self/clear_refs`);
-    where the peak cannot be reset, the result is `None` unless the process's
-    lifetime peak happens inside the block (`reset=False` reads it anyway).
-    """
-
-    def __init__(self, gpu):
-        self.gpu = gpu
-        self.peak_bytes = None
-        self.method = None
-
-    def __enter__(self):
-        if self.gpu:
-            import tensorflow as tf
-
-            tf.config.experimental.reset_memory_stats("GPU:0")
-            self.base = tf.config.experimental.get_memory_info("GPU:0")["current"]
-            self.method = "tf.config.experimental.get_memory_info('GPU:0') peak - current"
-        else:
-            self.resettable = reset_peak_rss()
-            self.base = _proc_status_kib("VmRSS") * 1024
-            self.method = "peak RSS (VmHWM after clear_refs) - RSS before"
-        return self
-
-    def __exit__(self, *exc):
-        if self.gpu:
-            import tensorflow as tf
-
-            peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
-            self.peak_bytes = peak - self.base
-        elif self.resettable:
-            self.peak_bytes = _proc_status_kib("VmHWM") * 1024 - self.base
-        return False
-
-
-def run_worker(script, args, timeout=1800, flag="--worker"):
-    """Runs `script <flag> args...` in a subprocess and returns its JSON result."""
-    env = {**os.environ, **WORKER_ENV}
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, str(script), flag, *[str(a) for a in args]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-    return {"error": f"worker exited {proc.returncode}: " + " | ".join(tail)}
+HEADS = ("dense", "isomax", "naive")
 
 
 # ------------------------------------------------------------------ worker
@@ -156,7 +81,7 @@ def _worker(argv):
             step().numpy()
         return {"expected_bytes": size * 4, "peak_bytes": mem.peak_bytes, "method": mem.method}
 
-    from speed import head_step_fn  # The benchmark's head definitions.
+    from _common import head_step_fn, library_fingerprint  # The benchmark's heads.
 
     x = tf.constant(rng.normal(size=(batch, features)).astype("float32"))
     y = tf.constant(rng.integers(0, classes, size=batch).astype("int32"))
@@ -177,6 +102,7 @@ def _worker(argv):
         "seconds": float(np.median(times)),
         "method": mem.method,
         "device": "GPU" if gpu else "CPU",
+        "layers_sha1": library_fingerprint()[0],
     }
 
 
@@ -201,7 +127,7 @@ def large_head_check(
         "naive": [],
     }
     common = ["--classes", classes, "--features", features, "--threads", threads]
-    for head in ("dense", "isomax", "isomax_proto"):
+    for head in ("dense", "isomax"):
         results["heads"][head] = run_worker(
             here, ["--head", head, "--batch-size", batch_size, *common]
         )
@@ -252,7 +178,6 @@ def format_large_head(results):
     names = {
         "dense": "Dense + softmax cross-entropy",
         "isomax": "IsoMaxPlusLayer (library)",
-        "isomax_proto": "IsoMax+ prototype (speed.py)",
     }
     naive = results["naive_tensor_bytes"]
     for head, r in results["heads"].items():
@@ -277,7 +202,12 @@ def format_large_head(results):
             f"{slope / (c * f * 4):.1f} x C*F*4) | {_gib(results['naive_extrapolated_bytes'])} "
             f"| | |"
         )
-    lines += ["", f"B*C*F*4 bytes = {naive / 1e9:.1f} GB ({_gib(naive)})."]
+    shas = sorted({r["layers_sha1"] for r in results["heads"].values() if "layers_sha1" in r})
+    lines += [
+        "",
+        f"B*C*F*4 bytes = {naive / 1e9:.1f} GB ({_gib(naive)}). keras_isomax/layers.py sha1 "
+        f"{', '.join(shas)}.",
+    ]
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ def replace_head(
     prototype_init="auto",
     init_data=None,
     share_weights=False,
-    exact_neighbors=8,
+    exact_neighbors=None,
     batch_size=256,
     name="isomax_plus",
 ):
@@ -83,7 +83,8 @@ def replace_head(
             Defaults to `None`.
         share_weights: Whether the new model reuses the original's backbone
             layers and variables instead of a copy. Defaults to `False`.
-        exact_neighbors: Passed to `IsoMaxPlusLayer`. Defaults to `8`.
+        exact_neighbors: Deprecated and ignored (the layer always recomputes the
+            nearest prototype's distance exactly). Defaults to `None`.
         batch_size: Batch size for computing features of array `init_data`.
             Defaults to `256`.
         name: Name of the new `IsoMaxPlusLayer` (made unique if a backbone
@@ -171,7 +172,15 @@ def replace_head(
     while head_name in layer_names:
         head_name = f"{name}_{suffix}"
         suffix += 1
-    isomax = IsoMaxPlusLayer(num_classes, exact_neighbors=exact_neighbors, name=head_name)
+    if exact_neighbors is not None:
+        warnings.warn(
+            "`exact_neighbors` is deprecated and ignored: IsoMaxPlusLayer always "
+            "recomputes the nearest prototype's distance exactly. "
+            f"Received: exact_neighbors={exact_neighbors!r}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+    isomax = IsoMaxPlusLayer(num_classes, name=head_name)
 
     features = head.features
     if head.flatten:

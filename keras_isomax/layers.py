@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -37,52 +38,83 @@ def _safe_sqrt(x):
     return ops.where(positive, root, x * 0)
 
 
-def pairwise_distances(features, prototypes, exact_neighbors=8):
+# Floor of the squared distances from the matrix product (all but each row's
+# nearest prototype): keeps the gradient of `sqrt` finite (its value there is
+# 1e-6, far below the expansion's own rounding error of about 1e-4).
+_SQUARED_FLOOR = 1e-12
+
+
+def _row_norms_squared(x):
+    """`sum(x**2, axis=-1)` of a 2D tensor without an `x**2` temporary."""
+    return ops.einsum("ij,ij->i", x, x)
+
+
+def _distances(features, prototypes, p_sq, inverse_norm=None, exact_nearest=True):
+    """Distances `(N, C)` between `features` `(N, F)` and the prototypes.
+
+    With `inverse_norm` (the `(C,)` values `1 / max(||p||, eps)`), the
+    prototypes are compared after L2 normalisation, without building a
+    normalised `(C, F)` copy: the inverse norms scale the `(N, C)` matrix
+    product, and the one gathered nearest prototype per row is normalised like
+    the features (same rounding, which keeps tiny distances accurate). `p_sq`
+    holds the `(C,)` squared norms of the raw prototypes. Rows with NaN or Inf
+    are not guaranteed to be NaN here (callers multiply by a NaN guard).
+    """
+    x_sq = ops.sum(ops.square(features), axis=-1, keepdims=True)  # (N, 1)
+    # (P @ x^T)^T rather than x @ P^T: TensorFlow's CPU kernel for a transposed
+    # right operand is about 2x slower at large C (benchmarks/speed.py).
+    cross = ops.transpose(ops.matmul(prototypes, ops.transpose(features)))  # (N, C)
+    if inverse_norm is None:
+        squared = (x_sq + p_sq) - 2.0 * cross
+    else:
+        squared = (x_sq + p_sq * ops.square(inverse_norm)) - cross * (2.0 * inverse_norm)
+    distances = ops.sqrt(ops.maximum(squared, _SQUARED_FLOOR))
+    if not exact_nearest:
+        return distances
+    # The nearest prototype of each row, recomputed from the difference x - p.
+    nearest = ops.argmin(squared, axis=-1)  # (N,)
+    neighbor = ops.take(prototypes, nearest, axis=0)  # (N, F)
+    if inverse_norm is not None:
+        neighbor = l2_normalize(neighbor)
+    exact = _safe_sqrt(ops.sum(ops.square(features - neighbor), axis=-1, keepdims=True))
+    is_nearest = ops.one_hot(nearest, prototypes.shape[0], dtype="bool")  # (N, C)
+    return ops.where(is_nearest, exact, distances)
+
+
+def _nan_guard(x):
+    """`(N, 1)`: 0 for finite rows of `x` `(N, F)`, NaN for rows with NaN or Inf."""
+    return 0.0 * ops.sum(x, axis=-1, keepdims=True)
+
+
+def pairwise_distances(features, prototypes, exact_nearest=True):
     """Euclidean distances between rows of `features` and rows of `prototypes`.
 
-    Memory grows as `B*C + C*F` (not `B*C*F`): all squared distances are first
-    computed with one matrix product, `||x||^2 + ||p||^2 - 2 x.p`. That expansion
-    loses precision when a distance is small (cancellation; on GPUs with TF32
-    matmuls, much more), so the `exact_neighbors` nearest prototypes of every
-    feature vector are recomputed exactly from the differences `x - p`, as the
-    IsoMax+ authors do for all pairs. The nearest prototype is the one the
-    minimum distance score and, after training, the loss depend on.
+    Memory grows as `B*C + C*F` (not `B*C*F`): all squared distances come from
+    one matrix product, `||x||^2 + ||p||^2 - 2 x.p`. That expansion loses
+    precision when a distance is small (cancellation; on GPUs with TF32
+    matmuls, much more), so the distance to the nearest prototype of every
+    feature vector is recomputed exactly from the difference `x - p`, as the
+    IsoMax+ authors do for all pairs: the minimum distance score depends only
+    on it, and any other prototype that close would have to lie within twice
+    that distance of it.
 
     Args:
         features: Tensor `(..., F)`.
         prototypes: Tensor `(C, F)`.
-        exact_neighbors: How many nearest prototypes per feature vector get the
-            exact computation (clipped to `C`); `0` uses the expansion only.
-            Defaults to `8`.
+        exact_nearest: Whether the nearest prototype's distance is recomputed
+            exactly; `False` uses the expansion only. Defaults to `True`.
 
     Returns:
-        Tensor `(..., C)` of distances, finite, with finite gradients (also at
-        zero distance).
+        Tensor `(..., C)` of distances, with finite gradients (also at zero
+        distance); NaN in the rows of `features` that hold NaN or Inf.
     """
     num_classes, feature_dim = prototypes.shape
     lead_shape = ops.shape(features)[:-1]
     x = features if len(features.shape) == 2 else ops.reshape(features, (-1, feature_dim))
-    feature_sq = ops.sum(ops.square(x), axis=-1, keepdims=True)  # (N, 1)
-    prototype_sq = ops.sum(ops.square(prototypes), axis=-1)  # (C,)
-    # (P @ x^T)^T rather than x @ P^T: TensorFlow's CPU kernel for a transposed
-    # right operand is about 2x slower at large C (benchmarks/speed.py).
-    cross = ops.transpose(ops.matmul(prototypes, ops.transpose(x)))  # (N, C)
-    squared = feature_sq + prototype_sq - 2.0 * cross
-    squared = ops.where(squared < 0, 0.0, squared)  # rounding; NaN stays NaN
-
-    k = min(int(exact_neighbors), num_classes)
-    if k > 0:
-        _, nearest = ops.top_k(-squared, k=k, sorted=False)  # (N, k)
-        neighbors = ops.take(prototypes, nearest, axis=0)  # (N, k, F)
-        exact = ops.sum(ops.square(ops.expand_dims(x, 1) - neighbors), axis=-1)  # (N, k)
-        # Write the N*k exact values into the (N, C) matrix (no (N, k, C) one-hot).
-        rows = ops.broadcast_to(
-            ops.expand_dims(ops.arange(ops.shape(x)[0], dtype=nearest.dtype), 1),
-            ops.shape(nearest),
-        )
-        indices = ops.reshape(ops.stack([rows, nearest], axis=-1), (-1, 2))
-        squared = ops.scatter_update(squared, indices, ops.reshape(exact, (-1,)))
-    distances = _safe_sqrt(squared)
+    distances = _distances(
+        x, prototypes, _row_norms_squared(prototypes), exact_nearest=exact_nearest
+    )
+    distances = distances + _nan_guard(x)
     if len(features.shape) == 2:
         return distances
     return ops.reshape(distances, (*lead_shape, num_classes))
@@ -112,11 +144,17 @@ class IsoMaxPlusLayer(keras.layers.Layer):
     NaN or Inf in a feature vector gives NaN logits for that example only; the
     other examples of the batch are unaffected.
 
+    All distances come from one `(B, F) x (F, C)` matrix product (the work of a
+    `Dense` head); the one to each example's nearest prototype is then
+    recomputed exactly from the difference of the normalised vectors, which
+    keeps full float32 relative accuracy for small distances (also with TF32 or
+    bfloat16 matmuls on GPUs). The minimum distance score depends only on that
+    distance, so the former `exact_neighbors` (more neighbours recomputed, at
+    the cost of a top-k and a `(B, k, F)` gather) no longer earns its cost and
+    is deprecated: it is accepted, with a warning, and ignored.
+
     Args:
         num_classes: Number of classes `C` (> 0).
-        exact_neighbors: Number of nearest prototypes per example whose distance
-            is computed exactly from differences rather than from the
-            matrix-product expansion; see `pairwise_distances`. Defaults to `8`.
         prototype_initializer: Initializer for the `(C, F)` prototypes.
             Defaults to `RandomNormal(mean=0.0, stddev=1.0)`, as in the paper.
         prototype_regularizer: Optional regularizer for the prototypes.
@@ -144,7 +182,6 @@ class IsoMaxPlusLayer(keras.layers.Layer):
     def __init__(
         self,
         num_classes,
-        exact_neighbors=8,
         prototype_initializer=None,
         prototype_regularizer=None,
         distance_scale_initializer="ones",
@@ -158,19 +195,19 @@ class IsoMaxPlusLayer(keras.layers.Layer):
             raise ValueError(
                 f"`num_classes` must be a positive integer. Received: num_classes={num_classes!r}"
             )
-        if (
-            isinstance(exact_neighbors, bool)
-            or not isinstance(exact_neighbors, int | np.integer)
-            or exact_neighbors < 0
-        ):
-            raise ValueError(
-                "`exact_neighbors` must be a non-negative integer. "
-                f"Received: exact_neighbors={exact_neighbors!r}"
+        if "exact_neighbors" in kwargs:
+            # In configs saved by earlier versions; the nearest prototype is now always exact.
+            exact_neighbors = kwargs.pop("exact_neighbors")
+            warnings.warn(
+                "`exact_neighbors` is deprecated and ignored: the distance to the "
+                "nearest prototype is always recomputed exactly, the others come "
+                f"from the matrix product. Received: exact_neighbors={exact_neighbors!r}",
+                DeprecationWarning,
+                stacklevel=2,
             )
         kwargs["dtype"] = _full_precision_policy(kwargs.get("dtype"))
         super().__init__(**kwargs)
         self.num_classes = int(num_classes)
-        self.exact_neighbors = int(exact_neighbors)
         if prototype_initializer is None:
             prototype_initializer = keras.initializers.RandomNormal(mean=0.0, stddev=1.0)
         self.prototype_initializer = keras.initializers.get(prototype_initializer)
@@ -209,12 +246,26 @@ class IsoMaxPlusLayer(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: feature_dim})
 
     def call(self, inputs):
-        features = l2_normalize(ops.cast(inputs, self.compute_dtype))
-        prototypes = l2_normalize(ops.cast(self.prototypes, self.compute_dtype))
-        distances = pairwise_distances(features, prototypes, self.exact_neighbors)
+        # The prototypes' norms are computed on every call rather than cached
+        # (no copy that could go stale after `assign`/`fit`): one read of the
+        # (C, F) matrix, measured in BENCHMARKS.md.
+        x = ops.cast(inputs, self.compute_dtype)
+        prototypes = ops.cast(self.prototypes, self.compute_dtype)
+        num_classes, feature_dim = prototypes.shape
+        lead_shape = ops.shape(x)[:-1]
+        if len(x.shape) != 2:
+            x = ops.reshape(x, (-1, feature_dim))
+        features = l2_normalize(x)
+        p_sq = _row_norms_squared(prototypes)  # (C,)
+        inverse_norm = ops.rsqrt(ops.maximum(p_sq, _NORM_EPSILON * _NORM_EPSILON))
+        distances = _distances(features, prototypes, p_sq, inverse_norm)
         scale = ops.abs(ops.cast(self.distance_scale, self.compute_dtype))
         temperature = ops.cast(self.temperature, self.compute_dtype)
-        return -(scale / temperature) * distances
+        # One (N, C) product: the scale, and NaN for rows with NaN or Inf.
+        logits = distances * (_nan_guard(x) - scale / temperature)
+        if len(inputs.shape) == 2:
+            return logits
+        return ops.reshape(logits, (*lead_shape, num_classes))
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.num_classes,)
@@ -228,7 +279,6 @@ class IsoMaxPlusLayer(keras.layers.Layer):
         return {
             **super().get_config(),
             "num_classes": self.num_classes,
-            "exact_neighbors": self.exact_neighbors,
             "prototype_initializer": keras.initializers.serialize(self.prototype_initializer),
             "prototype_regularizer": keras.regularizers.serialize(self.prototype_regularizer),
             "distance_scale_initializer": keras.initializers.serialize(

@@ -37,7 +37,7 @@ def _classifier(rng, features=6, classes=5):
 
 
 def test_layer_matches_reference(rng):
-    layer = ki.IsoMaxPlusLayer(7, exact_neighbors=3)
+    layer = ki.IsoMaxPlusLayer(7)
     x = rng.normal(size=(33, 10)).astype("float32")
     logits = _np(layer(x))
     expected = reference.logits(x, _np(layer.prototypes))

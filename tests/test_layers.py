@@ -54,11 +54,10 @@ def test_prototypes_init_standard_normal_and_scale_one():
     assert trainable == {"prototypes", "distance_scale"}
 
 
-@pytest.mark.parametrize("exact_neighbors", [8, 1])
-def test_distance_precision_spec(rng, exact_neighbors):
+def test_distance_precision_spec(rng):
     """Relative error <= 1e-5 above 0.05 and absolute <= 1e-3 everywhere (float32)."""
     num_classes, feature_dim = 40, 256
-    layer = _built_layer(num_classes, feature_dim, rng, exact_neighbors=exact_neighbors)
+    layer = _built_layer(num_classes, feature_dim, rng)
     pn = l2_normalize(layer.prototypes).numpy().astype(np.float64)
     # Features at controlled distances from a random prototype, from 0 to ~1.5,
     # plus exact copies of prototypes and generic random features.
@@ -76,6 +75,35 @@ def test_distance_precision_spec(rng, exact_neighbors):
     assert abs_err.max() <= 1e-3
     assert rel_err[expected > 0.05].max() <= 1e-5
     assert expected.min() < 1e-6  # the exact-copy case was exercised
+    # The nearest prototype (the minimum distance score) keeps its relative
+    # accuracy also below 0.05, down to 1e-4 (float32 inputs limit it there).
+    nearest_expected = expected.min(axis=1)
+    nearest_got = got.min(axis=1)
+    small = (nearest_expected >= 1e-4) & (nearest_expected < 0.05)
+    assert small.sum() > 100
+    assert np.max(np.abs(nearest_got - nearest_expected)[small] / nearest_expected[small]) <= 1e-4
+    np.testing.assert_array_equal(got.argmin(axis=1)[small], expected.argmin(axis=1)[small])
+
+
+def test_layer_matches_pairwise_distances_of_normalised_vectors(rng):
+    """The layer's fused form equals the generic function on normalised inputs."""
+    layer = _built_layer(9, 12, rng)
+    layer.prototypes.assign(layer.prototypes.numpy() * rng.uniform(0.1, 10, size=(9, 1)))
+    x = rng.normal(size=(2, 5, 12)).astype("float32")
+    x[0, 1] = 0.7 * l2_normalize(layer.prototypes).numpy()[4]  # distance 0 to prototype 4
+    expected = pairwise_distances(l2_normalize(x), l2_normalize(layer.prototypes)).numpy()
+    got = _distances(layer, x)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, ref_distances(x, layer.prototypes.numpy()), atol=1e-6)
+
+
+def test_pairwise_distances_unnormalised_reference(rng):
+    x = rng.normal(size=(6, 7)).astype("float32")
+    p = 3.0 * rng.normal(size=(4, 7)).astype("float32")
+    p[2] = x[3] + 1e-3 * rng.normal(size=7)  # a small, exactly recomputed distance
+    expected = np.linalg.norm(x.astype(np.float64)[:, None] - p.astype(np.float64)[None], axis=-1)
+    got = pairwise_distances(x, p).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
 def test_expansion_alone_is_imprecise_near_zero(rng):
@@ -85,22 +113,22 @@ def test_expansion_alone_is_imprecise_near_zero(rng):
     p32 = np.concatenate([p, rng.normal(size=(3, 512))]).astype("float32")
     x32 = x.astype("float32")
     expected = ref_distances(x32, p32)[0, 0]
-    expansion = pairwise_distances(l2_normalize(x32), l2_normalize(p32), exact_neighbors=0).numpy()[
-        0, 0
-    ]
+    expansion = pairwise_distances(l2_normalize(x32), l2_normalize(p32), exact_nearest=False)
+    expansion = expansion.numpy()[0, 0]
     exact = pairwise_distances(l2_normalize(x32), l2_normalize(p32)).numpy()[0, 0]
     assert abs(exact - expected) / expected <= 1e-5
     assert abs(expansion - expected) / expected > 1e-5
 
 
-@pytest.mark.parametrize("exact_neighbors", [0, 3, 8])
-def test_gradients_match_finite_differences(rng, exact_neighbors):
+@pytest.mark.parametrize("near", [False, True])
+def test_gradients_match_finite_differences(rng, near):
     num_classes, feature_dim = 5, 6
-    layer = _built_layer(
-        num_classes, feature_dim, rng, dtype="float64", exact_neighbors=exact_neighbors
-    )
+    layer = _built_layer(num_classes, feature_dim, rng, dtype="float64")
     layer.distance_scale.assign(1.3)
     x = rng.normal(size=(4, feature_dim))
+    if near:  # rows close to a prototype: the exactly recomputed entry dominates
+        p = l2_normalize(layer.prototypes).numpy()
+        x = 2.0 * (p[[0, 3, 3, 1]] + 0.01 * rng.normal(size=(4, feature_dim)))
     weights = rng.normal(size=(4, num_classes))
     p0 = layer.prototypes.numpy()
 
@@ -185,9 +213,26 @@ def test_bad_num_classes(bad):
         IsoMaxPlusLayer(bad)
 
 
-def test_bad_exact_neighbors():
-    with pytest.raises(ValueError, match="exact_neighbors=-1"):
-        IsoMaxPlusLayer(3, exact_neighbors=-1)
+def test_exact_neighbors_deprecated_and_old_configs_load(rng):
+    with pytest.warns(DeprecationWarning, match="exact_neighbors=8"):
+        layer = IsoMaxPlusLayer(3, exact_neighbors=8)
+    assert "exact_neighbors" not in layer.get_config()
+    # A config written by the earlier layer still loads and computes the same logits.
+    old_config = {**_built_layer(3, 5, rng).get_config(), "exact_neighbors": 2}
+    with pytest.warns(DeprecationWarning, match="exact_neighbors"):
+        restored = keras.layers.deserialize(
+            {
+                "module": "keras_isomax.layers",
+                "class_name": "IsoMaxPlusLayer",
+                "config": old_config,
+                "registered_name": "keras_isomax>IsoMaxPlusLayer",
+            }
+        )
+    restored.build((None, 5))
+    x = rng.normal(size=(4, 5)).astype("float32")
+    np.testing.assert_allclose(
+        restored(x), ref_logits(x, restored.prototypes.numpy()), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_wrong_feature_dim_on_built_layer(rng):
@@ -274,7 +319,6 @@ def test_symbolic_call_shapes():
 def test_config_round_trip():
     layer = IsoMaxPlusLayer(
         5,
-        exact_neighbors=2,
         prototype_initializer=keras.initializers.RandomNormal(stddev=0.5),
         prototype_regularizer=keras.regularizers.L2(1e-4),
         distance_scale_initializer=keras.initializers.Constant(3.0),
@@ -283,7 +327,7 @@ def test_config_round_trip():
     config = layer.get_config()
     clone = IsoMaxPlusLayer.from_config(config)
     assert clone.get_config() == config
-    assert config["num_classes"] == 5 and config["exact_neighbors"] == 2
+    assert config["num_classes"] == 5
     clone.build((None, 4))
     assert float(clone.distance_scale.numpy()) == 3.0
 
@@ -345,3 +389,17 @@ def test_jit_compile_matches_eager(rng):
     forward = tf.function(jitted.layers[-1].call, jit_compile=True)
     features = jitted.layers[0](x)
     np.testing.assert_allclose(forward(features), jitted.layers[-1](features), rtol=1e-5, atol=1e-6)
+
+
+def test_no_stale_prototypes_after_assign(rng):
+    """Nothing derived from the prototypes outlives a change of their values."""
+    model = keras.Sequential([keras.Input((6,)), IsoMaxPlusLayer(4)])
+    head = model.layers[-1]
+    x = rng.normal(size=(5, 6)).astype("float32")
+    traced = tf.function(model)
+    for _ in range(2):
+        p = rng.normal(size=(4, 6)).astype("float32") * rng.uniform(0.1, 10, size=(4, 1))
+        head.prototypes.assign(p)
+        expected = ref_logits(x, p)
+        for got in (model(x), traced(x), model.predict(x, verbose=0)):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,380 @@
+"""Helpers shared by the speed and memory benchmarks (`speed.py`, `head_memory.py`).
+
+Everything here times or measures the library's public `IsoMaxPlusLayer`
+(never a copy of its math) against a `Dense` head. The module imports no
+TensorFlow at the top level: `speed.py`'s pytorch-ood worker uses `interleaved`
+in a process that must not load TensorFlow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+MIB = 1024**2
+WORKER_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "65536",  # Large blocks are mmapped and returned on free.
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+    "KERAS_BACKEND": "tensorflow",
+    "TF_FORCE_GPU_ALLOW_GROWTH": "true",  # Measure what a step needs, not the reservation.
+}
+HEAD_NAMES = {
+    "dense": "Dense + softmax",
+    "dense_isoloss": "Dense + IsoMax+ loss",
+    "mm_only": "x @ P^T alone (no normalisation)",
+    "mm_rev": "(P @ x^T)^T alone (no normalisation)",
+    "isomax": "IsoMaxPlusLayer (library)",
+    "naive": "naive exact differences (B, C, F)",
+}
+
+
+# ---------------------------------------------------------------- timing
+
+
+def sync(out):
+    """Waits for TensorFlow results (and the GPU's queue)."""
+    import numpy as np
+    import tensorflow as tf
+
+    for t in tf.nest.flatten(out):
+        np.asarray(t)
+    if tf.config.list_physical_devices("GPU") and hasattr(tf.test.experimental, "sync_devices"):
+        tf.test.experimental.sync_devices()
+
+
+def interleaved(fns, reps, warmup=2, min_seconds=0.05, sync_fn=None):
+    """Times callables side by side.
+
+    Each callable is warmed up, then every repetition times each once, in an
+    order rotated (and reversed every other repetition) between repetitions.
+    Calls faster than `min_seconds` are repeated in a loop and averaged (the
+    same count for all callables, so ratios compare like with like). Both the
+    wall-clock time and the process's CPU time (all threads) are recorded.
+
+    Returns:
+        `{name: {"wall": [...], "cpu": [...]}}`, seconds per call, one value
+        per repetition.
+    """
+    sync_fn = sync_fn or sync
+    names = list(fns)
+    first = {}
+    for name in names:
+        for _ in range(warmup):
+            start = time.perf_counter()
+            sync_fn(fns[name]())
+            first[name] = time.perf_counter() - start
+    inner = max(1, math.ceil(min_seconds / max(min(first.values()), 1e-6)))
+    times = {name: {"wall": [], "cpu": []} for name in names}
+    for rep in range(reps):
+        order = names[rep % len(names) :] + names[: rep % len(names)]
+        if rep % 2:
+            order = order[::-1]
+        for name in order:
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(inner):
+                out = fns[name]()
+            sync_fn(out)
+            times[name]["cpu"].append((time.process_time() - cpu) / inner)
+            times[name]["wall"].append((time.perf_counter() - wall) / inner)
+    return times
+
+
+def summarize(times, clock, baseline="dense"):
+    """Medians (ms) and paired ratios against `baseline`, for the `clock` given.
+
+    The wall-clock ratio is always included as `wall_ratio`.
+    """
+    import numpy as np
+
+    out = {}
+    for name, clocks in times.items():
+        values = np.asarray(clocks[clock])
+        ratios = values / np.asarray(times[baseline][clock])
+        wall_ratios = np.asarray(clocks["wall"]) / np.asarray(times[baseline]["wall"])
+        out[name] = {
+            "median_ms": float(np.median(values) * 1e3),
+            "wall_median_ms": float(np.median(clocks["wall"]) * 1e3),
+            "ratio": float(np.median(ratios)),
+            "ratio_q25": float(np.percentile(ratios, 25)),
+            "ratio_q75": float(np.percentile(ratios, 75)),
+            "wall_ratio": float(np.median(wall_ratios)),
+            "reps": len(values),
+        }
+    return out
+
+
+def load_average():
+    try:
+        return "{:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def set_threads(threads):
+    """TensorFlow intra/inter-op threads (0: TensorFlow's default)."""
+    if threads:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def machine():
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        return f"GPU: {details.get('device_name', gpus[0].name)} x{len(gpus)}"
+    return f"{os.cpu_count()}-core CPU, no GPU"
+
+
+def library_fingerprint():
+    """Short SHA-1 of `keras_isomax/layers.py` as imported, and the git commit if known.
+
+    Recorded in the report and by every measurement subprocess, so that a run
+    whose workers saw a different layer (edited during the run) says so.
+    """
+    import keras_isomax.layers as layers_module
+
+    path = Path(layers_module.__file__)
+    digest = hashlib.sha1(path.read_bytes()).hexdigest()[:10]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(path.parent), "log", "-1", "--format=%h", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return digest, commit
+
+
+# ------------------------------------------------------------- reference
+
+
+def reference_distances(x, prototypes, chunk=64):
+    """Float64 exact distances between L2-normalised rows (the benchmarks' oracle).
+
+    Exact differences, chunked over the rows of `x`; the same formula as the
+    tests' `tests/reference.py`.
+    """
+    import numpy as np
+
+    x = np.asarray(x, np.float64)
+    p = np.asarray(prototypes, np.float64)
+    xn = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    pn = p / np.maximum(np.linalg.norm(p, axis=-1, keepdims=True), 1e-12)
+    out = np.empty((len(xn), len(pn)))
+    for i in range(0, len(xn), chunk):
+        out[i : i + chunk] = np.sqrt(((xn[i : i + chunk, None] - pn[None]) ** 2).sum(-1))
+    return out
+
+
+# ----------------------------------------------------------------- heads
+
+
+def make_head(kind, num_classes):
+    """Returns `(layer, loss_fn, score_fn)` for a head kind (see `HEAD_NAMES`).
+
+    `isomax` is the library's public layer. `mm_only`/`mm_rev` are lower bounds
+    (the bare matrix product in each orientation, no distance); `naive` is the
+    authors' formulation through a (B, C, F) tensor, for the memory comparison.
+    """
+    import keras
+    from keras import ops
+
+    from keras_isomax import IsoMaxPlusLayer, IsoMaxPlusLoss, scores
+
+    isomax_loss = IsoMaxPlusLoss()
+    if kind in ("dense", "dense_isoloss"):
+        loss = (
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            if kind == "dense"
+            else isomax_loss
+        )
+        return keras.layers.Dense(num_classes, name="head"), loss, scores.max_probability_score
+    if kind == "isomax":
+        return IsoMaxPlusLayer(num_classes, name="head"), isomax_loss, scores.minimum_distance_score
+
+    def normalize(v):
+        return v / ops.maximum(ops.norm(v, axis=-1, keepdims=True), 1e-12)
+
+    functions = {
+        "mm_only": lambda x, p: -ops.matmul(x, ops.transpose(p)),
+        "mm_rev": lambda x, p: -ops.transpose(ops.matmul(p, ops.transpose(x))),
+        "naive": lambda x, p: (
+            -ops.sqrt(ops.sum(ops.square(ops.expand_dims(normalize(x), 1) - normalize(p)), axis=-1))
+        ),
+    }
+    if kind not in functions:
+        raise ValueError(f"Unknown head. Received: kind={kind!r}")
+
+    class _PrototypeHead(keras.layers.Layer):
+        """A (C, F) weight matrix with a given logits function."""
+
+        def build(self, input_shape):
+            self.prototypes = self.add_weight(
+                name="prototypes",
+                shape=(num_classes, input_shape[-1]),
+                initializer=keras.initializers.RandomNormal(stddev=1.0),
+            )
+
+        def call(self, x):
+            return functions[kind](x, self.prototypes)
+
+    return _PrototypeHead(name="head"), isomax_loss, scores.minimum_distance_score
+
+
+def optimizer():
+    """The paper's optimizer (SGD, Nesterov momentum 0.9); a small learning rate
+    keeps the random-data benchmark numerically steady over many steps."""
+    import keras
+
+    return keras.optimizers.SGD(learning_rate=1e-3, momentum=0.9, nesterov=True)
+
+
+def train_fn(model, loss_fn, jit):
+    """A compiled training step `(x, y) -> loss` of a whole model."""
+    import tensorflow as tf
+
+    opt = optimizer()
+    opt.build(model.trainable_variables)
+
+    @tf.function(jit_compile=jit)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply(grads, model.trainable_variables)
+        return loss
+
+    return step
+
+
+def infer_fn(model, score_fn, jit):
+    """A compiled `x -> score(model(x))`."""
+    import tensorflow as tf
+
+    @tf.function(jit_compile=jit)
+    def infer(x):
+        return score_fn(model(x, training=False))
+
+    return infer
+
+
+def head_step_fn(kind, num_classes, feature_dim, train=True, jit=False):
+    """The head alone on features `x` `(B, F)`.
+
+    Training: loss, gradients for the head's weights and for `x` (what the
+    backbone's backward pass would receive), SGD update of the head. Inference:
+    logits -> OOD score.
+
+    Returns:
+        `(fn, layer)`; `fn(x, y)` runs one step.
+    """
+    import tensorflow as tf
+
+    layer, loss_fn, score_fn = make_head(kind, num_classes)
+    layer.build((None, feature_dim))
+    if not train:
+
+        @tf.function(jit_compile=jit)
+        def infer(x, y):
+            return score_fn(layer(x))
+
+        return infer, layer
+    opt = optimizer()
+    opt.build(layer.trainable_variables)
+
+    @tf.function(jit_compile=jit)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = loss_fn(y, layer(x))
+        grads = tape.gradient(loss, [x, *layer.trainable_variables])
+        opt.apply(grads[1:], layer.trainable_variables)
+        return loss, tf.reduce_sum(grads[0])
+
+    return step, layer
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _proc_status_kib(field):
+    with open("/proc/self/status") as f:
+        match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def reset_peak_rss():
+    """Resets VmHWM to the current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Peak memory of a block of code over the memory live when it starts.
+
+    On a GPU: TensorFlow's allocator peak for `GPU:0`. On a CPU: the process's
+    peak resident set size (`VmHWM`, reset through `/proc/self/clear_refs`);
+    where the peak cannot be reset, `peak_bytes` stays `None`.
+    """
+
+    def __init__(self, gpu):
+        self.gpu = gpu
+        self.peak_bytes = None
+        self.method = None
+
+    def __enter__(self):
+        if self.gpu:
+            import tensorflow as tf
+
+            tf.config.experimental.reset_memory_stats("GPU:0")
+            self.base = tf.config.experimental.get_memory_info("GPU:0")["current"]
+            self.method = "tf.config.experimental.get_memory_info('GPU:0') peak - current"
+        else:
+            self.resettable = reset_peak_rss()
+            self.base = _proc_status_kib("VmRSS") * 1024
+            self.method = "peak RSS (VmHWM after clear_refs) - RSS before"
+        return self
+
+    def __exit__(self, *exc):
+        if self.gpu:
+            import tensorflow as tf
+
+            peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
+            self.peak_bytes = peak - self.base
+        elif self.resettable:
+            self.peak_bytes = _proc_status_kib("VmHWM") * 1024 - self.base
+        return False
+
+
+def run_worker(script, args, timeout=1800, flag="--worker"):
+    """Runs `script <flag> args...` in a subprocess and returns its JSON result."""
+    env = {**os.environ, **WORKER_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (env.get("PYTHONPATH", ""), str(ROOT)) if p
+    )  # An explicit PYTHONPATH (another checkout of the library) comes first.
+    cmd = [sys.executable, str(script), flag, *[str(a) for a in args]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    return {"error": f"worker exited {proc.returncode}: " + " | ".join(tail)}
