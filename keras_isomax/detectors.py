@@ -22,8 +22,8 @@ more in-distribution, like every score of this package):
 - `Mahalanobis`: class means and one covariance pooled over classes (the
   within-class scatter plus a `1e-6` ridge, divided by the number of training
   examples N); score = -min over classes of the squared Mahalanobis distance.
-  pytorch-ood does not divide by N and halves the distance: its score is
-  `-N / 2` times ours (same ranking).
+  pytorch-ood does not divide by N and halves the distance: its (outlier)
+  score is `-1 / (2 N)` times ours (same ranking).
 - `ViM`: origin `u = -pinv(W) b`; null space = the eigenvectors of the
   `F - dim` smallest eigenvalues of `mean((z - u)(z - u)^T)`; `alpha = mean
   max-logit / mean ||residual||` over the training data; score =
@@ -183,19 +183,19 @@ class _Extractor:
             )
         else:
             source = calibration._iter_batches(data, arg_name)
-        for x, y in source:
-            outputs = self.runner.predict_on_batch(x)
+        for x_batch, y_batch in source:
+            outputs = self.runner.predict_on_batch(x_batch)
             feats, logits = self.split(outputs)
             feats = np.asarray(ops.convert_to_numpy(feats))
             logits = None if logits is None else np.asarray(ops.convert_to_numpy(logits))
             labels = None
             if with_labels:
-                if y is None:
+                if y_batch is None:
                     raise ValueError(
                         f"`{arg_name}` must hold labels `(x, y)` for this detector. "
                         f"Received: {arg_name} without labels"
                     )
-                labels = calibration._as_class_ids(y, arg_name)
+                labels = calibration._as_class_ids(y_batch, arg_name)
                 if len(labels) != len(feats):
                     raise ValueError(
                         f"Each `{arg_name}` batch needs one label per example. Received: "
@@ -295,8 +295,6 @@ class Detector(keras.layers.Layer):
             trainable=False,
             dtype="float32",
         )
-        if self.state:
-            self._make_state(self.state)
 
     # -- state
     def _state_specs(self, state):
@@ -324,6 +322,8 @@ class Detector(keras.layers.Layer):
             )
 
     def build(self, input_shape):
+        if self.state and self._state_specs(self.state):
+            self._make_state(self.state)  # A reloaded detector: variables, then weights.
         self.built = True
 
     @property
