@@ -46,6 +46,16 @@ def _parser():
     )
     evaluate.add_argument("--n", type=int, default=None, help="use at most N examples per set")
     evaluate.add_argument("--tpr", type=float, default=0.95)
+    evaluate.add_argument(
+        "--detector",
+        default=None,
+        help="feature detector(s), comma-separated: knn[:K], mahalanobis, vim:DIM "
+        "(fitted on --fit-on)",
+    )
+    evaluate.add_argument(
+        "--fit-on", default=None, help="labelled data set (train split) to fit the detector on"
+    )
+    evaluate.add_argument("--fit-n", type=int, default=10000, help="training examples for the fit")
 
     export = commands.add_parser("export", help="Export a SavedModel for TF Serving.")
     export.add_argument("model", help="a .keras file with an IsoMaxPlusLayer")
@@ -57,6 +67,16 @@ def _parser():
     export.add_argument("--threshold", type=float, default=None, help="explicit threshold")
     export.add_argument("--version", type=int, default=1)
     export.add_argument("--overwrite", action="store_true")
+    export.add_argument(
+        "--detector",
+        default=None,
+        help="feature detector(s), comma-separated: knn[:K], mahalanobis, vim:DIM "
+        "(fitted on --fit-on)",
+    )
+    export.add_argument(
+        "--fit-on", default=None, help="labelled data set (train split) to fit the detector on"
+    )
+    export.add_argument("--fit-n", type=int, default=10000, help="training examples for the fit")
     return parser
 
 
@@ -114,6 +134,41 @@ def _has_isomax(model):
     return True
 
 
+def _detectors(args, model, shape, default_fit_on=None):
+    """Fits the detectors named by `--detector` on `--fit-on` (train split)."""
+    from keras_isomax import data, detectors
+
+    if not args.detector:
+        return []
+    fit_on = args.fit_on or default_fit_on
+    if not fit_on:
+        raise ValueError("`--detector` needs `--fit-on DATASET`. Received: --fit-on=None")
+    x, y = data.load_dataset(fit_on, "train", image_shape=shape, n=args.fit_n)
+    fitted = []
+    for spec in filter(None, (d.strip() for d in args.detector.split(","))):
+        name, _, param = spec.partition(":")
+        name = name.lower()
+        kwargs = {}
+        if param:
+            try:
+                value = int(param)
+            except ValueError:
+                raise ValueError(
+                    f"The parameter after ':' must be an integer. Received: --detector={spec}"
+                ) from None
+            kwargs = {"knn": {"k": value}, "vim": {"dim": value}}.get(name)
+            if kwargs is None:
+                raise ValueError(
+                    f"Only knn:K and vim:DIM take a parameter. Received: --detector={spec}"
+                )
+        elif name == "vim":
+            raise ValueError(f"ViM needs its dimension, e.g. vim:64. Received: --detector={spec}")
+        det = detectors.get(name, **kwargs).fit(model, (x, y))
+        print(f"Fitted detector {det.name} on {len(x)} examples of {fit_on} (train)")
+        fitted.append(det)
+    return fitted
+
+
 def _evaluate(args):
     from keras_isomax import data
     from keras_isomax.evaluation import evaluate_ood
@@ -128,6 +183,10 @@ def _evaluate(args):
         score = [s.strip() for s in args.score.split(",") if s.strip()]
     else:
         score = "minimum_distance" if _has_isomax(model) else "max_probability"
+    fitted = _detectors(args, model, shape, default_fit_on=args.in_data)
+    if fitted:
+        score = [score] if isinstance(score, str) else score
+        score = [*score, *fitted]
     result = evaluate_ood(model, (x_in, y_in), ood, score=score, tpr=args.tpr)
     print(result)
 
@@ -138,6 +197,14 @@ def _export(args):
     from keras_isomax.export import export_saved_model
 
     model = _load(args.model)
+    detector = None
+    if args.detector:
+        fitted = _detectors(args, model, _image_shape(model))
+        if len(fitted) != 1:
+            raise ValueError(f"`export` takes one detector. Received: --detector={args.detector}")
+        detector = fitted[0]
+        if not args.calibrate_on and args.threshold is None:
+            args.calibrate_on, args.calibrate_split = args.fit_on, "test"
     if args.calibrate_on:
         x, _ = data.load_dataset(
             args.calibrate_on,
@@ -145,7 +212,7 @@ def _export(args):
             image_shape=_image_shape(model),
             n=args.calibrate_n,
         )
-        threshold = calibrate_threshold(model, x, tpr=args.tpr)
+        threshold = calibrate_threshold(model, x, tpr=args.tpr, detector=detector)
         print(f"Calibrated threshold at TPR {args.tpr:.2f} on {args.calibrate_on}: {threshold:.6f}")
     path = export_saved_model(
         model,
@@ -153,6 +220,7 @@ def _export(args):
         threshold=args.threshold,
         version=args.version,
         overwrite=args.overwrite,
+        detector=detector,
     )
     print(f"SavedModel written to {path} (signatures: serving_default, score)")
 

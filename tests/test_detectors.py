@@ -9,6 +9,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import test_export  # tests/ is on sys.path under pytest
+from test_export import c_program  # noqa: F401, F811  (the C API program fixture)
 
 from keras_isomax import IsoMaxPlusLayer, detectors
 from keras_isomax.calibration import calibrate_threshold, predict_ood
@@ -365,4 +367,21 @@ def test_parity_with_pytorch_ood(setup, head, tmp_path):
     )
     np.testing.assert_array_equal(
         np.argsort(ours["mahalanobis"]), np.argsort(-theirs["mahalanobis"])
+    )
+
+
+def test_c_api_runs_detector_export(setup, c_program, tmp_path):
+    """A chunked KNN served through TensorFlow's C API (the way TF Serving loads it)."""
+    from keras_isomax.export import export_saved_model
+
+    models, x, y, q = setup
+    model = models["soft"]
+    det = detectors.KNN(k=5, chunk_size=128).fit(model, (x, y))
+    calibrate_threshold(model, x, detector=det)
+    path = export_saved_model(model, str(tmp_path / "knn"), detector=det)
+    code, outputs, log = test_export.run_c_program(c_program, path, "score", q, tmp_path)
+    assert code == 0, log
+    np.testing.assert_allclose(outputs["score"], det.score(q), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(
+        outputs["is_ood"].astype(bool), ~(det.score(q) >= float(det.threshold.numpy()))
     )
