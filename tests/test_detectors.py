@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import test_export  # tests/ is on sys.path under pytest
-from test_export import c_program  # noqa: F401, F811  (the C API program fixture)
+from test_export import c_program  # noqa: F401  (the C API program fixture)
 
 from keras_isomax import IsoMaxPlusLayer, detectors
 from keras_isomax.calibration import calibrate_threshold, predict_ood
@@ -370,7 +370,7 @@ def test_parity_with_pytorch_ood(setup, head, tmp_path):
     )
 
 
-def test_c_api_runs_detector_export(setup, c_program, tmp_path):
+def test_c_api_runs_detector_export(setup, c_program, tmp_path):  # noqa: F811
     """A chunked KNN served through TensorFlow's C API (the way TF Serving loads it)."""
     from keras_isomax.export import export_saved_model
 
