@@ -510,17 +510,19 @@ class KNN(Detector):
     """Distance to the k-th nearest training feature, on L2-normalised features.
 
     The bank of normalised training features is kept as float32 (optionally a
-    seeded uniform subset of `max_bank` rows). Scoring searches it in chunks of
-    `chunk_size` rows by one matrix product and top-k per chunk, so memory is
-    `O(batch_size * chunk_size)` on top of the bank, whatever its size.
+    seeded uniform subset of `max_bank` rows), in variables of `chunk_size`
+    rows each, filled while streaming (fitting holds one bank plus one chunk).
+    Scoring searches it chunk by chunk by one matrix product and a running
+    top-k, so memory is `O(batch_size * (chunk_size + k))` on top of the bank,
+    whatever its size.
 
     Args:
         k: Which nearest neighbour. Defaults to `50`.
         max_bank: Keep at most this many training features (a seeded uniform
             random subset of the stream), or `None` for all. Defaults to `None`.
         seed: Seed of the subset. Defaults to `0`.
-        chunk_size: Bank rows per matrix product when scoring. Defaults to
-            `32768`.
+        chunk_size: Bank rows per variable and per matrix product when
+            scoring. Defaults to `32768`.
         **kwargs: `features`, `batch_size` and `keras.layers.Layer` arguments.
 
     Example:
@@ -555,62 +557,85 @@ class KNN(Detector):
         self.chunk_size = chunk_size
 
     def _state_specs(self, state):
-        return {"bank": ((state["bank_size"], state["feature_dim"]), "float32")}
+        n, f, rows = state["bank_size"], state["feature_dim"], state["chunk_rows"]
+        return {
+            f"bank_{i}": ((min(rows, n - start), f), "float32")
+            for i, start in enumerate(range(0, n, rows))
+        }
+
+    @property
+    def bank(self):
+        """The whole bank `(bank_size, F)` as one tensor (for inspection)."""
+        return ops.concatenate(self._bank_chunks(), axis=0)
+
+    def _bank_chunks(self):
+        return [getattr(self, name) for name in self._state_specs(self.state)]
+
+    def _store_chunk(self, index, rows):
+        """Creates (or, when refitting, reuses) variable `bank_{index}`: memory ~ one bank."""
+        name = f"bank_{index}"
+        existing = getattr(self, name, None)
+        if isinstance(existing, keras.Variable):
+            if tuple(existing.shape) != rows.shape:
+                raise ValueError(
+                    f"This KNN was fitted on a bank of another size; create a new detector to "
+                    f"refit. Received: data giving bank chunk of shape {rows.shape}"
+                )
+            existing.assign(rows)
+            return
+        variable = self.add_weight(
+            name=name, shape=rows.shape, initializer="zeros", trainable=False, dtype="float32"
+        )
+        variable.assign(rows)
+        setattr(self, name, variable)
 
     def _fit_stream(self, extractor, stream):
-        if self.max_bank is not None:
-            reservoir = _Reservoir(self.max_bank, self.seed)
-        chunks, total = [], 0
+        rows = self.chunk_size
+        reservoir = None if self.max_bank is None else _Reservoir(self.max_bank, self.seed)
+        buffer, filled, stored, total = None, 0, 0, 0
         for feats, _, _ in stream:
             _check_finite(feats, "data")
             normed = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
             normed = normed.astype(np.float32)
-            if self.max_bank is not None:
+            total += len(normed)
+            if reservoir is not None:
                 reservoir.add(normed)
-            else:
-                chunks.append(normed)
-            total += len(feats)
+                continue
+            if buffer is None:
+                buffer = np.empty((rows, normed.shape[1]), np.float32)
+            while len(normed):
+                take = min(rows - filled, len(normed))
+                buffer[filled : filled + take] = normed[:take]
+                filled, normed = filled + take, normed[take:]
+                if filled == rows:  # A full chunk becomes a variable right away.
+                    self._store_chunk(stored, buffer)
+                    stored, filled = stored + 1, 0
         if total == 0:
             raise ValueError("`data` holds no examples. Received: empty data")
-        size = total if self.max_bank is None else min(total, self.max_bank)
+        size = total if reservoir is None else min(total, self.max_bank)
         if self.k > size:
             raise ValueError(
                 f"`k` must not exceed the number of bank features ({size}). Received: k={self.k}"
             )
-        self._make_state({"bank_size": size, "feature_dim": extractor.feature_dim})
-        if self.max_bank is not None:
-            self.bank.assign(reservoir.sample())
-            return
-        # Move the chunks into the variable one by one: peak memory ~ one bank.
-        start = 0
-        while chunks:
-            chunk = chunks.pop(0)
-            self.bank[start : start + len(chunk)].assign(chunk)
-            start += len(chunk)
+        if reservoir is not None:
+            sample = reservoir.sample()
+            for index, start in enumerate(range(0, size, rows)):
+                self._store_chunk(index, sample[start : start + rows])
+        elif filled:
+            self._store_chunk(stored, buffer[:filled].copy())
+        self._make_state(
+            {"bank_size": size, "feature_dim": extractor.feature_dim, "chunk_rows": rows}
+        )
 
     def call(self, inputs):
         feats = ops.cast(ops.reshape(inputs, (-1, self.state["feature_dim"])), "float32")
         query = l2_normalize(feats)
-        bank = self.bank
-        n, k, chunk = self.state["bank_size"], self.k, self.chunk_size
-        if n <= chunk:
-            top = ops.top_k(ops.matmul(query, ops.transpose(bank)), k, sorted=True)[0]
-        else:
-            num_chunks = -(-n // chunk)
-            init = ops.zeros_like(query[:, :1]) - 4.0  # Below any cosine similarity.
-            init = ops.tile(init, (1, k))
-            feature_dim = self.state["feature_dim"]
-
-            def body(i, top):
-                start = i * chunk
-                size = ops.minimum(chunk, n - start)
-                block = ops.slice(bank, (start, 0), (size, feature_dim))
-                sims = ops.matmul(query, ops.transpose(block))
-                merged = ops.concatenate([top, sims], axis=1)
-                return ops.top_k(merged, k, sorted=True)[0]
-
-            top = ops.fori_loop(0, num_chunks, body, init)
-        kth = top[:, k - 1]
+        top = None
+        for block in self._bank_chunks():  # Memory: batch x chunk similarities at a time.
+            sims = ops.matmul(query, ops.transpose(block))
+            merged = sims if top is None else ops.concatenate([top, sims], axis=1)
+            top = merged if merged.shape[1] < self.k else ops.top_k(merged, self.k)[0]
+        kth = ops.min(top, axis=1)  # The k-th largest cosine similarity.
         score = -ops.sqrt(ops.maximum(2.0 - 2.0 * kth, 0.0))
         return self._nan_rows(feats, score)
 

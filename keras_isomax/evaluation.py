@@ -308,7 +308,9 @@ def evaluate_ood(
         in_logits, labels = calibration._any_logits(
             net, in_data, batch_size, "in_data", with_labels=True
         )
-        _warn_if_probabilities(in_logits, model_name, score_lists[model_name])
+        logit_scores = [(n, f) for n, f in score_lists[model_name] if not isinstance(f, Detector)]
+        if logit_scores:  # Detectors read the head's pre-softmax logits themselves.
+            _warn_if_probabilities(in_logits, model_name, logit_scores)
         if labels is None:
             acc = math.nan
         else:

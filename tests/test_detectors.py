@@ -264,8 +264,9 @@ def test_calibrate_predict_evaluate(setup):
     out = predict_ood(model, q, detector=det)
     np.testing.assert_array_equal(out["is_ood"], ~(det.score(q) >= t))
     np.testing.assert_array_equal(out["class"], model.predict(q, verbose=0).argmax(1))
-    result = evaluate_ood(model, (x[400:], y[400:]), {"noise": q[40:]}, score=["energy", det])
-    assert [r["score"] for r in result] == ["energy", det.name]
+    energy = detectors.Energy(name="energy_det")
+    result = evaluate_ood(model, (x[400:], y[400:]), {"noise": q[40:]}, score=[energy, det])
+    assert [r["score"] for r in result] == ["energy_det", det.name]
     assert 0 <= result[1]["auroc"] <= 1
 
 
