@@ -266,6 +266,10 @@ class Detector(keras.layers.Layer):
             `None` for the input of the classifier head. Defaults to `None`.
         batch_size: Batch size for array data in `fit` and `score`. Defaults
             to `256`.
+        state: Shapes of the fitted state, written by `fit` (set only when
+            restoring from a config). Defaults to `None`.
+        model_fingerprint: Identity of the classifier head it was fitted on,
+            written by `fit` and checked by `attach`. Defaults to `None`.
         **kwargs: Passed to `keras.layers.Layer`.
     """
 
