@@ -7,7 +7,7 @@ Swap the classifier's last `Dense` + softmax for `IsoMaxPlusLayer`, its loss for
 
 import keras as _keras
 
-from keras_isomax import scores
+from keras_isomax import detectors, scores
 from keras_isomax.calibration import (
     calibrate_temperature,
     calibrate_threshold,
@@ -29,6 +29,7 @@ __all__ = [
     "IsoMaxPlusLoss",
     "OODScore",
     "calibrate_temperature",
+    "detectors",
     "calibrate_threshold",
     "evaluate_ood",
     "export_litert",

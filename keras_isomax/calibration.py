@@ -358,7 +358,7 @@ def isomax_logits(model, data, *, batch_size=256, arg_name="data"):
 # ------------------------------------------------------------- threshold
 
 
-def calibrate_threshold(model, in_val_data, tpr=0.95, *, batch_size=256):
+def calibrate_threshold(model, in_val_data, tpr=0.95, *, batch_size=256, detector=None):
     """Sets the layer's `ood_threshold` so that `tpr` of `in_val_data` is accepted.
 
     The threshold applies to the minimum distance score (the largest logit of
@@ -377,9 +377,12 @@ def calibrate_threshold(model, in_val_data, tpr=0.95, *, batch_size=256):
         tpr: Target fraction of in-distribution inputs to accept, in `(0, 1]`.
             Defaults to `0.95`.
         batch_size: Batch size for arrays. Defaults to `256`.
+        detector: A fitted `keras_isomax.detectors.Detector`: its score is
+            calibrated and the threshold stored in its `threshold` variable
+            (the model needs no `IsoMaxPlusLayer`). Defaults to `None`.
 
     Returns:
-        The threshold (a Python float), also stored in the layer.
+        The threshold (a Python float), also stored in the layer (or detector).
 
     Raises:
         ValueError: If `tpr` is not in `(0, 1]`, the data is empty or yields
@@ -398,6 +401,8 @@ def calibrate_threshold(model, in_val_data, tpr=0.95, *, batch_size=256):
     0.9
     """
     tpr = metrics_lib._check_tpr(tpr)
+    if detector is not None:
+        return _calibrate_detector(model, in_val_data, tpr, detector)
     layer = find_isomax_layer(model)
     data, flags, _ = _tap_nonfinite(in_val_data, "in_val_data")
     logits, _ = isomax_logits(model, data, batch_size=batch_size, arg_name="in_val_data")
@@ -414,6 +419,24 @@ def calibrate_threshold(model, in_val_data, tpr=0.95, *, batch_size=256):
     threshold = metrics_lib.threshold_at_tpr(scores, tpr, midpoint=True)
     layer.ood_threshold.assign(threshold)
     return float(layer.ood_threshold.numpy())
+
+
+def _calibrate_detector(model, in_val_data, tpr, detector):
+    from keras_isomax import detectors as detectors_lib
+
+    detector = detectors_lib.get(detector)
+    if detector.input_kind == "logits" and not detector.state:
+        detector.fit(model)
+    scores, _ = detector.score_and_logits(in_val_data, model=model, arg_name="in_val_data")
+    bad = np.isnan(scores)
+    if bad.any():
+        raise ValueError(
+            f"The detector gives NaN scores on {int(bad.sum())} of {bad.size} examples "
+            "of `in_val_data` (NaN or Inf inputs?); remove them before calibrating. "
+            f"Received: in_val_data with NaN scores at {np.flatnonzero(bad)[:5].tolist()}"
+        )
+    detector.threshold.assign(metrics_lib.threshold_at_tpr(scores, tpr, midpoint=True))
+    return float(detector.threshold.numpy())
 
 
 # ----------------------------------------------------------- temperature
@@ -603,7 +626,9 @@ def _fit_inverse_temperature(z, labels, iterations=200):
 # ------------------------------------------------------------ prediction
 
 
-def predict_ood(model, x, *, threshold=None, score="minimum_distance", batch_size=256):
+def predict_ood(
+    model, x, *, threshold=None, score="minimum_distance", batch_size=256, detector=None
+):
     """OOD score, decision and predicted class for every input.
 
     An input is accepted as in-distribution when `score >= threshold`, so
@@ -621,6 +646,9 @@ def predict_ood(model, x, *, threshold=None, score="minimum_distance", batch_siz
         score: Name of a score in `keras_isomax.scores` or a callable
             `logits -> scores`. Defaults to `"minimum_distance"`.
         batch_size: Batch size for arrays. Defaults to `256`.
+        detector: A fitted `keras_isomax.detectors.Detector` whose score is
+            used instead of `score`; `threshold=None` then uses the
+            detector's calibrated `threshold`. Defaults to `None`.
 
     Returns:
         A dict of NumPy arrays of length `N`: `"score"` (float), `"is_ood"`
@@ -646,6 +674,10 @@ def predict_ood(model, x, *, threshold=None, score="minimum_distance", batch_siz
     >>> sorted(out)
     ['class', 'is_ood', 'score']
     """
+    if threshold is not None:
+        threshold = _parse_threshold(threshold)
+    if detector is not None:
+        return _predict_with_detector(model, x, threshold, detector)
     score_fn = scores_lib.get(score)
     if threshold is None:
         if score_fn is not scores_lib.minimum_distance_score:
@@ -662,16 +694,6 @@ def predict_ood(model, x, *, threshold=None, score="minimum_distance", batch_siz
                 "`threshold=`. Received: threshold=None"
             )
         threshold = float(layer.ood_threshold.numpy())
-    else:
-        try:
-            value = float(threshold)
-        except (TypeError, ValueError):
-            value = math.nan
-        if math.isnan(value) or isinstance(threshold, bool):
-            raise ValueError(
-                f"`threshold` must be a number (not NaN). Received: threshold={threshold!r}"
-            )
-        threshold = value
     logits, _, nonfinite = _any_logits(model, x, batch_size, "x", with_nonfinite=True)
     values = np.asarray(keras.ops.convert_to_numpy(score_fn(logits)))
     if values.shape != nonfinite.shape:
@@ -688,6 +710,42 @@ def predict_ood(model, x, *, threshold=None, score="minimum_distance", batch_siz
         "is_ood": is_ood | nonfinite,
         "class": np.where(nonfinite, _serving.NONFINITE_CLASS_ID, classes),
     }
+
+
+def _predict_with_detector(model, x, threshold, detector):
+    if threshold is None:
+        if not detector.is_calibrated:
+            raise ValueError(
+                f"Detector {detector.name!r} has no calibrated `threshold`; call "
+                "`calibrate_threshold(model, in_val_data, detector=det)` first or pass "
+                "`threshold=`. Received: threshold=None"
+            )
+        threshold = float(keras.ops.convert_to_numpy(detector.threshold))
+    values, logits = detector.score_and_logits(x, model=model)
+    # NaN scores come from inputs holding NaN/Inf (the detector's feature pass
+    # applies the library's non-finite rule) or from non-finite features.
+    nonfinite = np.isnan(values)
+    with np.errstate(invalid="ignore"):
+        is_ood = ~(values >= threshold)
+    classes = np.argmax(logits, axis=-1).astype(np.int64)
+    return {
+        "score": values,
+        "is_ood": is_ood,
+        "class": np.where(nonfinite, _serving.NONFINITE_CLASS_ID, classes),
+    }
+
+
+def _parse_threshold(threshold):
+    """A decision threshold as a float; refuses NaN and booleans."""
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        value = math.nan
+    if math.isnan(value) or isinstance(threshold, bool):
+        raise ValueError(
+            f"`threshold` must be a number (not NaN). Received: threshold={threshold!r}"
+        )
+    return value
 
 
 def _nonfinite_flags(x):

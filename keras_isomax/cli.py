@@ -92,6 +92,18 @@ def _parser():
         "--n", type=_int_at_least(1), default=None, help="use at most N examples per set"
     )
     evaluate.add_argument("--tpr", type=_fraction, default=0.95, help="in (0, 1] (default 0.95)")
+    evaluate.add_argument(
+        "--detector",
+        default=None,
+        help="feature detector(s), comma-separated: knn[:K], mahalanobis, vim:DIM "
+        "(fitted on --fit-on)",
+    )
+    evaluate.add_argument(
+        "--fit-on", default=None, help="labelled data set (train split) to fit the detector on"
+    )
+    evaluate.add_argument(
+        "--fit-n", type=_int_at_least(1), default=10000, help="training examples for the fit"
+    )
 
     export = commands.add_parser("export", help="Export a SavedModel for TF Serving.")
     export.add_argument("model", help="a .keras file with an IsoMaxPlusLayer")
@@ -127,6 +139,18 @@ def _parser():
         choices=("saved_model", "litert", "onnx"),
         default="saved_model",
         help="saved_model: EXPORT_DIR/VERSION for TF Serving; litert/onnx: one file EXPORT_DIR",
+    )
+    export.add_argument(
+        "--detector",
+        default=None,
+        help="feature detector(s), comma-separated: knn[:K], mahalanobis, vim:DIM "
+        "(fitted on --fit-on)",
+    )
+    export.add_argument(
+        "--fit-on", default=None, help="labelled data set (train split) to fit the detector on"
+    )
+    export.add_argument(
+        "--fit-n", type=_int_at_least(1), default=10000, help="training examples for the fit"
     )
     for command in (demo, evaluate, export):
         command.add_argument(
@@ -235,6 +259,41 @@ def _has_isomax(model):
     return True
 
 
+def _detectors(args, model, shape, default_fit_on=None):
+    """Fits the detectors named by `--detector` on `--fit-on` (train split)."""
+    from keras_isomax import data, detectors
+
+    if not args.detector:
+        return []
+    fit_on = args.fit_on or default_fit_on
+    if not fit_on:
+        raise ValueError("`--detector` needs `--fit-on DATASET`. Received: --fit-on=None")
+    x, y = data.load_dataset(fit_on, "train", image_shape=shape, n=args.fit_n)
+    fitted = []
+    for spec in filter(None, (d.strip() for d in args.detector.split(","))):
+        name, _, param = spec.partition(":")
+        name = name.lower()
+        kwargs = {}
+        if param:
+            try:
+                value = int(param)
+            except ValueError:
+                raise ValueError(
+                    f"The parameter after ':' must be an integer. Received: --detector={spec}"
+                ) from None
+            kwargs = {"knn": {"k": value}, "vim": {"dim": value}}.get(name)
+            if kwargs is None:
+                raise ValueError(
+                    f"Only knn:K and vim:DIM take a parameter. Received: --detector={spec}"
+                )
+        elif name == "vim":
+            raise ValueError(f"ViM needs its dimension, e.g. vim:64. Received: --detector={spec}")
+        det = detectors.get(name, **kwargs).fit(model, (x, y))
+        print(f"Fitted detector {det.name} on {len(x)} examples of {fit_on} (train)")
+        fitted.append(det)
+    return fitted
+
+
 def _evaluate(args):
     from keras_isomax import data
     from keras_isomax.evaluation import evaluate_ood
@@ -249,6 +308,10 @@ def _evaluate(args):
         score = [s.strip() for s in args.score.split(",") if s.strip()]
     else:
         score = "minimum_distance" if _has_isomax(model) else "max_probability"
+    fitted = _detectors(args, model, shape, default_fit_on=args.in_data)
+    if fitted:
+        score = [score] if isinstance(score, str) else score
+        score = [*score, *fitted]
     result = evaluate_ood(model, (x_in, y_in), ood, score=score, tpr=args.tpr)
     print(result)
 
@@ -259,6 +322,14 @@ def _export(args):
     from keras_isomax.export import export_saved_model
 
     model = _load(args.model)
+    detector = None
+    if args.detector:
+        fitted = _detectors(args, model, _image_shape(model))
+        if len(fitted) != 1:
+            raise ValueError(f"`export` takes one detector. Received: --detector={args.detector}")
+        detector = fitted[0]
+        if not args.calibrate_on and args.threshold is None:
+            args.calibrate_on, args.calibrate_split = args.fit_on, "test"
     if args.calibrate_on:
         x, _ = data.load_dataset(
             args.calibrate_on,
@@ -266,13 +337,18 @@ def _export(args):
             image_shape=_image_shape(model),
             n=args.calibrate_n,
         )
-        threshold = calibrate_threshold(model, x, tpr=args.tpr)
+        threshold = calibrate_threshold(model, x, tpr=args.tpr, detector=detector)
         print(
             f"Calibrated threshold at TPR {args.tpr:.2f} on {args.calibrate_on} split "
             f"{args.calibrate_split!r} ({len(x)} examples): {threshold:.6f}"
         )
     if args.format != "saved_model":
         from keras_isomax import edge
+
+        if detector is not None:
+            raise ValueError(
+                f"--detector exports only as a SavedModel for now. Received: --format={args.format}"
+            )
 
         export = edge.export_litert if args.format == "litert" else edge.export_onnx
         path = export(model, args.export_dir, threshold=args.threshold, overwrite=args.overwrite)
@@ -284,6 +360,7 @@ def _export(args):
         threshold=args.threshold,
         version=args.version,
         overwrite=args.overwrite,
+        detector=detector,
     )
     print(f"SavedModel written to {path} (signatures: serving_default, score)")
 

@@ -21,6 +21,7 @@ import numpy as np
 from keras_isomax import calibration
 from keras_isomax import metrics as metrics_lib
 from keras_isomax import scores as scores_lib
+from keras_isomax.detectors import Detector
 
 ROW_KEYS = (
     "model",
@@ -216,7 +217,12 @@ def _score_list(score, arg_name="score"):
             "`score` must be a score name, a callable or a non-empty list of them. "
             f"Received: {arg_name}={score!r}"
         )
-    return [(scores_lib.name_of(scores_lib.get(s)), scores_lib.get(s)) for s in items]
+    return [
+        (s.name, s)
+        if isinstance(s, Detector)
+        else (scores_lib.name_of(scores_lib.get(s)), scores_lib.get(s))
+        for s in items
+    ]
 
 
 def evaluate_ood(
@@ -249,7 +255,8 @@ def evaluate_ood(
         ood_data: Dict name -> OOD data (arrays, `(x, ...)` tuples or batched
             datasets; labels are ignored).
         score: A score name of `keras_isomax.scores`, a callable
-            `logits -> scores`, a list of them, or (with a dict of models) a
+            `logits -> scores`, a fitted `keras_isomax.detectors.Detector`
+            (rows named after `detector.name`), a list of them, or (with a dict of models) a
             dict model name -> any of those. Defaults to `"minimum_distance"`.
         batch_size: Batch size for arrays. Defaults to `256`.
         tpr: True positive rate of the `tnr_at_tpr95`/`fpr_at_tpr95` columns.
@@ -301,7 +308,9 @@ def evaluate_ood(
         in_logits, labels, in_nonfinite = calibration._any_logits(
             net, in_data, batch_size, "in_data", with_labels=True, with_nonfinite=True
         )
-        _warn_if_probabilities(in_logits, model_name, score_lists[model_name])
+        logit_scores = [(n, f) for n, f in score_lists[model_name] if not isinstance(f, Detector)]
+        if logit_scores:  # Detectors read the head's pre-softmax logits themselves.
+            _warn_if_probabilities(in_logits, model_name, logit_scores)
         if labels is None:
             acc = math.nan
         else:
@@ -315,13 +324,20 @@ def evaluate_ood(
             )
             ood_logits[name] = (logits, nonfinite)
         for score_name, score_fn in score_lists[model_name]:
-            # A NaN/Inf input scores NaN whatever the backbone does with it;
-            # ood_metrics then names the data set.
-            in_scores = _score_values(score_fn, in_logits, in_nonfinite)
-            ood_scores = {
-                name: _score_values(score_fn, logits, nonfinite)
-                for name, (logits, nonfinite) in ood_logits.items()
-            }
+            if isinstance(score_fn, Detector):  # Scores features: one more pass over the data.
+                in_scores = _detector_values(score_fn, net, in_data, "in_data")
+                ood_scores = {
+                    name: _detector_values(score_fn, net, data, f"ood_data[{name!r}]")
+                    for name, data in ood_data.items()
+                }
+            else:
+                # A NaN/Inf input scores NaN whatever the backbone does with it;
+                # ood_metrics then names the data set.
+                in_scores = _score_values(score_fn, in_logits, in_nonfinite)
+                ood_scores = {
+                    name: _score_values(score_fn, logits, nonfinite)
+                    for name, (logits, nonfinite) in ood_logits.items()
+                }
             raw_scores[(model_name, score_name)] = (in_scores, ood_scores)
             for ood_name, out_scores in ood_scores.items():
                 try:
@@ -359,6 +375,13 @@ def _model_dict(model):
         "`model` must be a Keras model or a non-empty dict name -> model. "
         f"Received: model={type(model).__name__}"
     )
+
+
+def _detector_values(detector, model, data, arg_name):
+    if detector.input_kind == "logits" and not detector.state:
+        detector.fit(model)
+    values, _ = detector.score_and_logits(data, model=model, arg_name=arg_name)
+    return values.reshape(-1).astype(np.float64)
 
 
 def _score_values(score_fn, logits, nonfinite):

@@ -44,6 +44,7 @@ def export_saved_model(
     jit_compile=False,
     overwrite=False,
     verbose=False,
+    detector=None,
 ):
     """Exports an IsoMax+ classifier as a TF Serving-ready SavedModel.
 
@@ -117,6 +118,12 @@ def export_saved_model(
             other entry (or the working directory itself) makes the export
             refuse. Defaults to `False`.
         verbose: Whether to print the endpoints written. Defaults to `False`.
+        detector: A fitted `keras_isomax.detectors.Detector` (e.g. `KNN`):
+            the `score` signature then returns its score, and
+            `threshold=None` reads the detector's calibrated `threshold`
+            variable (saved with its fitted state). The model then needs no
+            `IsoMaxPlusLayer`: a SoftMax classifier works too, and `logits`
+            are its pre-softmax logits. Defaults to `None`.
 
     Returns:
         The path (a `str`) of the SavedModel directory written.
@@ -165,7 +172,9 @@ def export_saved_model(
     for name, value in (("jit_compile", jit_compile), ("overwrite", overwrite)):
         if not isinstance(value, bool):
             raise TypeError(f"`{name}` must be a bool. Received: {name}={value!r}")
-    functions, input_spec = _build_serving_functions(model, threshold, input_name, input_signature)
+    functions, input_spec = _build_serving_functions(
+        model, threshold, input_name, input_signature, detector
+    )
     if jit_compile:
         compute = tf.function(functions.pop("_compute"), jit_compile=True)
         functions = _endpoint_functions(compute)
@@ -180,6 +189,8 @@ def export_saved_model(
 
     archive = keras.export.ExportArchive()
     archive.track(model)
+    if detector is not None:
+        archive.track(detector)  # Its fitted state and `threshold` variable.
     for name in (SERVING_DEFAULT, SCORE):
         archive.add_endpoint(name, functions[name], input_signature=[input_spec])
 
@@ -280,7 +291,7 @@ def serving_functions(model, threshold=None, input_signature=None):
     return functions
 
 
-def _build_serving_functions(model, threshold, input_name, input_signature):
+def _build_serving_functions(model, threshold, input_name, input_signature, detector=None):
     """Validates the arguments; returns the signature functions and input spec."""
     _check_backend()
     import tensorflow as tf
@@ -296,6 +307,8 @@ def _build_serving_functions(model, threshold, input_name, input_signature):
         raise ValueError(
             f"`input_name` must be a valid identifier string. Received: input_name={input_name!r}"
         )
+    if detector is not None:
+        return _detector_functions(model, threshold, input_name, input_signature, detector)
     layer = find_isomax_layer(model)
     _check_output_is_isomax(model, layer)
     input_spec = _input_spec(model, input_name, input_signature)
@@ -347,6 +360,60 @@ def _check_backend():
             "`keras_isomax.edge.export_onnx` (ONNX, any backend). "
             f"Received: backend={keras.backend.backend()!r}"
         )
+
+
+def _detector_functions(model, threshold, input_name, input_signature, detector):
+    """The signature functions with the score of a fitted detector (any classifier head)."""
+    import tensorflow as tf
+
+    from keras_isomax import detectors as detectors_lib
+
+    if not isinstance(detector, detectors_lib.Detector):
+        raise TypeError(
+            "`detector` must be a fitted `keras_isomax.detectors.Detector`. "
+            f"Received: detector={type(detector).__name__}"
+        )
+    if detector.input_kind == "logits" and not detector.state:
+        detector.fit(model)
+    detector._bound(model)  # Raises if unfitted or fitted on another model.
+    input_spec = _input_spec(model, input_name, input_signature)
+    if threshold is None:
+        if not detector.is_calibrated:
+            raise ValueError(
+                f"Detector {detector.name!r} has no calibrated threshold. Call "
+                "`calibrate_threshold(model, in_val_data, detector=det)` before exporting, "
+                "or pass `threshold=` explicitly. Received: threshold=None"
+            )
+
+        def threshold_fn():
+            return tf.cast(tf.convert_to_tensor(detector.threshold), tf.float32)
+
+    else:
+        threshold_fn = _threshold_reader(None, threshold)
+
+    def compute(inputs):
+        inputs = tf.ensure_shape(inputs, input_spec.shape)
+        score, logits = detector.score_inputs(inputs)
+        logits = tf.cast(logits, tf.float32)
+        score = tf.cast(score, tf.float32)
+        limit = threshold_fn()
+        # The library, not the backbone, makes a NaN/Inf input OOD.
+        decided = _serving.apply_nonfinite_rule(
+            _serving.nonfinite_rows(inputs),
+            score=score,
+            is_ood=_is_ood(score, limit),
+            class_id=tf.argmax(logits, axis=-1, output_type=tf.int64),
+        )
+        return {
+            "logits": logits,
+            "probabilities": tf.nn.softmax(logits, axis=-1),
+            "threshold": tf.broadcast_to(limit, tf.shape(score)),
+            **decided,
+        }
+
+    functions = _endpoint_functions(compute)
+    functions["_compute"] = compute
+    return functions, input_spec
 
 
 def _is_ood(score, threshold):

@@ -295,6 +295,9 @@ _PYTORCH_OOD_CHECK = """
 import json, sys
 import numpy as np
 import torch  # torch and torchvision before TensorFlow: the reverse order segfaults.
+from _pytorch_ood_ref import install_torchvision_stand_in
+
+install_torchvision_stand_in()  # pytorch-ood's metrics do not need torchvision.
 from pytorch_ood.metrics import functional
 from keras_isomax.metrics import ood_metrics
 
@@ -324,7 +327,8 @@ def test_relation_to_pytorch_ood(rng):
     """
     a, b = _random_case(rng, "ties")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=repo, TF_CPP_MIN_LOG_LEVEL="3")
+    tests = os.path.join(repo, "tests")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, tests]), TF_CPP_MIN_LOG_LEVEL="3")
     process = subprocess.run(
         [sys.executable, "-c", _PYTORCH_OOD_CHECK],
         input=json.dumps([a.tolist(), b.tolist()]),
