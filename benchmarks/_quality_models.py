@@ -12,7 +12,9 @@ The paper protocol (Macêdo & Ludermir, IsoMax+; the authors' training code):
   16 / 32 / 64 filters (stride 2 between stages, 1x1 projection shortcuts),
   BatchNorm after every convolution, global average pooling; depth `6n + 2`
   (ResNet-8 for n=1, ResNet-20 for n=3, ResNet-32 for n=5). The pooled
-  vector (64 values) is the layer named `"features"`, input of either head;
+  vector (64 values) is the layer named `"features"`, input of either head.
+  `depth=34` gives the paper's ResNet-34 (basic blocks 3/4/6/3 of 64 / 128 /
+  256 / 512 filters, 3x3 stem; 512 features), for GPU runs;
 * optimizer: SGD, learning rate 0.1, momentum 0.9, Nesterov, weight decay
   1e-4 in PyTorch's convention (the L2 gradient `1e-4 * w`, i.e. a Keras
   `L2(5e-5)` kernel regulariser, coupled with momentum as in the paper;
@@ -25,6 +27,8 @@ The paper protocol (Macêdo & Ludermir, IsoMax+; the authors' training code):
   transform (`RandomCrop(32, padding=4)`, `RandomHorizontalFlip()`) at
   Fashion-MNIST's size. A mirrored Fashion-MNIST garment, shoe or bag is the
   same class, so the flip keeps every label;
+* BatchNorm with PyTorch's defaults (running-statistics momentum 0.1, i.e.
+  Keras `momentum=0.9`; epsilon 1e-5), as in the authors' PyTorch code;
 * batch 64 (the paper's batch size);
 * both heads get the same initial backbone weights (the backbone is built
   first from the seed) and the same batches in the same order (epoch
@@ -45,6 +49,8 @@ PAPER_DECAY_FRACTIONS = (150 / 300, 200 / 300, 250 / 300)
 PAPER_DECAY_FACTOR = 0.1
 CROP_PADDING = 4
 BACKBONES = ("resnet", "cnn")
+RESNET34_BLOCKS = (3, 4, 6, 3)
+RESNET34_WIDTHS = (64, 128, 256, 512)
 
 
 # --------------------------------------------------------------- backbones
@@ -53,6 +59,13 @@ BACKBONES = ("resnet", "cnn")
 def _regularizer(weight_decay):
     # d/dw [l2 * w^2] = 2 * l2 * w: PyTorch's weight_decay=wd is L2(wd / 2).
     return keras.regularizers.L2(weight_decay / 2) if weight_decay else None
+
+
+def _batch_norm(name):
+    # PyTorch's BatchNorm2d defaults, as in the paper: running statistics updated
+    # with momentum 0.1 (Keras: momentum=0.9), epsilon 1e-5. Keras' default 0.99
+    # leaves the running statistics far from the data after a short run.
+    return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
 
 
 def _conv_bn(x, filters, strides, name, weight_decay, relu=True):
@@ -66,14 +79,18 @@ def _conv_bn(x, filters, strides, name, weight_decay, relu=True):
         kernel_regularizer=_regularizer(weight_decay),
         name=f"{name}_conv",
     )(x)
-    x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = _batch_norm(f"{name}_bn")(x)
     return keras.layers.Activation("relu", name=f"{name}_relu")(x) if relu else x
 
 
-def resnet_backbone(inputs, blocks_per_stage=1, widths=(16, 32, 64), weight_decay=1e-4):
-    """CIFAR-style ResNet (depth 6n + 2) ending in global average pooling."""
+def resnet_backbone(inputs, blocks=(1, 1, 1), widths=(16, 32, 64), weight_decay=1e-4):
+    """ResNet of basic blocks with a 3x3 stem, ending in global average pooling.
+
+    `blocks[i]` basic blocks of `widths[i]` filters in stage `i`; stride 2 at
+    the start of every stage after the first.
+    """
     x = _conv_bn(inputs, widths[0], 1, "stem", weight_decay)
-    for stage, width in enumerate(widths):
+    for stage, (width, blocks_per_stage) in enumerate(zip(widths, blocks, strict=True)):
         for block in range(blocks_per_stage):
             name = f"s{stage}b{block}"
             strides = 2 if stage > 0 and block == 0 else 1
@@ -90,7 +107,7 @@ def resnet_backbone(inputs, blocks_per_stage=1, widths=(16, 32, 64), weight_deca
                     kernel_regularizer=_regularizer(weight_decay),
                     name=f"{name}_proj",
                 )(shortcut)
-                shortcut = keras.layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
+                shortcut = _batch_norm(f"{name}_proj_bn")(shortcut)
             x = keras.layers.Add(name=f"{name}_add")([shortcut, y])
             x = keras.layers.Activation("relu", name=f"{name}_out")(x)
     return keras.layers.GlobalAveragePooling2D(name="features")(x)
@@ -116,10 +133,13 @@ def build_backbone(backbone, seed, *, depth=8, widths=(16, 32, 64), weight_decay
     inputs = keras.Input(IMAGE_SHAPE, name="image")
     if backbone == "cnn":
         return inputs, cnn_backbone(inputs)
-    if (depth - 2) % 6 or depth < 8:
-        raise ValueError(f"`depth` must be 6n + 2 with n >= 1. Received: depth={depth}")
     wd = PAPER_WEIGHT_DECAY if weight_decay is None else weight_decay
-    return inputs, resnet_backbone(inputs, (depth - 2) // 6, widths, wd)
+    if depth == 34:  # The paper's ResNet-34 (CIFAR variant: 3x3 stem, no max pooling).
+        return inputs, resnet_backbone(inputs, RESNET34_BLOCKS, RESNET34_WIDTHS, wd)
+    if (depth - 2) % 6 or depth < 8:
+        raise ValueError(f"`depth` must be 6n + 2 with n >= 1, or 34. Received: depth={depth}")
+    n = (depth - 2) // 6
+    return inputs, resnet_backbone(inputs, (n,) * len(widths), widths, wd)
 
 
 def build_model(
@@ -144,11 +164,12 @@ def build_model(
     )
     if head == "softmax":
         wd = (PAPER_WEIGHT_DECAY if weight_decay is None else weight_decay) * (backbone != "cnn")
+        # Heads in float32 also under a mixed-precision policy (GPU runs).
         logits = keras.layers.Dense(
-            num_classes, kernel_regularizer=_regularizer(wd), name="logits"
+            num_classes, kernel_regularizer=_regularizer(wd), dtype="float32", name="logits"
         )(features)
     elif head == "isomax":
-        logits = IsoMaxPlusLayer(num_classes, name="isomax")(features)
+        logits = IsoMaxPlusLayer(num_classes, dtype="float32", name="isomax")(features)
     else:
         raise ValueError(f"`head` must be 'softmax' or 'isomax'. Received: head={head!r}")
     model = keras.Model(inputs, logits, name=f"{backbone}_{head}")

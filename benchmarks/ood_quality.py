@@ -164,17 +164,19 @@ FULL = {
     "test_size": None,  # All 10,000 (6,000 / 4,000 for the near split).
     "ood_size": 5000,
     "knn_bank": 20000,
+    "batch_size": 64,  # The paper's.
 }
 QUICK = {
     "seeds": 1,
     "epochs": 2,
     "finetune_epochs": 1,
     "depth": 8,
-    "train_size": 3000,
+    "train_size": 2000,
     "val_size": 1000,
     "test_size": 1000,
-    "ood_size": 500,
-    "knn_bank": 3000,
+    "ood_size": 300,
+    "knn_bank": 2000,
+    "batch_size": 64,
 }
 CNN_PROTOCOL = {"epochs": 3, "batch_size": 128, "augmentation": False}
 FINETUNE_LR = 0.01  # One tenth of the from-scratch rate: common fine-tuning practice.
@@ -183,9 +185,11 @@ FINETUNE_LR = 0.01  # One tenth of the from-scratch rate: common fine-tuning pra
 # ------------------------------------------------------------------- peers
 
 
-def _features(model, x):
+def _features(model, arrays):
+    """Penultimate features of several arrays with one extractor and one `predict`."""
     extractor = keras.Model(model.inputs, model.get_layer("features").output)
-    return extractor.predict(x, batch_size=512, verbose=0)
+    z = extractor.predict(np.concatenate(arrays), batch_size=512, verbose=0)
+    return np.split(z, np.cumsum([len(a) for a in arrays])[:-1])
 
 
 def run_peers(peers, model, head, x_fit, y_fit, x_in, ood, *, knn_bank, seed):
@@ -196,9 +200,8 @@ def run_peers(peers, model, head, x_fit, y_fit, x_in, ood, *, knn_bank, seed):
     """
     torch = peers["torch"]
     t = torch.as_tensor
-    z_fit = _features(model, x_fit)
-    z_in = _features(model, x_in)
-    z_ood = {name: _features(model, x) for name, x in ood.items()}
+    z_fit, z_in, *z_out = _features(model, [x_fit, x_in, *ood.values()])
+    z_ood = dict(zip(ood, z_out, strict=True))
     detectors = {"Mahalanobis": peers["Mahalanobis"](None), "KNN": peers["KNN"](None, k=50)}
     if head == "softmax":
         # ViM needs the linear classifier's weight (C, F) and bias; principal space F / 2.
@@ -416,7 +419,7 @@ def run_task(task, backbone, data, seed, config, peers, log, entropic_scale=10.0
             CNN_PROTOCOL["augmentation"],
         )
     else:
-        epochs, batch, augmentation = config["epochs"], qm.PAPER_BATCH_SIZE, True
+        epochs, batch, augmentation = config["epochs"], config["batch_size"], True
     steps = -(-len(x_train) // batch)
     models, extras = {}, {"train_s": {}, "calibration": {}, "notes": []}
     for head in ("softmax", "isomax"):
@@ -636,7 +639,7 @@ def summary(far, near):
                 continue
             lines.append(
                 f"- {backbone}, {label}: best IsoMax+ score ({i_name}) {100 * i_val:.1f} vs "
-                f"best SoftMax logit score ({s_name}) {100 * s_val:.1f} ({100 * (i_val - s_val):+.1f})."
+                f"best SoftMax score ({s_name}) {100 * s_val:.1f} ({100 * (i_val - s_val):+.1f})."
             )
     return "\n".join(lines)
 
@@ -650,8 +653,14 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, help="number of seeds (full: 3)")
     parser.add_argument("--epochs", type=int, help="ResNet training epochs (full: 10)")
     parser.add_argument("--finetune-epochs", type=int, help="replace_head fine-tune (full: 2)")
-    parser.add_argument("--depth", type=int, help="ResNet depth 6n+2 (full: 8)")
+    parser.add_argument("--depth", type=int, help="ResNet depth: 6n+2, or 34 (full: 8)")
+    parser.add_argument("--batch-size", type=int, help="ResNet batch size (paper: 64)")
+    parser.add_argument(
+        "--mixed-precision", action="store_true", help="mixed_bfloat16 backbone (GPU)"
+    )
     parser.add_argument("--train-size", type=int, help="training images (full: 20000)")
+    parser.add_argument("--test-size", type=int, help="test images (full: all 10000)")
+    parser.add_argument("--ood-size", type=int, help="photo / noise images (full: 5000)")
     parser.add_argument(
         "--backbone",
         default="resnet,cnn",
@@ -671,7 +680,18 @@ def main(argv=None):
         print(f"wrote {args.prepare_npz}: {size / 2**20:.1f} MiB")
         return 0
     config = dict(QUICK if args.quick else FULL)
-    for name in ("seeds", "epochs", "finetune_epochs", "depth", "train_size"):
+    if args.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    for name in (
+        "seeds",
+        "epochs",
+        "finetune_epochs",
+        "depth",
+        "train_size",
+        "batch_size",
+        "test_size",
+        "ood_size",
+    ):
         if getattr(args, name) is not None:
             config[name] = getattr(args, name)
     backbones = [b.strip() for b in args.backbone.split(",") if b.strip()]
@@ -729,10 +749,17 @@ def main(argv=None):
     setups = []
     if "resnet" in backbones:
         setups.append(
-            f"resnet = ResNet-{config['depth']} (CIFAR family: stem conv16, stages 16/32/64, "
-            f"BatchNorm, global average pooling; 64 features), SGD lr 0.1, Nesterov 0.9, "
+            f"resnet = ResNet-{config['depth']} ("
+            + (
+                "basic blocks 3/4/6/3 of 64-512 filters, 3x3 stem; 512 features"
+                if config["depth"] == 34
+                else "CIFAR family: stem conv16, stages 16/32/64; 64 features"
+            )
+            + "; BatchNorm, global average pooling)"
+            + (", mixed_bfloat16" if args.mixed_precision else "")
+            + f", SGD lr 0.1, Nesterov 0.9, "
             f"weight decay 1e-4 (PyTorch convention), step decay x0.1 at 50/66.7/83.3% of "
-            f"{config['epochs']} epochs, batch 64, random crop (4-px padding) + horizontal flip; "
+            f"{config['epochs']} epochs, batch {config['batch_size']}, random crop (4-px padding) + horizontal flip; "
             f"replace_head: the trained SoftMax ResNet swapped to IsoMax+ (class-mean "
             f"prototypes), then fine-tuned {config['finetune_epochs']} epochs at lr "
             f"{FINETUNE_LR} (same step decay)"

@@ -38,6 +38,9 @@ def test_resnet_backbone_structure(depth, blocks):
         _layers_of(model, keras.layers.Conv2D)
     )
     assert all(c.kernel_regularizer is not None for c in convs)
+    # PyTorch's BatchNorm defaults (the paper's): momentum 0.1 == Keras 0.9.
+    bns = _layers_of(model, keras.layers.BatchNormalization)
+    assert all(b.momentum == pytest.approx(0.9) and b.epsilon == pytest.approx(1e-5) for b in bns)
     assert len(_layers_of(model, keras.layers.Add)) == 3 * blocks
 
 
@@ -140,3 +143,12 @@ def test_augmentation_is_a_padded_crop_or_its_mirror():
     assert 0 < flips < len(x)  # Both flipped and unflipped images occur.
     np.testing.assert_array_equal(out, qm.augment(x, seed=0, epoch=0))
     np.testing.assert_array_equal(qm.augment(x, 0, 0, padding=0, flip=False), x)
+
+
+def test_resnet34_for_gpu_runs():
+    model = qm.build_model("isomax", 10, seed=0, depth=34)
+    assert tuple(model.get_layer("features").output.shape) == (None, 512)
+    blocks = len(_layers_of(model, keras.layers.Add))
+    assert blocks == sum(qm.RESNET34_BLOCKS) == 16
+    # Heads stay float32 under a mixed-precision policy.
+    assert model.layers[-1].dtype_policy.compute_dtype == "float32"
