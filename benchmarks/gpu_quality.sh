@@ -12,7 +12,7 @@
 # mixed_bfloat16 (heads in float32).
 #
 # Nothing is downloaded: the data travel as one prepared .npz (Fashion-MNIST
-# as uint8, the far OOD sets as float16, ~35 MiB). Prepare it on a machine
+# as uint8, the far OOD sets as float16, 36 MiB). Prepare it on a machine
 # that has the raw files (apt-get install dataset-fashion-mnist), once:
 #   python benchmarks/ood_quality.py --prepare-npz benchmarks/data/fmnist_ood.npz
 # If the file is missing, this script tries to prepare it itself.
@@ -47,7 +47,8 @@ else
   echo "nvidia-smi: no NVIDIA GPU found; the numbers below are CPU numbers"
 fi
 "$PYTHON" -c 'import tensorflow as tf
-print(f"TensorFlow {tf.__version__} sees {len(tf.config.list_physical_devices(\"GPU\"))} GPU(s)")'
+gpus = tf.config.list_physical_devices("GPU")
+print(f"TensorFlow {tf.__version__} sees {len(gpus)} GPU(s)")'
 
 if [[ ! -f "$NPZ" ]]; then
   echo "== preparing $NPZ (needs the raw Fashion-MNIST files)"
