@@ -8,8 +8,8 @@
 # pytorch-ood peers and library detectors when installed, and prints the same
 # tables as the CPU benchmark. Batch 128 (He et al.'s CIFAR batch with lr 0.1)
 # instead of the paper's 64 and one seed on 20,000 training images, so that
-# the run fits the 10-minute limit of a lent device; the backbone runs in
-# mixed_bfloat16 (heads in float32).
+# the run fits the 10-minute limit of a lent device; with a GPU the backbone
+# runs in mixed_bfloat16 (heads in float32), on a CPU in float32.
 #
 # Nothing is downloaded: the data travel as one prepared .npz (Fashion-MNIST
 # as uint8, the far OOD sets as float16, 36 MiB). Prepare it on a machine
@@ -46,9 +46,14 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   echo "nvidia-smi: no NVIDIA GPU found; the numbers below are CPU numbers"
 fi
-"$PYTHON" -c 'import tensorflow as tf
+TF_GPUS="$("$PYTHON" -c 'import tensorflow as tf
 gpus = tf.config.list_physical_devices("GPU")
-print(f"TensorFlow {tf.__version__} sees {len(gpus)} GPU(s)")'
+print(len(gpus))' 2>/dev/null | tail -n 1 || true)"
+[[ "$TF_GPUS" =~ ^[0-9]+$ ]] || TF_GPUS=0
+echo "TensorFlow sees $TF_GPUS GPU(s)"
+# bfloat16 is fast on a GPU and very slow on most CPUs: only with a GPU.
+MIXED=()
+if [[ "$TF_GPUS" != "0" ]]; then MIXED=(--mixed-precision); fi
 
 if [[ ! -f "$NPZ" ]]; then
   echo "== preparing $NPZ (needs the raw Fashion-MNIST files)"
@@ -60,7 +65,7 @@ echo "== ood_quality.py, paper length (budget ${BUDGET} s)"
 set +e
 timeout --signal=INT --kill-after=20 "$BUDGET" "$PYTHON" benchmarks/ood_quality.py \
   --data "$NPZ" --backbone resnet --depth 34 --epochs 100 --finetune-epochs 10 \
-  --seeds 1 --train-size 20000 --batch-size 128 --mixed-precision --no-near \
+  --seeds 1 --train-size 20000 --batch-size 128 ${MIXED[@]+"${MIXED[@]}"} --no-near \
   --markdown "$OUT_DIR/quality.md" --json "$OUT_DIR/quality.json" "$@"
 rc=$?
 set -e

@@ -240,10 +240,16 @@ def run_library_detectors(model, head, x_fit, y_fit, x_in, ood, *, knn_bank, see
     Returns `({name: (in_scores, {ood: scores}) or None}, note)`; `note` says
     why a detector did not run (module absent, or it refused this head).
     """
+    import keras_isomax
+
     try:
         from keras_isomax import detectors as det
     except ImportError as error:
         return {}, f"keras_isomax.detectors not available ({error})"
+    here = os.path.dirname(os.path.abspath(keras_isomax.__file__))
+    if os.path.dirname(os.path.abspath(det.__file__)) != here:
+        # An editable install can resolve the submodule from another checkout.
+        return {}, f"keras_isomax.detectors skipped: {det.__file__} is not part of {here}"
     dim = int(model.get_layer("features").output.shape[-1]) // 2
     bank = np.random.default_rng(seed).choice(
         len(x_fit), size=min(knn_bank, len(x_fit)), replace=False
@@ -668,6 +674,7 @@ def main(argv=None):
     )
     parser.add_argument("--train-size", type=int, help="training images (full: 15000)")
     parser.add_argument("--test-size", type=int, help="test images (full: all 10000)")
+    parser.add_argument("--val-size", type=int, help="validation images (full: 5000)")
     parser.add_argument("--ood-size", type=int, help="photo / noise images (full: 5000)")
     parser.add_argument(
         "--backbone",
