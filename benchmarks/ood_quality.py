@@ -706,6 +706,7 @@ def main(argv=None):
         "batch_size",
         "test_size",
         "ood_size",
+        "val_size",
     ):
         if getattr(args, name) is not None:
             config[name] = getattr(args, name)
