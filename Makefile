@@ -19,6 +19,9 @@ TORCH_SPEC ?= torch==2.13.0
 install: $(BIN)/python data
 	$(BIN)/python -m pip install "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -e ".[test,plots,data,edge,backends]"
+	# The peer the detector tests compare with; --no-deps: its detectors and metrics
+	# need no torchvision (tests install a stand-in module), which would pull a CUDA torch.
+	$(BIN)/python -m pip install --no-deps "pytorch-ood==0.4.0"
 
 # Fashion-MNIST as Debian ships it (the raw idx files; offline afterwards).
 data:
