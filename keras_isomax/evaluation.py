@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import keras
 import numpy as np
 
-from keras_isomax import calibration
+from keras_isomax import _inspect
 from keras_isomax import metrics as metrics_lib
 from keras_isomax import scores as scores_lib
 from keras_isomax.detectors import Detector
@@ -305,7 +305,7 @@ def evaluate_ood(
 
     rows, raw_scores, accuracy = [], {}, {}
     for model_name, net in models.items():
-        in_logits, labels, in_nonfinite = calibration._any_logits(
+        in_logits, labels, in_nonfinite = _inspect.any_logits(
             net, in_data, batch_size, "in_data", with_labels=True, with_nonfinite=True
         )
         logit_scores = [(n, f) for n, f in score_lists[model_name] if not isinstance(f, Detector)]
@@ -319,7 +319,7 @@ def evaluate_ood(
         accuracy[model_name] = acc
         ood_logits = {}
         for name, data in ood_data.items():
-            logits, _, nonfinite = calibration._any_logits(
+            logits, _, nonfinite = _inspect.any_logits(
                 net, data, batch_size, f"ood_data[{name!r}]", with_nonfinite=True
             )
             ood_logits[name] = (logits, nonfinite)

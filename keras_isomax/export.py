@@ -15,17 +15,15 @@ server. This module is TensorFlow-specific (SavedModel is a TensorFlow format).
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import uuid
 import warnings
 
 import keras
-import numpy as np
 
-from keras_isomax import _serving
-from keras_isomax.calibration import find_isomax_layer
+from keras_isomax import _inspect, _serving
+from keras_isomax._inspect import find_isomax_layer
 from keras_isomax.edge import export_litert, export_onnx  # noqa: F401  (re-exported)
 
 SERVING_DEFAULT = "serving_default"
@@ -162,13 +160,13 @@ def export_saved_model(
             "`export_dir` must be a non-empty path (an empty one would write into the "
             f"working directory). Received: export_dir={export_dir!r}"
         )
-    if version is not None and (
-        isinstance(version, bool) or not isinstance(version, int | np.integer) or version < 0
-    ):
-        raise ValueError(
-            "`version` must be a non-negative integer (TF Serving's version "
-            f"directory) or None. Received: version={version!r}"
-        )
+    _inspect.check_int(
+        version,
+        "version",
+        minimum=0,
+        allow_none=True,
+        what="a non-negative integer (TF Serving's version directory) or None",
+    )
     for name, value in (("jit_compile", jit_compile), ("overwrite", overwrite)):
         if not isinstance(value, bool):
             raise TypeError(f"`{name}` must be a bool. Received: {name}={value!r}")
@@ -375,7 +373,12 @@ def _detector_functions(model, threshold, input_name, input_signature, detector)
         )
     if detector.input_kind == "logits" and not detector.state:
         detector.fit(model)
-    detector._bound(model)  # Raises if unfitted or fitted on another model.
+    if not detector.is_fitted:
+        raise ValueError(
+            f"{type(detector).__name__} is not fitted; call `.fit(model, data)` first. "
+            f"Received: detector={detector.name!r}"
+        )
+    detector.attach(model)  # Raises if fitted on another model.
     input_spec = _input_spec(model, input_name, input_signature)
     if threshold is None:
         if not detector.is_calibrated:
@@ -463,16 +466,7 @@ def _threshold_reader(layer, threshold):
             return tf.cast(tf.convert_to_tensor(variable), tf.float32)
 
         return read
-    if isinstance(threshold, bool) or not isinstance(
-        threshold, int | float | np.integer | np.floating
-    ):
-        raise TypeError(f"`threshold` must be a float or None. Received: threshold={threshold!r}")
-    if math.isnan(float(threshold)):
-        raise ValueError(
-            "`threshold` must not be NaN (every input would be OOD). "
-            f"Received: threshold={threshold!r}"
-        )
-    value = float(threshold)
+    value = _inspect.parse_threshold(threshold)
     return lambda: tf.constant(value, tf.float32)
 
 
@@ -485,7 +479,7 @@ def _check_output_is_isomax(model, layer):
             "The model must have exactly one output, the IsoMaxPlusLayer's "
             f"logits. Received: model '{model.name}' with {len(outputs)} outputs"
         )
-    producer = _producer(outputs[0])
+    producer = _inspect.producer(outputs[0])
     if producer is not layer:
         name = getattr(producer, "name", repr(producer))
         raise ValueError(
@@ -495,18 +489,6 @@ def _check_output_is_isomax(model, layer):
             "softmax. Received: output produced by layer "
             f"'{name}'"
         )
-
-
-def _producer(tensor):
-    """The layer that produced a symbolic tensor, looking inside nested models."""
-    history = getattr(tensor, "_keras_history", None)
-    if history is None:
-        return None
-    operation = history.operation
-    inner = getattr(operation, "outputs", None)
-    if isinstance(operation, keras.Model) and inner:
-        return _producer(inner[history.tensor_index])
-    return operation
 
 
 def _input_spec(model, input_name, input_signature):

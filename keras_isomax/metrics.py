@@ -12,6 +12,7 @@ import math
 import keras
 import numpy as np
 
+from keras_isomax import _inspect
 from keras_isomax import scores as scores_lib
 
 
@@ -200,7 +201,7 @@ def ood_metrics(in_scores, out_scores, tpr=0.95):
     >>> round(m["auroc"], 4)
     0.8333
     """
-    tpr = _check_tpr(tpr)
+    tpr = _inspect.check_tpr(tpr)
     in_scores, out_scores = _check_pair(in_scores, out_scores)
     tp, fp, _ = _accept_counts(in_scores, out_scores)
     n_in, n_out = int(tp[-1]), int(fp[-1])
@@ -223,17 +224,6 @@ def ood_metrics(in_scores, out_scores, tpr=0.95):
         "fpr_at_tpr95": fpr_at,
         "detection_accuracy": detection,
     }
-
-
-def _check_tpr(tpr, name="tpr"):
-    """`tpr` as a float in (0, 1], or a ValueError naming the argument `name`."""
-    try:
-        value = float(tpr)
-    except (TypeError, ValueError):
-        value = math.nan
-    if isinstance(tpr, bool) or not 0.0 < value <= 1.0:
-        raise ValueError(f"`{name}` must be a number in (0, 1]. Received: {name}={tpr!r}")
-    return value
 
 
 def roc_curve(in_scores, out_scores):
@@ -277,7 +267,7 @@ def threshold_at_tpr(in_scores, tpr=0.95, *, midpoint=False):
             is not in `(0, 1]`.
         TypeError: If `in_scores` is not real numbers.
     """
-    tpr = _check_tpr(tpr)
+    tpr = _inspect.check_tpr(tpr)
     in_scores = _check_scores(in_scores, "in_scores")
     values, counts = np.unique(in_scores, return_counts=True)
     values, counts = values[::-1].astype(np.float64), counts[::-1]
@@ -320,8 +310,7 @@ def expected_calibration_error(probabilities, labels, num_bins=15):
     >>> round(expected_calibration_error(p, np.array([0, 1])), 4)
     0.35
     """
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int | np.integer) or num_bins < 1:
-        raise ValueError(f"`num_bins` must be a positive integer. Received: num_bins={num_bins!r}")
+    _inspect.check_int(num_bins, "num_bins")
     probs = np.asarray(keras.ops.convert_to_numpy(probabilities), dtype=np.float64)
     labels = np.asarray(keras.ops.convert_to_numpy(labels))
     if labels.ndim == 2 and labels.shape == probs.shape and probs.shape[-1] > 1:
