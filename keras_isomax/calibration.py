@@ -27,7 +27,7 @@ import keras
 import numpy as np
 
 from keras_isomax import _inspect, _serving
-from keras_isomax import metrics as metrics_lib
+from keras_isomax import detection_metrics as metrics_lib
 from keras_isomax import scores as scores_lib
 from keras_isomax._inspect import (  # noqa: F401  (public here, as before)
     collect_outputs,

@@ -14,8 +14,8 @@ from reference import isomax_loss, log_softmax
 
 from keras_isomax import IsoMaxPlusLayer, IsoMaxPlusLoss, isomax_plus_loss, scores
 from keras_isomax.calibration import calibrate_threshold
+from keras_isomax.detection_metrics import ood_metrics
 from keras_isomax.evaluation import evaluate_ood
-from keras_isomax.metrics import ood_metrics
 
 FEATURES, CLASSES = 6, 3
 
