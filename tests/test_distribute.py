@@ -688,7 +688,7 @@ EXAMPLE = os.path.join(
 
 @pytest.mark.slow
 def test_example_runs_two_local_workers(tmp_path):
-    from keras_isomax import data
+    from keras_isomax.app import data
 
     if not os.path.isdir(data.DEFAULT_FASHION_MNIST_DIR):
         pytest.skip("Fashion-MNIST is not installed offline (dataset-fashion-mnist).")
