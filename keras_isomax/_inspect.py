@@ -200,14 +200,13 @@ def is_pointwise_on_pooled(layer):
         input_shape = tuple(layer.input.shape)
     except (AttributeError, ValueError):
         return False
-    spatial = input_shape[1:3] if layer.data_format == "channels_last" else input_shape[2:4]
     return (
         tuple(layer.kernel_size) == (1, 1)
         and tuple(layer.strides) == (1, 1)
         and tuple(layer.dilation_rate) == (1, 1)
         and getattr(layer, "groups", 1) == 1
         and layer.data_format == "channels_last"
-        and tuple(spatial) == (1, 1)
+        and tuple(input_shape[1:3]) == (1, 1)
     )
 
 

@@ -260,8 +260,8 @@ def _write_remote(archive, target, verbose):
     return target
 
 
-def serving_functions(model, threshold=None, input_signature=None):
-    """The plain functions behind the exported signatures, for tests and XLA.
+def _serving_functions(model, threshold=None, input_signature=None):
+    """The plain functions behind the exported signatures (tests, XLA checks).
 
     Each function maps a batch of inputs (a TensorFlow tensor) to the dict of
     outputs of its signature; see `export_saved_model`. They are not
@@ -269,7 +269,7 @@ def serving_functions(model, threshold=None, input_signature=None):
     compiles with XLA (for TPUs):
 
     ```python
-    fns = serving_functions(model)
+    fns = _serving_functions(model)
     tf.function(fns["score"], jit_compile=True)(x)
     ```
 
@@ -287,6 +287,21 @@ def serving_functions(model, threshold=None, input_signature=None):
     functions, _ = _build_serving_functions(model, threshold, "inputs", input_signature)
     functions.pop("_compute")
     return functions
+
+
+def serving_functions(model, threshold=None, input_signature=None):
+    """Deprecated: the functions behind the exported signatures (a testing aid).
+
+    Kept for one release; it will be removed. Wrap the model yourself, or
+    export and load the SavedModel.
+    """
+    warnings.warn(
+        "`keras_isomax.export.serving_functions` is deprecated (a testing aid, not "
+        "part of the API) and will be removed in the next release.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return _serving_functions(model, threshold, input_signature)
 
 
 def _build_serving_functions(model, threshold, input_name, input_signature, detector=None):

@@ -419,13 +419,13 @@ def test_train_step_compiles_with_xla(single_run):
 def test_export_functions_compile_with_xla(single_run):
     """The exported signatures' functions compile with XLA, with a static batch
     (as on TPUs: no host ops, static shapes) and with a dynamic one."""
-    from keras_isomax.export import serving_functions
+    from keras_isomax.export import _serving_functions
 
     _, _, model = single_run
     x, _ = worker.make_data()
     x = x[: worker.GLOBAL_BATCH]
     logits = model.predict(x, verbose=0)
-    functions = serving_functions(model, threshold=-0.5)
+    functions = _serving_functions(model, threshold=-0.5)
     assert set(functions) == {"serving_default", "score"}
     for name, fn in functions.items():
         want = fn(tf.constant(x))
