@@ -16,7 +16,7 @@ backbone/optimizer effect is measured in the same tables.
 
 Everything runs offline:
 
-* in-distribution: Fashion-MNIST (Debian's raw files, via `keras_isomax.data`);
+* in-distribution: Fashion-MNIST (Debian's raw files, via `keras_isomax.app.data`);
 * far OOD: scikit-learn's handwritten digits resized to 28x28, crops of
   scikit-image's sample photographs; noise controls: Gaussian and uniform;
 * near OOD: a separate pair of runs trained on Fashion-MNIST classes 0-5, with
@@ -139,8 +139,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_isomax import calibrate_temperature, evaluate_ood, ood_metrics, replace_head  # noqa: E402
-from keras_isomax import data as data_lib  # noqa: E402
-from keras_isomax.metrics import expected_calibration_error  # noqa: E402
+from keras_isomax.app import data as data_lib  # noqa: E402
+from keras_isomax.detection_metrics import expected_calibration_error  # noqa: E402
 
 SOFTMAX_SCORES = ("max_probability", "max_logit", "energy", "entropic")
 ISOMAX_SCORES = ("minimum_distance", "entropic")
@@ -281,7 +281,7 @@ def load_data(config, seed=0, npz=None):
     """Train / val / test splits, far OOD sets and the near split (0-5 vs 6-9).
 
     `npz`: a file written by `--prepare-npz` (for a machine without the raw
-    files, scikit-learn or scikit-image); otherwise `keras_isomax.data`.
+    files, scikit-learn or scikit-image); otherwise `keras_isomax.app.data`.
     """
     rng = np.random.default_rng(seed)
     n = config["ood_size"]

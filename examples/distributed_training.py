@@ -122,8 +122,9 @@ def train(args):
     import numpy as np
 
     import keras_isomax
-    from keras_isomax import data, scores
     from keras_isomax import distribute as kd
+    from keras_isomax import scores
+    from keras_isomax.app import data
 
     # `import keras_isomax` applies the fix for keras-team/keras#20585 (Keras
     # 3.5-3.15: `fit` fails under MultiWorkerMirroredStrategy); calling it again

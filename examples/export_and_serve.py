@@ -1,7 +1,7 @@
 """Train, calibrate and export an IsoMax+ classifier for TF Serving; call both signatures.
 
 Trains a small Fashion-MNIST classifier briefly (offline data, see
-`keras_isomax.data`), calibrates its OOD threshold on held-out in-distribution
+`keras_isomax.app.data`), calibrates its OOD threshold on held-out in-distribution
 images (95% of them accepted), exports a SavedModel in TF Serving's layout
 (`EXPORT_DIR/1/`) and then, in this process but without using the Keras model,
 loads the SavedModel and calls its `serving_default` and `score` signatures on
@@ -24,7 +24,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_isomax import IsoMaxPlusLayer, IsoMaxPlusLoss, data
+from keras_isomax import IsoMaxPlusLayer, IsoMaxPlusLoss
+from keras_isomax.app import data
 from keras_isomax.calibration import calibrate_threshold
 from keras_isomax.export import export_saved_model
 

@@ -11,7 +11,8 @@ import argparse
 import keras
 import numpy as np
 
-from keras_isomax import IsoMaxPlusLayer, IsoMaxPlusLoss, OODScore, data, scores
+from keras_isomax import IsoMaxPlusLayer, IsoMaxPlusLoss, OODScore, scores
+from keras_isomax.app import data
 
 
 def main(argv=None):

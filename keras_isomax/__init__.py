@@ -14,12 +14,13 @@ from keras_isomax.calibration import (
     find_isomax_layer,
     predict_ood,
 )
+from keras_isomax.detection_metrics import ood_metrics
 from keras_isomax.evaluation import evaluate_ood
 from keras_isomax.export import export_litert, export_onnx, export_saved_model
 from keras_isomax.head import replace_head
 from keras_isomax.layers import IsoMaxPlusLayer
 from keras_isomax.losses import IsoMaxPlusLoss, isomax_plus_loss
-from keras_isomax.metrics import OODScore, ood_metrics
+from keras_isomax.metrics import OODScore
 from keras_isomax.plots import plot_roc, plot_score_histograms
 
 __version__ = "0.1.0"

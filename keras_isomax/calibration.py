@@ -22,337 +22,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-import weakref
-from collections.abc import Iterable, Mapping
 
 import keras
 import numpy as np
 
-from keras_isomax import _serving
-from keras_isomax import metrics as metrics_lib
+from keras_isomax import _inspect, _serving
+from keras_isomax import detection_metrics as metrics_lib
 from keras_isomax import scores as scores_lib
-from keras_isomax.layers import IsoMaxPlusLayer
+from keras_isomax._inspect import (  # noqa: F401  (public here, as before)
+    collect_outputs,
+    find_isomax_layer,
+    isomax_logits,
+)
 
 _TEMPERATURE_RANGE = (1e-4, 1e4)
-_SUBMODELS = weakref.WeakKeyDictionary()  # model -> (layer, model up to its logits)
-
-
-# --------------------------------------------------------------- the layer
-
-
-def find_isomax_layer(model):
-    """Returns the single `IsoMaxPlusLayer` of a model.
-
-    Searches the model's layers recursively (nested models and layers that own
-    sublayers included); a layer shared between several places counts once.
-
-    Args:
-        model: A `keras.Model` (or any `keras.layers.Layer`), or an
-            `IsoMaxPlusLayer` itself (returned unchanged).
-
-    Returns:
-        The `IsoMaxPlusLayer`.
-
-    Raises:
-        TypeError: If `model` is not a Keras layer or model.
-        ValueError: If the model holds no `IsoMaxPlusLayer`, or more than one.
-
-    Example:
-
-    >>> import keras
-    >>> from keras_isomax import IsoMaxPlusLayer
-    >>> from keras_isomax.calibration import find_isomax_layer
-    >>> model = keras.Sequential([keras.Input((4,)), IsoMaxPlusLayer(3, name="head")])
-    >>> find_isomax_layer(model).name
-    'head'
-    """
-    if isinstance(model, IsoMaxPlusLayer):
-        return model
-    if not isinstance(model, keras.layers.Layer):
-        raise TypeError(
-            f"`model` must be a Keras model or layer. Received: model={type(model).__name__}"
-        )
-    found = [layer for layer in _all_layers(model) if isinstance(layer, IsoMaxPlusLayer)]
-    if len(found) == 1:
-        return found[0]
-    name = getattr(model, "name", type(model).__name__)
-    if not found:
-        raise ValueError(
-            f"Model '{name}' has no `IsoMaxPlusLayer`; calibration and "
-            "`predict_ood` need one (train with `IsoMaxPlusLayer` + "
-            f"`IsoMaxPlusLoss`). Received: model={name!r}"
-        )
-    names = [layer.name for layer in found]
-    raise ValueError(
-        f"Model '{name}' has {len(found)} `IsoMaxPlusLayer`s ({names}); expected "
-        f"exactly one. Received: model={name!r}"
-    )
-
-
-def _all_layers(root):
-    """All distinct layers under `root` (root excluded), depth first."""
-    flatten = getattr(root, "_flatten_layers", None)
-    if callable(flatten):
-        try:
-            return list(flatten(include_self=False, recursive=True))
-        except TypeError:  # A different signature in some Keras version.
-            pass
-    result, seen, stack = [], {id(root)}, list(getattr(root, "layers", []))
-    while stack:
-        layer = stack.pop(0)
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        result.append(layer)
-        stack[:0] = list(getattr(layer, "layers", []))
-    return result
-
-
-def _logits_model(model, layer):
-    """A model and output index whose output is the logits of `layer`.
-
-    The model itself when one of its outputs is the layer's output, directly
-    or through nested models (the usual `Sequential`/functional classifier); a
-    sub-model up to the layer's output when the layer sits in the model's own
-    graph but something follows it (for example a `Softmax`). A subclassed
-    model without symbolic outputs is used as is: its output must have the
-    layer's `num_classes` columns (checked by the caller).
-
-    Raises:
-        ValueError: If the model has symbolic outputs but the layer's logits
-            are neither among them nor reachable from the model's inputs.
-    """
-    try:
-        outputs = list(model.outputs)
-    except (AttributeError, ValueError, TypeError):
-        outputs = []
-    if not outputs:
-        return model, None
-    for index, tensor in enumerate(outputs):
-        if _produced_by(tensor, layer):
-            return model, (index if len(outputs) > 1 else None)
-    cached = _SUBMODELS.get(model)
-    if cached is not None and cached[0] is layer:
-        return cached[1], None
-    try:
-        submodel = keras.Model(model.inputs, layer.output)
-    except (ValueError, TypeError, AttributeError):
-        submodel = None
-    if submodel is not None:
-        _SUBMODELS[model] = (layer, submodel)  # One traced predict function.
-        return submodel, None
-    raise ValueError(
-        f"The logits of IsoMaxPlusLayer '{layer.name}' are not an output of model "
-        f"'{model.name}' and cannot be reached from its inputs (the layer is "
-        "nested in a sub-model and followed by other layers). Calibrate or "
-        "evaluate a model whose output is the layer's logits. "
-        f"Received: model={model.name!r}"
-    )
-
-
-def _produced_by(tensor, layer, depth=0):
-    """Whether a symbolic tensor is `layer`'s output, possibly via nested models."""
-    history = getattr(tensor, "_keras_history", None)
-    operation = getattr(history, "operation", None)
-    if operation is layer:
-        return True
-    if depth > 50 or not isinstance(operation, keras.Model):
-        return False
-    try:
-        inner = list(operation.outputs)[history.tensor_index]
-    except (AttributeError, ValueError, TypeError, IndexError):
-        return False
-    return _produced_by(inner, layer, depth + 1)
-
-
-# --------------------------------------------------------- data -> outputs
-
-
-def _is_array_like(x):
-    return isinstance(x, np.ndarray) or (
-        hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, Mapping)
-    )
-
-
-def _num_rows(x):
-    if isinstance(x, Mapping):
-        return _num_rows(next(iter(x.values())))
-    if isinstance(x, list | tuple):
-        return _num_rows(x[0])
-    return int(x.shape[0])
-
-
-def _split_element(element, arg_name):
-    """`x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)` -> `(x, y or None)`."""
-    if isinstance(element, tuple | list) and not _is_array_like(element):
-        if len(element) in (1, 2, 3):
-            return element[0], (element[1] if len(element) > 1 else None)
-        raise ValueError(
-            f"`{arg_name}` must hold `x`, `(x,)`, `(x, y)` or `(x, y, "
-            f"sample_weight)`; got a tuple of {len(element)} items. "
-            f"Received: {arg_name} element of length {len(element)}"
-        )
-    return element, None
-
-
-def _iter_batches(data, arg_name):
-    """Yields `(x_batch, y_batch or None)` from a dataset or iterable of batches."""
-    if isinstance(data, str | bytes) or not isinstance(data, Iterable):
-        raise TypeError(
-            f"`{arg_name}` must be a NumPy array, a tuple `(x, y)`, a batched "
-            f"`tf.data.Dataset` or another iterable of batches. "
-            f"Received: {arg_name}={type(data).__name__}"
-        )
-    for element in data:  # tf.data.Dataset, PyDataset, generators.
-        yield _split_element(element, arg_name)
-
-
-def _as_class_ids(y, arg_name):
-    y = np.asarray(keras.ops.convert_to_numpy(y))
-    if y.ndim >= 2 and y.shape[-1] > 1:  # One-hot or soft targets.
-        return np.argmax(y, axis=-1).reshape(-1)
-    y = y.reshape(-1)
-    if y.size and (not np.issubdtype(y.dtype, np.number) or np.any(np.floor(y) != y)):
-        raise ValueError(
-            f"Labels of `{arg_name}` must be integer class ids or one-hot rows. "
-            f"Received: labels of dtype {y.dtype}"
-        )
-    return y.astype(np.int64)
-
-
-def _check_batched(model, x, arg_name):
-    try:
-        inputs = model.inputs
-    except (AttributeError, ValueError):
-        return
-    if not inputs or isinstance(x, Mapping | list | tuple) or len(inputs) != 1:
-        return
-    expected = len(inputs[0].shape)
-    rank = len(x.shape)
-    if rank == expected - 1:
-        raise ValueError(
-            f"`{arg_name}` yields single examples of shape {tuple(x.shape)}, but the "
-            f"model expects batches of rank {expected}; call `.batch(...)` on the "
-            f"dataset first. Received: {arg_name} element shape {tuple(x.shape)}"
-        )
-
-
-def collect_outputs(model, data, *, batch_size=256, arg_name="data", output_index=None):
-    """Runs `model` over `data` once; returns outputs and labels as NumPy.
-
-    Labels are read from the same pass as the inputs, so they stay aligned with
-    the outputs even for a shuffling `tf.data.Dataset`.
-
-    Args:
-        model: A Keras model.
-        data: A NumPy array / tensor `x`; a tuple `(x,)`, `(x, y)` or
-            `(x, y, sample_weight)` of arrays; or a batched `tf.data.Dataset`
-            (or other iterable of batches) yielding one of those.
-        batch_size: Batch size for arrays (datasets keep their own batching).
-            Defaults to `256`.
-        arg_name: Name of the argument in error messages. Defaults to `"data"`.
-        output_index: Which output to keep when the model has several.
-            Defaults to `None` (the model must have one output).
-
-    Returns:
-        `(outputs, labels)`: float NumPy array `(N, C)` and an int64 array `(N,)`
-        of class ids, or `None` when `data` has no labels (on any batch).
-
-    Raises:
-        TypeError: If `data` has an unsupported type, or the model returns
-            several outputs and `output_index` is `None`.
-        ValueError: If `data` is empty, unbatched, or has fewer labels than
-            inputs.
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(
-            f"`batch_size` must be a positive integer. Received: batch_size={batch_size!r}"
-        )
-    outputs, labels, missing_labels, checked = [], [], False, False
-    if _is_array_like(data) or isinstance(data, Mapping | tuple | list):
-        # In-memory arrays: one `predict` call (traced once, batched by Keras).
-        x, y = _split_element(data, arg_name)
-        n = _num_rows(x)
-        if y is not None and int(np.shape(y)[0]) != n:
-            raise ValueError(
-                f"`{arg_name}` has {n} inputs but {int(np.shape(y)[0])} labels. "
-                f"Received: {arg_name} with x of {n} rows, y of "
-                f"{int(np.shape(y)[0])} rows"
-            )
-        if n == 0:
-            raise ValueError(f"`{arg_name}` holds no examples. Received: empty {arg_name}")
-        batches = [(x, y, lambda x: model.predict(x, batch_size=batch_size, verbose=0))]
-        checked = True  # Arrays always carry the batch axis.
-    else:
-        batches = ((x, y, model.predict_on_batch) for x, y in _iter_batches(data, arg_name))
-    for x, y, predict in batches:
-        if not checked:
-            _check_batched(model, x, arg_name)
-            checked = True
-        out = predict(x)
-        if isinstance(out, Mapping):
-            out = list(out.values())
-        if isinstance(out, list | tuple):
-            if output_index is None:
-                if len(out) != 1:
-                    raise TypeError(
-                        f"The model returns {len(out)} outputs; expected one "
-                        "(the logits). Received: model with several outputs"
-                    )
-                out = out[0]
-            else:
-                out = out[output_index]
-        out = np.asarray(keras.ops.convert_to_numpy(out))
-        if out.dtype not in (np.float32, np.float64):
-            out = out.astype(np.float32)
-        outputs.append(out)
-        if y is None:
-            missing_labels = True
-        else:
-            labels.append(_as_class_ids(y, arg_name))
-    if not outputs or sum(len(o) for o in outputs) == 0:
-        raise ValueError(f"`{arg_name}` holds no examples. Received: empty {arg_name}")
-    outputs = np.concatenate(outputs, axis=0)
-    if missing_labels:
-        return outputs, None
-    labels = np.concatenate(labels, axis=0)
-    if labels.shape[0] != outputs.shape[0]:
-        raise ValueError(
-            f"`{arg_name}` gave {outputs.shape[0]} outputs but {labels.shape[0]} "
-            f"labels. Received: {arg_name} with mismatched labels"
-        )
-    return outputs, labels
-
-
-def isomax_logits(model, data, *, batch_size=256, arg_name="data"):
-    """Logits of the model's `IsoMaxPlusLayer` (and labels) over `data`.
-
-    Args:
-        model: A Keras model containing one `IsoMaxPlusLayer`.
-        data: See `collect_outputs`.
-        batch_size: Batch size for arrays. Defaults to `256`.
-        arg_name: Name of the argument in error messages. Defaults to `"data"`.
-
-    Returns:
-        `(logits, labels or None)` as NumPy arrays.
-
-    Raises:
-        ValueError: If the model has no (or several) `IsoMaxPlusLayer`, or its
-            logits cannot be read from the model's outputs.
-    """
-    layer = find_isomax_layer(model)
-    runner, index = _logits_model(model, layer)
-    logits, labels = collect_outputs(
-        runner, data, batch_size=batch_size, arg_name=arg_name, output_index=index
-    )
-    if logits.ndim < 2 or logits.shape[-1] != layer.num_classes:
-        raise ValueError(
-            f"Could not read the logits of IsoMaxPlusLayer '{layer.name}' "
-            f"({layer.num_classes} classes) from the model's output of shape "
-            f"{logits.shape}; make the layer's output a model output. "
-            f"Received: model={model.name!r}"
-        )
-    return logits, labels
 
 
 # ------------------------------------------------------------- threshold
@@ -400,11 +83,11 @@ def calibrate_threshold(model, in_val_data, tpr=0.95, *, batch_size=256, detecto
     >>> float(np.mean(scores >= t))
     0.9
     """
-    tpr = metrics_lib._check_tpr(tpr)
+    tpr = _inspect.check_tpr(tpr)
     if detector is not None:
         return _calibrate_detector(model, in_val_data, tpr, detector)
     layer = find_isomax_layer(model)
-    data, flags, _ = _tap_nonfinite(in_val_data, "in_val_data")
+    data, flags, _ = _inspect.tap_nonfinite(in_val_data, "in_val_data")
     logits, _ = isomax_logits(model, data, batch_size=batch_size, arg_name="in_val_data")
     scores = np.asarray(logits).max(axis=-1)  # The minimum distance score.
     if flags and len(np.concatenate(flags)) == len(scores):
@@ -675,7 +358,7 @@ def predict_ood(
     ['class', 'is_ood', 'score']
     """
     if threshold is not None:
-        threshold = _parse_threshold(threshold)
+        threshold = _inspect.parse_threshold(threshold)
     if detector is not None:
         return _predict_with_detector(model, x, threshold, detector)
     score_fn = scores_lib.get(score)
@@ -694,7 +377,7 @@ def predict_ood(
                 "`threshold=`. Received: threshold=None"
             )
         threshold = float(layer.ood_threshold.numpy())
-    logits, _, nonfinite = _any_logits(model, x, batch_size, "x", with_nonfinite=True)
+    logits, _, nonfinite = _inspect.any_logits(model, x, batch_size, "x", with_nonfinite=True)
     values = np.asarray(keras.ops.convert_to_numpy(score_fn(logits)))
     if values.shape != nonfinite.shape:
         raise ValueError(
@@ -733,103 +416,3 @@ def _predict_with_detector(model, x, threshold, detector):
         "is_ood": is_ood,
         "class": np.where(nonfinite, _serving.NONFINITE_CLASS_ID, classes),
     }
-
-
-def _parse_threshold(threshold):
-    """A decision threshold as a float; refuses NaN and booleans."""
-    try:
-        value = float(threshold)
-    except (TypeError, ValueError):
-        value = math.nan
-    if math.isnan(value) or isinstance(threshold, bool):
-        raise ValueError(
-            f"`threshold` must be a number (not NaN). Received: threshold={threshold!r}"
-        )
-    return value
-
-
-def _nonfinite_flags(x):
-    """Per-row NaN/Inf flags (NumPy bool) over every array of an input structure."""
-    flags = None
-    for leaf in keras.tree.flatten(x):
-        rows = np.asarray(keras.ops.convert_to_numpy(_serving.nonfinite_rows(leaf)), bool)
-        flags = rows if flags is None else flags | rows
-    return flags
-
-
-def _tap_nonfinite(data, arg_name):
-    """`(data, flags)`: `data` to run the model on and a list that holds, once
-    the model has run over it, the per-row NaN/Inf flags of its inputs (read in
-    the same pass, so they stay aligned with a shuffling dataset)."""
-    if _is_array_like(data) or isinstance(data, Mapping | tuple | list):
-        x, y = _split_element(data, arg_name)
-        return data, [_nonfinite_flags(x)], [_label_width(y)]
-    flags, widths = [], []
-
-    def tapped():
-        for element in _iter_batches_raw(data, arg_name):
-            x, y = _split_element(element, arg_name)
-            flags.append(_nonfinite_flags(x))
-            widths.append(_label_width(y))
-            yield element
-
-    return tapped(), flags, widths
-
-
-def _label_width(y):
-    """The width of one-hot labels `(B, C)`, or None for class ids / no labels."""
-    shape = getattr(y, "shape", None)
-    if shape is None and y is not None:
-        shape = np.shape(y)
-    if shape is None or len(shape) < 2 or shape[-1] in (None, 1):
-        return None
-    return int(shape[-1])
-
-
-def _iter_batches_raw(data, arg_name):
-    if isinstance(data, str | bytes) or not isinstance(data, Iterable):
-        raise TypeError(
-            f"`{arg_name}` must be a NumPy array, a tuple `(x, y)`, a batched "
-            f"`tf.data.Dataset` or another iterable of batches. "
-            f"Received: {arg_name}={type(data).__name__}"
-        )
-    yield from data
-
-
-def _any_logits(model, data, batch_size, arg_name, *, with_labels=False, with_nonfinite=False):
-    """Logits of the IsoMax+ layer when the model has one, else the model output.
-
-    With `with_nonfinite=True` also returns the per-row NaN/Inf flags of the
-    inputs (`(logits, labels, flags)`).
-    """
-    if with_nonfinite:
-        data, flags, widths = _tap_nonfinite(data, arg_name)
-        logits, labels = _any_logits(model, data, batch_size, arg_name, with_labels=True)
-        wrong = {w for w in widths if w is not None and w != logits.shape[-1]}
-        if with_labels and labels is not None and wrong:
-            raise ValueError(
-                f"One-hot labels of `{arg_name}` must have one column per class of the "
-                f"model ({logits.shape[-1]}). Received: labels of width {sorted(wrong)}"
-            )
-        nonfinite = np.concatenate(flags) if flags else np.zeros(len(logits), bool)
-        if nonfinite.shape != (len(logits),):
-            raise ValueError(
-                f"`{arg_name}` gave {len(logits)} outputs for {nonfinite.size} inputs. "
-                f"Received: {arg_name} with mismatched outputs"
-            )
-        return logits, labels, nonfinite
-    try:
-        find_isomax_layer(model)
-        has_layer = True
-    except ValueError:
-        has_layer = False
-    if has_layer:
-        logits, labels = isomax_logits(model, data, batch_size=batch_size, arg_name=arg_name)
-    else:
-        logits, labels = collect_outputs(model, data, batch_size=batch_size, arg_name=arg_name)
-        if logits.ndim != 2:
-            raise ValueError(
-                f"The model must return logits of shape (batch, classes). "
-                f"Received: model output of shape {logits.shape}"
-            )
-    return (logits, labels) if with_labels else logits

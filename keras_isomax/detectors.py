@@ -45,12 +45,12 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Mapping
 
 import keras
 import numpy as np
 from keras import ops
 
+from keras_isomax import _inspect
 from keras_isomax import scores as scores_lib
 from keras_isomax.layers import l2_normalize
 
@@ -76,8 +76,6 @@ class _Extractor:
     """Features (B, F) and logits (B, C) of a classifier, from its head."""
 
     def __init__(self, model, features=None):
-        from keras_isomax import calibration, head
-
         if not isinstance(model, keras.Model):
             raise TypeError(
                 f"`model` must be a `keras.Model`. Received: model={type(model).__name__}"
@@ -95,7 +93,7 @@ class _Extractor:
         self.isomax = None
         self.dense = None
         try:
-            self.isomax = calibration.find_isomax_layer(model)
+            self.isomax = _inspect.find_isomax_layer(model)
         except ValueError:
             pass
         if self.isomax is not None:
@@ -105,7 +103,7 @@ class _Extractor:
             self.num_classes = self.isomax.num_classes
         else:
             try:
-                found = head._find_head(model)
+                found = _inspect.find_classifier(model)
             except ValueError as error:
                 raise ValueError(
                     "Detectors need a model with an `IsoMaxPlusLayer` or ending in a linear "
@@ -167,30 +165,14 @@ class _Extractor:
 
     def batches(self, data, batch_size, arg_name, with_labels):
         """Yields `(features, logits, labels or None)` NumPy batches: one streaming pass."""
-        from keras_isomax import calibration
-
-        if calibration._is_array_like(data) or isinstance(data, Mapping | tuple | list):
-            x, y = calibration._split_element(data, arg_name)
-            n = calibration._num_rows(x)
-            if y is not None and int(np.shape(y)[0]) != n:
-                raise ValueError(
-                    f"`{arg_name}` has {n} inputs but {int(np.shape(y)[0])} labels. "
-                    f"Received: {arg_name} with x of {n} rows, y of {int(np.shape(y)[0])} rows"
-                )
-            source = (
-                (x[i : i + batch_size], None if y is None else y[i : i + batch_size])
-                for i in range(0, n, batch_size)
-            )
-        else:
-            source = calibration._iter_batches(data, arg_name)
-        for x_batch, y_batch in source:
+        for x_batch, y_batch in _inspect.iter_batches(data, arg_name, batch_size):
             outputs = self.runner.predict_on_batch(x_batch)
             feats, logits = self.split(outputs)
             feats = np.asarray(ops.convert_to_numpy(feats))
             logits = None if logits is None else np.asarray(ops.convert_to_numpy(logits))
             # The library's non-finite rule: an input holding NaN/Inf has NaN
             # features, whatever the backbone made of it.
-            bad = calibration._nonfinite_flags(x_batch)
+            bad = _inspect.nonfinite_flags(x_batch)
             if bad is not None and bad.any():
                 feats = np.where(bad[:, None], np.float32(np.nan), feats).astype(feats.dtype)
             labels = None
@@ -200,7 +182,7 @@ class _Extractor:
                         f"`{arg_name}` must hold labels `(x, y)` for this detector. "
                         f"Received: {arg_name} without labels"
                     )
-                labels = calibration._as_class_ids(y_batch, arg_name)
+                labels = _inspect.class_ids(y_batch, arg_name)
                 if len(labels) != len(feats):
                     raise ValueError(
                         f"Each `{arg_name}` batch needs one label per example. Received: "
@@ -288,10 +270,7 @@ class Detector(keras.layers.Layer):
             raise TypeError(
                 f"`features` must be a layer name or None. Received: features={features!r}"
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(
-                f"`batch_size` must be a positive integer. Received: batch_size={batch_size!r}"
-            )
+        _inspect.check_int(batch_size, "batch_size", numpy=False)
         self.features = features
         self.batch_size = batch_size
         self.state = dict(state) if state else None  # Shapes of the fitted state.
@@ -553,18 +532,9 @@ class KNN(Detector):
 
     def __init__(self, k=50, max_bank=None, seed=0, chunk_size=32768, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-            raise ValueError(f"`k` must be a positive integer. Received: k={k!r}")
-        if max_bank is not None and (
-            isinstance(max_bank, bool) or not isinstance(max_bank, int | np.integer) or max_bank < 1
-        ):
-            raise ValueError(
-                f"`max_bank` must be a positive integer or None. Received: max_bank={max_bank!r}"
-            )
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(
-                f"`chunk_size` must be a positive integer. Received: chunk_size={chunk_size!r}"
-            )
+        _inspect.check_int(k, "k")
+        _inspect.check_int(max_bank, "max_bank", allow_none=True)
+        _inspect.check_int(chunk_size, "chunk_size", numpy=False)
         self.k = int(k)
         self.max_bank = None if max_bank is None else int(max_bank)
         self.seed = seed
@@ -713,13 +683,7 @@ class Mahalanobis(Detector):
         super().__init__(**kwargs)
         if isinstance(ridge, bool) or not isinstance(ridge, int | float) or not ridge >= 0:
             raise ValueError(f"`ridge` must be a number >= 0. Received: ridge={ridge!r}")
-        if num_classes is not None and (
-            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
-        ):
-            raise ValueError(
-                f"`num_classes` must be a positive integer or None. "
-                f"Received: num_classes={num_classes!r}"
-            )
+        _inspect.check_int(num_classes, "num_classes", allow_none=True, numpy=False)
         self.ridge = float(ridge)
         self.num_classes = num_classes
 
@@ -822,17 +786,8 @@ class ViM(Detector):
 
     def __init__(self, dim, alpha_samples=50000, seed=0, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
-            raise ValueError(f"`dim` must be a positive integer. Received: dim={dim!r}")
-        if (
-            isinstance(alpha_samples, bool)
-            or not isinstance(alpha_samples, int)
-            or alpha_samples < 1
-        ):
-            raise ValueError(
-                "`alpha_samples` must be a positive integer. "
-                f"Received: alpha_samples={alpha_samples!r}"
-            )
+        _inspect.check_int(dim, "dim")
+        _inspect.check_int(alpha_samples, "alpha_samples", numpy=False)
         self.dim = int(dim)
         self.alpha_samples = alpha_samples
         self.seed = seed

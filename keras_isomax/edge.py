@@ -26,7 +26,6 @@ with NaN inside the backbone (the decision is taken from the input itself).
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import shutil
 import tempfile
@@ -35,8 +34,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_isomax._inspect import find_isomax_layer, parse_threshold
 from keras_isomax._serving import NONFINITE_CLASS_ID
-from keras_isomax.calibration import find_isomax_layer
 
 OUTPUT_NAMES = ("score", "is_ood", "threshold", "class_id", "probabilities")
 _MAX_FLOAT32 = float(np.finfo(np.float32).max)
@@ -312,13 +311,7 @@ def _threshold_value(layer, threshold):
                 "exporting, or pass `threshold=` explicitly. Received: threshold=None"
             )
         return float(ops.convert_to_numpy(layer.ood_threshold))
-    if isinstance(threshold, bool) or not isinstance(
-        threshold, int | float | np.integer | np.floating
-    ):
-        raise TypeError(f"`threshold` must be a float or None. Received: threshold={threshold!r}")
-    if not math.isfinite(float(threshold)):
-        raise ValueError(f"`threshold` must be finite. Received: threshold={threshold!r}")
-    return float(threshold)
+    return parse_threshold(threshold, finite=True)
 
 
 def _input_spec(model, input_signature):

@@ -4,7 +4,7 @@
 in-distribution data and once over each OOD set, scores the logits with any
 score of `keras_isomax.scores`, and returns an `OODEvaluation`: a list of rows
 (one per model, score and OOD set) with the classification accuracy and the
-exact detection metrics of `keras_isomax.metrics.ood_metrics`. Print it for a
+exact detection metrics of `keras_isomax.detection_metrics.ood_metrics`. Print it for a
 table; pass a dict of models to compare an IsoMax+ and a SoftMax head in one
 call.
 """
@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 import keras
 import numpy as np
 
-from keras_isomax import calibration
-from keras_isomax import metrics as metrics_lib
+from keras_isomax import _inspect
+from keras_isomax import detection_metrics as metrics_lib
 from keras_isomax import scores as scores_lib
 from keras_isomax.detectors import Detector
 
@@ -34,6 +34,8 @@ ROW_KEYS = (
 )
 """Keys of every row of an `OODEvaluation`, in table order."""
 
+# The default table shows TNR once, under its earlier header.
+_HIDDEN_BY_DEFAULT = ("tnr_at_tpr", "fpr_at_tpr", "fpr_at_tpr95")
 _PERCENT_KEYS = ("accuracy", *metrics_lib.OOD_METRIC_NAMES)
 _HEADERS = {
     "model": "model",
@@ -43,6 +45,8 @@ _HEADERS = {
     "auroc": "AUROC",
     "aupr_in": "AUPR-In",
     "aupr_out": "AUPR-Out",
+    "tnr_at_tpr": "TNR@TPR",
+    "fpr_at_tpr": "FPR@TPR",
     "tnr_at_tpr95": "TNR@TPR95",
     "fpr_at_tpr95": "FPR@TPR95",
     "detection_accuracy": "det.acc",
@@ -121,7 +125,8 @@ class OODEvaluation(Sequence):
         """A fixed-width text table, metrics in percent.
 
         Args:
-            columns: Keys to show. Defaults to `None` (all but `fpr_at_tpr95`).
+            columns: Keys to show. Defaults to `None` (all but
+                `tnr_at_tpr`, `fpr_at_tpr` and `fpr_at_tpr95`).
             digits: Decimals of the percentages. Defaults to `2`.
 
         Returns:
@@ -141,7 +146,8 @@ class OODEvaluation(Sequence):
         """The table as GitHub Markdown, metrics in percent.
 
         Args:
-            columns: Keys to show. Defaults to `None` (all but `fpr_at_tpr95`).
+            columns: Keys to show. Defaults to `None` (all but
+                `tnr_at_tpr`, `fpr_at_tpr` and `fpr_at_tpr95`).
             digits: Decimals of the percentages. Defaults to `2`.
 
         Returns:
@@ -155,7 +161,7 @@ class OODEvaluation(Sequence):
 
     def _cells(self, columns, digits):
         if columns is None:
-            columns = [key for key in ROW_KEYS if key != "fpr_at_tpr95"]
+            columns = [key for key in ROW_KEYS if key not in _HIDDEN_BY_DEFAULT]
         unknown = [c for c in columns if c not in ROW_KEYS]
         if unknown:
             raise ValueError(
@@ -244,7 +250,7 @@ def evaluate_ood(
 
     Labels are read in the same pass as the inputs, so a shuffling dataset is
     fine. In-distribution is the positive class of the metrics (see
-    `keras_isomax.metrics.ood_metrics`).
+    `keras_isomax.detection_metrics.ood_metrics`).
 
     Args:
         model: A Keras model, or a dict name -> model to compare several
@@ -259,7 +265,8 @@ def evaluate_ood(
             (rows named after `detector.name`), a list of them, or (with a dict of models) a
             dict model name -> any of those. Defaults to `"minimum_distance"`.
         batch_size: Batch size for arrays. Defaults to `256`.
-        tpr: True positive rate of the `tnr_at_tpr95`/`fpr_at_tpr95` columns.
+        tpr: True positive rate of the `tnr_at_tpr`/`fpr_at_tpr` columns
+            (and of their aliases `tnr_at_tpr95`/`fpr_at_tpr95`).
             Defaults to `0.95`.
 
     Returns:
@@ -305,7 +312,7 @@ def evaluate_ood(
 
     rows, raw_scores, accuracy = [], {}, {}
     for model_name, net in models.items():
-        in_logits, labels, in_nonfinite = calibration._any_logits(
+        in_logits, labels, in_nonfinite = _inspect.any_logits(
             net, in_data, batch_size, "in_data", with_labels=True, with_nonfinite=True
         )
         logit_scores = [(n, f) for n, f in score_lists[model_name] if not isinstance(f, Detector)]
@@ -319,7 +326,7 @@ def evaluate_ood(
         accuracy[model_name] = acc
         ood_logits = {}
         for name, data in ood_data.items():
-            logits, _, nonfinite = calibration._any_logits(
+            logits, _, nonfinite = _inspect.any_logits(
                 net, data, batch_size, f"ood_data[{name!r}]", with_nonfinite=True
             )
             ood_logits[name] = (logits, nonfinite)

@@ -15,17 +15,15 @@ server. This module is TensorFlow-specific (SavedModel is a TensorFlow format).
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import uuid
 import warnings
 
 import keras
-import numpy as np
 
-from keras_isomax import _serving
-from keras_isomax.calibration import find_isomax_layer
+from keras_isomax import _inspect, _serving
+from keras_isomax._inspect import find_isomax_layer
 from keras_isomax.edge import export_litert, export_onnx  # noqa: F401  (re-exported)
 
 SERVING_DEFAULT = "serving_default"
@@ -162,13 +160,13 @@ def export_saved_model(
             "`export_dir` must be a non-empty path (an empty one would write into the "
             f"working directory). Received: export_dir={export_dir!r}"
         )
-    if version is not None and (
-        isinstance(version, bool) or not isinstance(version, int | np.integer) or version < 0
-    ):
-        raise ValueError(
-            "`version` must be a non-negative integer (TF Serving's version "
-            f"directory) or None. Received: version={version!r}"
-        )
+    _inspect.check_int(
+        version,
+        "version",
+        minimum=0,
+        allow_none=True,
+        what="a non-negative integer (TF Serving's version directory) or None",
+    )
     for name, value in (("jit_compile", jit_compile), ("overwrite", overwrite)):
         if not isinstance(value, bool):
             raise TypeError(f"`{name}` must be a bool. Received: {name}={value!r}")
@@ -262,8 +260,8 @@ def _write_remote(archive, target, verbose):
     return target
 
 
-def serving_functions(model, threshold=None, input_signature=None):
-    """The plain functions behind the exported signatures, for tests and XLA.
+def _serving_functions(model, threshold=None, input_signature=None):
+    """The plain functions behind the exported signatures (tests, XLA checks).
 
     Each function maps a batch of inputs (a TensorFlow tensor) to the dict of
     outputs of its signature; see `export_saved_model`. They are not
@@ -271,7 +269,7 @@ def serving_functions(model, threshold=None, input_signature=None):
     compiles with XLA (for TPUs):
 
     ```python
-    fns = serving_functions(model)
+    fns = _serving_functions(model)
     tf.function(fns["score"], jit_compile=True)(x)
     ```
 
@@ -289,6 +287,21 @@ def serving_functions(model, threshold=None, input_signature=None):
     functions, _ = _build_serving_functions(model, threshold, "inputs", input_signature)
     functions.pop("_compute")
     return functions
+
+
+def serving_functions(model, threshold=None, input_signature=None):
+    """Deprecated: the functions behind the exported signatures (a testing aid).
+
+    Kept for one release; it will be removed. Wrap the model yourself, or
+    export and load the SavedModel.
+    """
+    warnings.warn(
+        "`keras_isomax.export.serving_functions` is deprecated (a testing aid, not "
+        "part of the API) and will be removed in the next release.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return _serving_functions(model, threshold, input_signature)
 
 
 def _build_serving_functions(model, threshold, input_name, input_signature, detector=None):
@@ -375,7 +388,12 @@ def _detector_functions(model, threshold, input_name, input_signature, detector)
         )
     if detector.input_kind == "logits" and not detector.state:
         detector.fit(model)
-    detector._bound(model)  # Raises if unfitted or fitted on another model.
+    if not detector.is_fitted:
+        raise ValueError(
+            f"{type(detector).__name__} is not fitted; call `.fit(model, data)` first. "
+            f"Received: detector={detector.name!r}"
+        )
+    detector.attach(model)  # Raises if fitted on another model.
     input_spec = _input_spec(model, input_name, input_signature)
     if threshold is None:
         if not detector.is_calibrated:
@@ -463,16 +481,7 @@ def _threshold_reader(layer, threshold):
             return tf.cast(tf.convert_to_tensor(variable), tf.float32)
 
         return read
-    if isinstance(threshold, bool) or not isinstance(
-        threshold, int | float | np.integer | np.floating
-    ):
-        raise TypeError(f"`threshold` must be a float or None. Received: threshold={threshold!r}")
-    if math.isnan(float(threshold)):
-        raise ValueError(
-            "`threshold` must not be NaN (every input would be OOD). "
-            f"Received: threshold={threshold!r}"
-        )
-    value = float(threshold)
+    value = _inspect.parse_threshold(threshold)
     return lambda: tf.constant(value, tf.float32)
 
 
@@ -485,7 +494,7 @@ def _check_output_is_isomax(model, layer):
             "The model must have exactly one output, the IsoMaxPlusLayer's "
             f"logits. Received: model '{model.name}' with {len(outputs)} outputs"
         )
-    producer = _producer(outputs[0])
+    producer = _inspect.producer(outputs[0])
     if producer is not layer:
         name = getattr(producer, "name", repr(producer))
         raise ValueError(
@@ -495,18 +504,6 @@ def _check_output_is_isomax(model, layer):
             "softmax. Received: output produced by layer "
             f"'{name}'"
         )
-
-
-def _producer(tensor):
-    """The layer that produced a symbolic tensor, looking inside nested models."""
-    history = getattr(tensor, "_keras_history", None)
-    if history is None:
-        return None
-    operation = history.operation
-    inner = getattr(operation, "outputs", None)
-    if isinstance(operation, keras.Model) and inner:
-        return _producer(inner[history.tensor_index])
-    return operation
 
 
 def _input_spec(model, input_name, input_signature):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 
 import keras
 import numpy as np
 from keras import ops
 
+from keras_isomax import _inspect
 from keras_isomax.layers import IsoMaxPlusLayer
 
 PROTOTYPE_INITS = ("auto", "dense", "class_means", "random")
@@ -126,27 +128,16 @@ def replace_head(
             f"`prototype_init` must be one of {PROTOTYPE_INITS}. "
             f"Received: prototype_init={prototype_init!r}"
         )
-    if num_classes is not None and (
-        isinstance(num_classes, bool)
-        or not isinstance(num_classes, int | np.integer)
-        or num_classes <= 0
-    ):
-        raise ValueError(
-            "`num_classes` must be a positive integer or None. "
-            f"Received: num_classes={num_classes!r}"
-        )
+    _inspect.check_int(num_classes, "num_classes", allow_none=True)
     if prototype_init == "class_means" and init_data is None:
         raise ValueError(
             '`prototype_init="class_means"` needs labelled `init_data`. Received: init_data=None'
         )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(
-            f"`batch_size` must be a positive integer. Received: batch_size={batch_size!r}"
-        )
+    _inspect.check_int(batch_size, "batch_size", numpy=False)
 
-    _find_head(model)  # Validate the original before paying for a copy.
+    _inspect.find_classifier(model)  # Validate the original before paying for a copy.
     source = model if share_weights else _copy_model(model)
-    head = _find_head(source)
+    head = _inspect.find_classifier(source)
 
     kernel = head.kernel  # (F, units), the direction each class logit grows.
     units = kernel.shape[1]
@@ -215,17 +206,6 @@ def replace_head(
     return new_model
 
 
-class _Head:
-    """What `_find_head` found: the classifier and the layers to remove."""
-
-    def __init__(self, classifier, kernel, features, removed, flatten):
-        self.classifier = classifier
-        self.kernel = kernel  # (F, C)
-        self.features = features  # The classifier's input tensor.
-        self.removed = removed  # Layers from the classifier to the output.
-        self.flatten = flatten  # Whether features need flattening (1x1 conv head).
-
-
 def _copy_model(model):
     try:
         clone = keras.models.clone_model(model)
@@ -239,126 +219,6 @@ def _copy_model(model):
     return clone
 
 
-def _producer(model, tensor):
-    """The layer of `model` whose (single) output is `tensor`, or None."""
-    for layer in model.layers:
-        try:
-            output = layer.output
-        except (AttributeError, ValueError, RuntimeError):
-            continue  # Not called, or called several times (shared).
-        if output is tensor:
-            return layer
-    return None
-
-
-def _activation_name(activation):
-    if activation is None:
-        return "linear"
-    try:
-        return keras.activations.serialize(activation)
-    except Exception:  # A custom callable.
-        return getattr(activation, "__name__", repr(activation))
-
-
-def _not_a_classifier(model, reason):
-    return ValueError(
-        "`replace_head` needs a model that ends in a linear softmax classifier: "
-        "`Dense(num_classes)` with a softmax or no activation, optionally followed "
-        "by a softmax `Activation`/`Softmax` layer (or the 1x1 `Conv2D` + `Flatten` "
-        f"head of keras.applications MobileNets); {reason}. Received: model={model.name!r}"
-    )
-
-
-def _find_head(model):
-    """Walks back from the model's output over softmax, flatten, classifier."""
-    try:
-        outputs = model.outputs
-    except (AttributeError, ValueError) as error:
-        raise ValueError(
-            "`model` must be built with a known input (e.g. `keras.Input(...)` as "
-            "its first layer, or called once on data), and be Sequential or "
-            f"functional, not subclassed. Received: model={model.name!r}"
-        ) from error
-    if not outputs:
-        raise ValueError(
-            "`model` has no symbolic outputs; `replace_head` supports built "
-            f"Sequential and functional models. Received: model={model.name!r}"
-        )
-    if len(outputs) != 1:
-        raise ValueError(
-            "`model` must have exactly one output (the class probabilities). "
-            f"Received: model={model.name!r} with {len(outputs)} outputs"
-        )
-    tensor = outputs[0]
-    removed = []
-    layer = _producer(model, tensor)
-    softmax_layer = False
-    if isinstance(layer, keras.layers.Softmax) or (
-        isinstance(layer, keras.layers.Activation)
-        and _activation_name(layer.activation) in ("softmax", "linear")
-    ):
-        if isinstance(layer, keras.layers.Softmax) and layer.axis not in (-1, [-1]):
-            raise _not_a_classifier(model, f"its Softmax layer uses axis={layer.axis}")
-        softmax_layer = True
-        removed.append(layer)
-        tensor = layer.input
-        layer = _producer(model, tensor)
-    flatten = None
-    if isinstance(layer, keras.layers.Flatten | keras.layers.Reshape):
-        flatten = layer
-        removed.append(layer)
-        tensor = layer.input
-        layer = _producer(model, tensor)
-
-    if layer is None:
-        raise _not_a_classifier(
-            model, "its output is not produced by a single-use layer of the model"
-        )
-    activation = _activation_name(getattr(layer, "activation", None))
-    if isinstance(layer, keras.layers.Dense) and flatten is None:
-        kernel = layer.kernel
-    elif (
-        isinstance(layer, keras.layers.Conv2D)
-        and flatten is not None
-        and _is_pointwise_on_pooled(layer)
-    ):
-        kernel = ops.reshape(layer.kernel, (layer.kernel.shape[-2], layer.kernel.shape[-1]))
-    else:
-        what = type(layer).__name__
-        if flatten is not None:
-            what += f" + {type(flatten).__name__}"
-        raise _not_a_classifier(model, f"it ends in {what} ({layer.name!r})")
-    allowed = ("linear",) if softmax_layer else ("softmax", "linear")
-    if activation not in allowed:
-        raise _not_a_classifier(
-            model,
-            f"its classifier {layer.name!r} has activation {activation!r} (IsoMax+ "
-            "replaces a softmax over classes, not sigmoid or other outputs)",
-        )
-    removed.append(layer)
-    features = layer.input
-    if flatten is not None and len(features.shape) != 4:
-        raise _not_a_classifier(model, "its 1x1 convolution is not on pooled features")
-    return _Head(layer, kernel, features, removed, flatten is not None)
-
-
-def _is_pointwise_on_pooled(layer):
-    """A 1x1, stride-1, ungrouped Conv2D on a (batch, 1, 1, F) input = a Dense."""
-    try:
-        input_shape = tuple(layer.input.shape)
-    except (AttributeError, ValueError):
-        return False
-    spatial = input_shape[1:3] if layer.data_format == "channels_last" else input_shape[2:4]
-    return (
-        tuple(layer.kernel_size) == (1, 1)
-        and tuple(layer.strides) == (1, 1)
-        and tuple(layer.dilation_rate) == (1, 1)
-        and getattr(layer, "groups", 1) == 1
-        and layer.data_format == "channels_last"
-        and tuple(spatial) == (1, 1)
-    )
-
-
 def _unique(name, taken):
     candidate, suffix = name, 1
     while candidate in taken:
@@ -368,68 +228,33 @@ def _unique(name, taken):
     return candidate
 
 
-def _batches(init_data, batch_size):
+def _init_batches(init_data, batch_size):
     """Yields `(x, y)` batches from `(x, y)` arrays or an iterable of batches."""
-    if isinstance(init_data, tuple | list) and len(init_data) in (2, 3):
-        x, y = init_data[0], init_data[1]
-        if not isinstance(x, dict | list | tuple) and hasattr(x, "shape"):
-            y = np.asarray(y)
-            if len(x) != len(y):
-                raise ValueError(
-                    "`init_data` arrays must have the same length. "
-                    f"Received: init_data with len(x)={len(x)}, len(y)={len(y)}"
-                )
-            for start in range(0, len(y), batch_size):
-                yield x[start : start + batch_size], y[start : start + batch_size]
-            return
-    try:
-        iterator = iter(init_data)
-    except TypeError as error:
+    if not _inspect.is_in_memory(init_data) and not isinstance(init_data, Iterable):
         raise ValueError(
             "`init_data` must be a tuple `(x, y)` of arrays or an iterable of "
             f"`(x, y)` batches. Received: init_data={type(init_data).__name__}"
-        ) from error
-    for batch in iterator:
-        if not isinstance(batch, tuple | list) or len(batch) < 2:
+        )
+    for x, y in _inspect.iter_batches(init_data, "init_data", batch_size):
+        if y is None:
             raise ValueError(
                 "Each batch of `init_data` must be a tuple `(x, y, ...)`. "
-                f"Received: init_data batch of type {type(batch).__name__}"
+                f"Received: init_data batch of type {type(x).__name__}"
             )
-        yield batch[0], batch[1]
-
-
-def _labels(y, num_classes):
-    y = np.asarray(ops.convert_to_numpy(y))
-    if y.ndim == 2 and y.shape[1] == num_classes and num_classes > 1:
-        return np.argmax(y, axis=1)
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1:
-        raise ValueError(
-            "Labels in `init_data` must be class ids `(N,)`/`(N, 1)` or one-hot "
-            f"`(N, {num_classes})`. Received: labels of shape {y.shape}"
-        )
-    bad = ~np.isfinite(y.astype(np.float64)) | (y < 0) | (y >= num_classes)
-    bad |= np.floor(y) != y
-    if bad.any():
-        raise ValueError(
-            f"Labels in `init_data` must be integers in [0, {num_classes}). "
-            f"Received: labels {np.unique(y[bad])[:5].tolist()}"
-        )
-    return y.astype(np.int64)
+        yield x, y
 
 
 def _class_means(feature_model, init_data, num_classes, feature_dim, batch_size, fallback):
     sums = np.zeros((num_classes, feature_dim), np.float64)
     counts = np.zeros(num_classes, np.int64)
-    for x, y in _batches(init_data, batch_size):
+    for x, y in _init_batches(init_data, batch_size):
         features = np.asarray(ops.convert_to_numpy(feature_model(x, training=False)), np.float64)
         if features.ndim != 2:
             raise ValueError(
                 '`prototype_init="class_means"` needs 2D features `(batch, F)`. '
                 f"Received: features of shape {features.shape}"
             )
-        labels = _labels(y, num_classes)
+        labels = _inspect.class_ids(y, "init_data", num_classes)
         if len(labels) != len(features):
             raise ValueError(
                 "Each `init_data` batch needs one label per example. Received: "

@@ -1,16 +1,16 @@
-"""Metrics for out-of-distribution detection.
+"""The streaming Keras metric for out-of-distribution detection: `OODScore`.
 
-`OODScore` is a streaming Keras metric for `model.compile`; `ood_metrics`,
-`roc_curve`, `threshold_at_tpr` and `expected_calibration_error` are exact
-NumPy functions for evaluation after training.
+The exact NumPy detection metrics (`ood_metrics`, `roc_curve`,
+`threshold_at_tpr`, `expected_calibration_error`) live in
+`keras_isomax.detection_metrics`; importing them from here still works for one
+release, with a `DeprecationWarning`.
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 
 import keras
-import numpy as np
 
 from keras_isomax import scores as scores_lib
 
@@ -60,292 +60,24 @@ class OODScore(keras.metrics.Mean):
         return {**super().get_config(), "score": self.score}
 
 
-# ------------------------------------------------------------------------------
-# Exact detection metrics (NumPy, float64): in-distribution is the positive class
-# and a higher score means more in-distribution. An input is accepted as
-# in-distribution at threshold `t` when `score >= t`.
-# ------------------------------------------------------------------------------
-
-OOD_METRIC_NAMES = (
-    "auroc",
-    "aupr_in",
-    "aupr_out",
-    "tnr_at_tpr95",
-    "fpr_at_tpr95",
-    "detection_accuracy",
+_MOVED = (
+    "OOD_METRIC_NAMES",
+    "expected_calibration_error",
+    "ood_metrics",
+    "roc_curve",
+    "threshold_at_tpr",
 )
 
 
-def _check_scores(values, name):
-    array = np.asarray(keras.ops.convert_to_numpy(values) if hasattr(values, "shape") else values)
-    if array.dtype == np.bool_ or not (
-        np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
-    ):
-        raise TypeError(
-            f"`{name}` must hold real numbers (a float or integer array). "
-            f"Received: {name}.dtype={array.dtype}"
+def __getattr__(name):
+    if name in _MOVED:
+        warnings.warn(
+            f"`keras_isomax.metrics.{name}` moved to `keras_isomax.detection_metrics.{name}`; "
+            "the old path will be removed in the next release.",
+            DeprecationWarning,
+            stacklevel=2,
         )
-    if array.ndim != 1:
-        raise ValueError(
-            f"`{name}` must be a 1-D array of scores, one per example. "
-            f"Received: {name}.shape={array.shape}"
-        )
-    if array.size == 0:
-        raise ValueError(f"`{name}` must not be empty. Received: {name}.shape={array.shape}")
-    if np.issubdtype(array.dtype, np.floating):
-        nan = np.isnan(array)
-        if nan.any():
-            raise ValueError(
-                f"`{name}` holds {int(nan.sum())} NaN scores out of {array.size}; "
-                "a NaN cannot be ranked (drop or fix those inputs first). "
-                f"Received: {name} with NaN at indices "
-                f"{np.flatnonzero(nan)[:5].tolist()}"
-            )
-    return array
+        from keras_isomax import detection_metrics
 
-
-def _check_pair(in_scores, out_scores):
-    in_scores = _check_scores(in_scores, "in_scores")
-    out_scores = _check_scores(out_scores, "out_scores")
-    if in_scores.dtype != out_scores.dtype:
-        raise TypeError(
-            "`in_scores` and `out_scores` must have the same dtype (scores of "
-            "different precision cannot be compared tie-for-tie; cast both to "
-            f"one dtype). Received: in_scores.dtype={in_scores.dtype}, "
-            f"out_scores.dtype={out_scores.dtype}"
-        )
-    return in_scores, out_scores
-
-
-def _accept_counts(in_scores, out_scores):
-    """Cumulative counts accepted at each distinct threshold, highest first.
-
-    Returns `(tp, fp)`: int64 arrays of length `m + 1` for `m` distinct score
-    values; entry `i > 0` counts the in-distribution (`tp`) and OOD (`fp`)
-    scores `>=` the `i`-th largest distinct value, entry 0 is "accept none".
-    """
-    values, inverse = np.unique(np.concatenate([in_scores, out_scores]), return_inverse=True)
-    n_in = in_scores.shape[0]
-    m = values.shape[0]
-    in_counts = np.bincount(inverse[:n_in], minlength=m)[::-1]
-    out_counts = np.bincount(inverse[n_in:], minlength=m)[::-1]
-    tp = np.concatenate([[0], np.cumsum(in_counts)]).astype(np.int64)
-    fp = np.concatenate([[0], np.cumsum(out_counts)]).astype(np.int64)
-    return tp, fp, values[::-1]
-
-
-def _average_precision(tp, fp):
-    """Average precision (sklearn's step-wise sum) from cumulative counts."""
-    delta = np.diff(tp)
-    keep = delta > 0
-    precision = tp[1:][keep] / (tp[1:][keep] + fp[1:][keep])
-    return float(np.sum(delta[keep] * precision) / tp[-1])
-
-
-def ood_metrics(in_scores, out_scores, tpr=0.95):
-    """Exact OOD detection metrics from in-distribution and OOD scores.
-
-    In-distribution is the positive class and a higher score means more
-    in-distribution (the convention of `keras_isomax.scores`, and of the
-    IsoMax+ authors' evaluation code); an input is accepted at threshold `t`
-    when `score >= t`. All metrics use every score (no bucketing) and treat
-    ties exactly: tied scores are accepted or rejected together.
-
-    * `auroc`: area under the ROC curve, `P(s_in > s_out) + P(s_in = s_out) / 2`;
-      equal to `sklearn.metrics.roc_auc_score` with in-distribution as label 1.
-    * `aupr_in`: average precision with in-distribution as positive,
-      `sum_k (R_k - R_{k-1}) P_k` over thresholds (no interpolation); equal to
-      `sklearn.metrics.average_precision_score(is_in, score)`.
-    * `aupr_out`: the same with OOD as positive and `-score` as its score.
-    * `tnr_at_tpr95`: fraction of OOD inputs rejected at the highest threshold
-      that accepts at least `tpr` (95%) of in-distribution inputs.
-    * `fpr_at_tpr95`: `1 - tnr_at_tpr95`, the fraction of OOD inputs accepted
-      there. Not pytorch-ood's `FPR95TPR`, which takes OOD as the positive
-      class (it is the fraction of in-distribution inputs flagged when 95% of
-      OOD inputs are detected) and is a different number.
-    * `detection_accuracy`: `max_t 0.5 * (TPR(t) + 1 - FPR(t))`, the best
-      balanced accuracy over all thresholds (at least 0.5).
-
-    The authors' code (from the Mahalanobis detector's `calculate_log.py`)
-    sweeps the merged sorted scores one by one and resolves a tie against the
-    in-distribution sample, takes TNR at the point whose TPR is *closest* to
-    95% (possibly below it), and integrates interpolated (trapezoidal)
-    precision-recall curves. Without ties its AUROC and detection accuracy
-    equal ours (tested); its TNR also counts as accepted the OOD inputs
-    between the in-distribution score at the chosen point and the next lower
-    one (a gap that shrinks with more in-distribution samples), and its
-    interpolated AUPRs differ from average precision.
-
-    Args:
-        in_scores: 1-D array of scores of in-distribution inputs.
-        out_scores: 1-D array of scores of OOD inputs, same dtype.
-        tpr: The true positive rate of `tnr_at_tpr95`/`fpr_at_tpr95`, in
-            `(0, 1]`. Defaults to `0.95`.
-
-    Returns:
-        A dict of Python floats with keys `auroc`, `aupr_in`, `aupr_out`,
-        `tnr_at_tpr95`, `fpr_at_tpr95` and `detection_accuracy` (fractions in
-        `[0, 1]`).
-
-    Raises:
-        ValueError: If either array is empty, not 1-D or holds NaN, or `tpr`
-            is not in `(0, 1]`.
-        TypeError: If the arrays are not real numbers or their dtypes differ.
-
-    Example:
-
-    >>> import numpy as np
-    >>> from keras_isomax.metrics import ood_metrics
-    >>> m = ood_metrics(np.array([0.9, 0.8, 0.7]), np.array([0.75, 0.1]))
-    >>> round(m["auroc"], 4)
-    0.8333
-    """
-    tpr = _check_tpr(tpr)
-    in_scores, out_scores = _check_pair(in_scores, out_scores)
-    tp, fp, _ = _accept_counts(in_scores, out_scores)
-    n_in, n_out = int(tp[-1]), int(fp[-1])
-    # Trapezoids between consecutive ROC points, in integer arithmetic.
-    twice_area = int(np.sum(np.diff(fp) * (tp[1:] + tp[:-1])))
-    auroc = twice_area / (2.0 * n_in * n_out)
-    aupr_in = _average_precision(tp, fp)
-    # OOD positive: accept-as-OOD when score <= t, i.e. the counts from below.
-    tn = fp[-1] - fp[::-1]
-    fn = tp[-1] - tp[::-1]
-    aupr_out = _average_precision(tn, fn)
-    first = int(np.argmax(tp / n_in >= tpr))
-    fpr_at = float(fp[first] / n_out)
-    detection = float(np.max(0.5 * (tp / n_in + 1.0 - fp / n_out)))
-    return {
-        "auroc": float(auroc),
-        "aupr_in": aupr_in,
-        "aupr_out": aupr_out,
-        "tnr_at_tpr95": 1.0 - fpr_at,
-        "fpr_at_tpr95": fpr_at,
-        "detection_accuracy": detection,
-    }
-
-
-def _check_tpr(tpr, name="tpr"):
-    """`tpr` as a float in (0, 1], or a ValueError naming the argument `name`."""
-    try:
-        value = float(tpr)
-    except (TypeError, ValueError):
-        value = math.nan
-    if isinstance(tpr, bool) or not 0.0 < value <= 1.0:
-        raise ValueError(f"`{name}` must be a number in (0, 1]. Received: {name}={tpr!r}")
-    return value
-
-
-def roc_curve(in_scores, out_scores):
-    """Exact ROC curve (in-distribution positive), one point per distinct score.
-
-    Args:
-        in_scores: 1-D array of scores of in-distribution inputs.
-        out_scores: 1-D array of scores of OOD inputs, same dtype.
-
-    Returns:
-        `(fpr, tpr, thresholds)`: float64 arrays; point `i` accepts inputs with
-        `score >= thresholds[i]`. The first point `(0, 0)` has threshold
-        `+inf` (accept none), the last `(1, 1)` the lowest score.
-
-    Raises:
-        ValueError: See `ood_metrics`.
-        TypeError: See `ood_metrics`.
-    """
-    in_scores, out_scores = _check_pair(in_scores, out_scores)
-    tp, fp, values = _accept_counts(in_scores, out_scores)
-    thresholds = np.concatenate([[np.inf], values.astype(np.float64)])
-    return fp / fp[-1], tp / tp[-1], thresholds
-
-
-def threshold_at_tpr(in_scores, tpr=0.95, *, midpoint=False):
-    """The highest threshold accepting at least `tpr` of `in_scores`.
-
-    Args:
-        in_scores: 1-D array of in-distribution scores (no NaN).
-        tpr: Target fraction to accept (`score >= threshold`), in `(0, 1]`.
-            Defaults to `0.95`.
-        midpoint: If `True`, return the midpoint between that score and the
-            next lower distinct score (the same inputs are accepted, with a
-            margin for recomputed scores). Defaults to `False`.
-
-    Returns:
-        The threshold, a Python float.
-
-    Raises:
-        ValueError: If `in_scores` is empty, not 1-D or holds NaN, or `tpr`
-            is not in `(0, 1]`.
-        TypeError: If `in_scores` is not real numbers.
-    """
-    tpr = _check_tpr(tpr)
-    in_scores = _check_scores(in_scores, "in_scores")
-    values, counts = np.unique(in_scores, return_counts=True)
-    values, counts = values[::-1].astype(np.float64), counts[::-1]
-    accepted = np.cumsum(counts) / in_scores.shape[0]
-    index = int(np.argmax(accepted >= tpr))
-    threshold = float(values[index])
-    if midpoint and index + 1 < values.shape[0]:
-        middle = 0.5 * (threshold + float(values[index + 1]))
-        if math.isfinite(middle):
-            threshold = middle
-    return threshold
-
-
-def expected_calibration_error(probabilities, labels, num_bins=15):
-    """Expected calibration error of class probabilities (Guo et al., 2017).
-
-    Confidences (the largest probability of each row) fall into `num_bins`
-    equal-width bins `(k/B, (k+1)/B]`; the ECE is the average over bins of
-    `|accuracy - mean confidence|`, weighted by the fraction of examples in
-    each bin.
-
-    Args:
-        probabilities: Array `(N, C)` of class probabilities.
-        labels: Array `(N,)` of integer class ids (or one-hot `(N, C)`).
-        num_bins: Number of bins. Defaults to `15`.
-
-    Returns:
-        The ECE as a Python float in `[0, 1]`.
-
-    Raises:
-        ValueError: If the shapes disagree, the arrays are empty, the
-            probabilities are outside `[0, 1]` or not finite, or `num_bins`
-            is not a positive integer.
-
-    Example:
-
-    >>> import numpy as np
-    >>> from keras_isomax.metrics import expected_calibration_error
-    >>> p = np.array([[0.9, 0.1], [0.6, 0.4]])
-    >>> round(expected_calibration_error(p, np.array([0, 1])), 4)
-    0.35
-    """
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int | np.integer) or num_bins < 1:
-        raise ValueError(f"`num_bins` must be a positive integer. Received: num_bins={num_bins!r}")
-    probs = np.asarray(keras.ops.convert_to_numpy(probabilities), dtype=np.float64)
-    labels = np.asarray(keras.ops.convert_to_numpy(labels))
-    if labels.ndim == 2 and labels.shape == probs.shape and probs.shape[-1] > 1:
-        labels = np.argmax(labels, axis=-1)
-    labels = labels.reshape(-1)
-    if probs.ndim != 2 or probs.shape[0] == 0 or probs.shape[0] != labels.shape[0]:
-        raise ValueError(
-            "`probabilities` must be a non-empty (N, C) array with one label per "
-            f"row. Received: probabilities.shape={probs.shape}, "
-            f"labels.shape={labels.shape}"
-        )
-    if not np.all(np.isfinite(probs)) or probs.min() < 0 or probs.max() > 1:
-        raise ValueError(
-            "`probabilities` must be finite and in [0, 1] (pass softmax "
-            "outputs, not logits). Received: probabilities in "
-            f"[{np.nanmin(probs)}, {np.nanmax(probs)}]"
-        )
-    confidence = probs.max(axis=-1)
-    correct = np.argmax(probs, axis=-1) == labels
-    # Bin k holds confidences in (k/B, (k+1)/B] (edges from `linspace`, as in
-    # Guo et al.'s code); a confidence of exactly 0 joins bin 0.
-    uppers = np.linspace(0.0, 1.0, num_bins + 1)[1:]
-    bins = np.minimum(np.searchsorted(uppers, confidence, side="left"), num_bins - 1)
-    n = confidence.shape[0]
-    conf_sum = np.bincount(bins, weights=confidence, minlength=num_bins)
-    acc_sum = np.bincount(bins, weights=correct.astype(np.float64), minlength=num_bins)
-    return float(np.sum(np.abs(acc_sum - conf_sum)) / n)
+        return getattr(detection_metrics, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

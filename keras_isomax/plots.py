@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from keras_isomax import metrics as metrics_lib
+from keras_isomax import detection_metrics as metrics_lib
 
 
 def _matplotlib():
@@ -157,7 +157,7 @@ def plot_roc(
     Raises:
         ImportError: If matplotlib is not installed.
         ValueError: If `path` does not end in `.png`, or the scores are
-            invalid (see `keras_isomax.metrics.ood_metrics`).
+            invalid (see `keras_isomax.detection_metrics.ood_metrics`).
     """
     figure_cls, canvas_cls = _matplotlib()
     path = _check_path(path)

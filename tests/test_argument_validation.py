@@ -14,8 +14,8 @@ from reference import isomax_loss, log_softmax
 
 from keras_isomax import IsoMaxPlusLayer, IsoMaxPlusLoss, isomax_plus_loss, scores
 from keras_isomax.calibration import calibrate_threshold
+from keras_isomax.detection_metrics import ood_metrics
 from keras_isomax.evaluation import evaluate_ood
-from keras_isomax.metrics import ood_metrics
 
 FEATURES, CLASSES = 6, 3
 
@@ -166,7 +166,7 @@ def test_threshold_is_strictly_between_accepted_and_next_score(rng, tpr):
     ],
 )
 def test_run_demo_refuses_nonsense_before_any_work(tmp_path, kwargs, match):
-    from keras_isomax.demo import run_demo
+    from keras_isomax.app.demo import run_demo
 
     with pytest.raises(ValueError, match=match):
         run_demo(output_dir=tmp_path / "out", verbose=0, **kwargs)

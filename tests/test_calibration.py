@@ -18,7 +18,7 @@ from keras_isomax.calibration import (
     find_isomax_layer,
     predict_ood,
 )
-from keras_isomax.metrics import expected_calibration_error
+from keras_isomax.detection_metrics import expected_calibration_error
 
 NUM_CLASSES, FEATURES = 4, 8
 

@@ -8,14 +8,14 @@ import pytest
 import tensorflow as tf
 
 from keras_isomax import IsoMaxPlusLayer, IsoMaxPlusLoss
-from keras_isomax.cli import main
-from keras_isomax.demo import build_classifier, run_demo
+from keras_isomax.app.cli import main
+from keras_isomax.app.demo import build_classifier, run_demo
 
 
 @pytest.fixture(scope="module")
 def saved_models(tmp_path_factory):
     """A tiny IsoMax+ CNN and a softmax one, briefly trained on Fashion-MNIST."""
-    from keras_isomax import data
+    from keras_isomax.app import data
 
     x, y = data.load_fashion_mnist("train")
     x, y = x[:1024], y[:1024]
@@ -167,7 +167,7 @@ def test_evaluate_with_detector(saved_models, capsys):
 
 
 def test_export_with_detector(saved_models, tmp_path, capsys):
-    from keras_isomax import data
+    from keras_isomax.app import data
 
     code = main(
         [

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from keras_isomax import IsoMaxPlusLayer
-from keras_isomax import data as data_lib
-from keras_isomax.cli import ModelFileError, main
+from keras_isomax.app import data as data_lib
+from keras_isomax.app.cli import ModelFileError, main
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for keras_isomax.data: offline data sets, loaders and their errors."""
+"""Tests for keras_isomax.app.data: offline data sets, loaders and their errors."""
 
 import gzip
 import math
@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from keras_isomax import data
+from keras_isomax.app import data
 
 DEBIAN_DIR = data.DEFAULT_FASHION_MNIST_DIR
 

@@ -12,7 +12,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from keras_isomax.metrics import (
+from keras_isomax.detection_metrics import (
     OOD_METRIC_NAMES,
     expected_calibration_error,
     ood_metrics,
@@ -144,6 +144,8 @@ def test_perfect_reversed_and_constant_scores():
         "auroc": 1.0,
         "aupr_in": 1.0,
         "aupr_out": 1.0,
+        "tnr_at_tpr": 1.0,
+        "fpr_at_tpr": 0.0,
         "tnr_at_tpr95": 1.0,
         "fpr_at_tpr95": 0.0,
         "detection_accuracy": 1.0,
@@ -299,7 +301,7 @@ from _pytorch_ood_ref import install_torchvision_stand_in
 
 install_torchvision_stand_in()  # pytorch-ood's metrics do not need torchvision.
 from pytorch_ood.metrics import functional
-from keras_isomax.metrics import ood_metrics
+from keras_isomax.detection_metrics import ood_metrics
 
 a, b = (np.array(v) for v in json.loads(sys.stdin.read()))
 outlier = torch.as_tensor(np.r_[-a, -b])
@@ -343,3 +345,27 @@ def test_relation_to_pytorch_ood(rng):
     assert abs(result["theirs_auroc"] - result["ours"]["auroc"]) <= 1e-9
     swapped = result["ours_swapped"]["fpr_at_tpr95"]
     assert abs(result["theirs_fpr95tpr"] - swapped) <= 1e-12
+
+
+@pytest.mark.parametrize("tpr", [0.9, 0.95, 0.5])
+def test_tpr_keys_and_their_95_aliases_hold_the_value_at_the_tpr_passed(tpr):
+    rng = np.random.default_rng(11)
+    in_scores = rng.normal(1.0, 1.0, 300)
+    out_scores = rng.normal(0.0, 1.0, 200)
+    m = ood_metrics(in_scores, out_scores, tpr=tpr)
+    tnr, _ = _brute_force(in_scores, out_scores, tpr=tpr)
+    assert m["tnr_at_tpr"] == pytest.approx(tnr, abs=1e-12)
+    assert m["fpr_at_tpr"] == pytest.approx(1.0 - tnr, abs=1e-12)
+    assert m["tnr_at_tpr95"] == m["tnr_at_tpr"]
+    assert m["fpr_at_tpr95"] == m["fpr_at_tpr"]
+
+
+def test_old_metrics_paths_warn_and_give_the_same_functions():
+    import keras_isomax.detection_metrics as detection_metrics
+    import keras_isomax.metrics as old
+
+    for name in ("ood_metrics", "roc_curve", "threshold_at_tpr", "expected_calibration_error"):
+        with pytest.warns(DeprecationWarning, match=f"detection_metrics.{name}"):
+            assert getattr(old, name) is getattr(detection_metrics, name)
+    with pytest.raises(AttributeError):
+        old.no_such_name  # noqa: B018

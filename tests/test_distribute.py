@@ -419,13 +419,13 @@ def test_train_step_compiles_with_xla(single_run):
 def test_export_functions_compile_with_xla(single_run):
     """The exported signatures' functions compile with XLA, with a static batch
     (as on TPUs: no host ops, static shapes) and with a dynamic one."""
-    from keras_isomax.export import serving_functions
+    from keras_isomax.export import _serving_functions
 
     _, _, model = single_run
     x, _ = worker.make_data()
     x = x[: worker.GLOBAL_BATCH]
     logits = model.predict(x, verbose=0)
-    functions = serving_functions(model, threshold=-0.5)
+    functions = _serving_functions(model, threshold=-0.5)
     assert set(functions) == {"serving_default", "score"}
     for name, fn in functions.items():
         want = fn(tf.constant(x))
@@ -688,7 +688,7 @@ EXAMPLE = os.path.join(
 
 @pytest.mark.slow
 def test_example_runs_two_local_workers(tmp_path):
-    from keras_isomax import data
+    from keras_isomax.app import data
 
     if not os.path.isdir(data.DEFAULT_FASHION_MNIST_DIR):
         pytest.skip("Fashion-MNIST is not installed offline (dataset-fashion-mnist).")

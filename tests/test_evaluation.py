@@ -9,8 +9,8 @@ import tensorflow as tf
 from reference import log_softmax
 
 from keras_isomax import IsoMaxPlusLayer
+from keras_isomax.detection_metrics import ood_metrics
 from keras_isomax.evaluation import ROW_KEYS, OODEvaluation, evaluate_ood
-from keras_isomax.metrics import ood_metrics
 
 FEATURES, CLASSES = 6, 3
 

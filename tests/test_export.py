@@ -25,8 +25,8 @@ from keras_isomax import IsoMaxPlusLayer  # noqa: E402
 from keras_isomax.export import (  # noqa: E402
     SCORE_OUTPUTS,
     SERVING_DEFAULT_OUTPUTS,
+    _serving_functions,
     export_saved_model,
-    serving_functions,
 )
 
 FEATURES = 6
@@ -510,7 +510,7 @@ def test_uncalibrated_model_needs_an_explicit_threshold(tmp_path):
 def test_invalid_threshold(threshold, error):
     model = make_model(seed=5)
     with pytest.raises(error, match="Received: threshold="):
-        serving_functions(model, threshold=threshold)
+        _serving_functions(model, threshold=threshold)
 
 
 # --------------------------------------------------------------------------
@@ -552,14 +552,14 @@ def test_invalid_input_name(exported, input_name, tmp_path):
 
 def test_not_a_model():
     with pytest.raises(TypeError, match="Received: model=IsoMaxPlusLayer"):
-        serving_functions(IsoMaxPlusLayer(3))
+        _serving_functions(IsoMaxPlusLayer(3))
 
 
 def test_model_without_isomax_layer():
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Dense(3)(inputs), name="plain")
     with pytest.raises(ValueError, match="has no `IsoMaxPlusLayer`"):
-        serving_functions(model, threshold=0.0)
+        _serving_functions(model, threshold=0.0)
 
 
 def test_model_with_two_isomax_layers():
@@ -568,7 +568,7 @@ def test_model_with_two_isomax_layers():
     b = IsoMaxPlusLayer(3)(keras.layers.Dense(4)(inputs))
     model = keras.Model(inputs, keras.layers.Add()([a, b]))
     with pytest.raises(ValueError, match="has 2 `IsoMaxPlusLayer`s"):
-        serving_functions(model, threshold=0.0)
+        _serving_functions(model, threshold=0.0)
 
 
 def test_model_with_two_outputs():
@@ -576,7 +576,7 @@ def test_model_with_two_outputs():
     features = keras.layers.Dense(5)(inputs)
     model = keras.Model(inputs, [IsoMaxPlusLayer(3)(features), features])
     with pytest.raises(ValueError, match="exactly one output"):
-        serving_functions(model, threshold=0.0)
+        _serving_functions(model, threshold=0.0)
 
 
 def test_model_output_after_isomax_layer():
@@ -584,20 +584,20 @@ def test_model_output_after_isomax_layer():
     logits = IsoMaxPlusLayer(3, name="isomax")(inputs)
     model = keras.Model(inputs, keras.layers.Softmax(name="softmax")(logits))
     with pytest.raises(ValueError, match="must be the logits.*'softmax'"):
-        serving_functions(model, threshold=0.0)
+        _serving_functions(model, threshold=0.0)
 
 
 def test_model_with_two_inputs():
     a, b = keras.Input((2,)), keras.Input((2,))
     logits = IsoMaxPlusLayer(3)(keras.layers.Concatenate()([a, b]))
     with pytest.raises(ValueError, match="exactly one input"):
-        serving_functions(keras.Model([a, b], logits), threshold=0.0)
+        _serving_functions(keras.Model([a, b], logits), threshold=0.0)
 
 
 def test_unbuilt_model():
     model = keras.Sequential([keras.layers.Dense(4), IsoMaxPlusLayer(3)])
     with pytest.raises(ValueError, match="must be built"):
-        serving_functions(model, threshold=0.0)
+        _serving_functions(model, threshold=0.0)
 
 
 def test_nested_head_is_found():
@@ -605,7 +605,7 @@ def test_nested_head_is_found():
     inputs = keras.Input((4,))
     head = keras.Sequential([keras.layers.Dense(5), IsoMaxPlusLayer(3)], name="head")
     model = keras.Model(inputs, head(keras.layers.Dense(6)(inputs)))
-    fns = serving_functions(model, threshold=-0.5)
+    fns = _serving_functions(model, threshold=-0.5)
     x = np.random.default_rng(0).normal(size=(3, 4)).astype("float32")
     out = fns["score"](tf.constant(x))
     expected = reference_outputs(keras.ops.convert_to_numpy(model(x)), np.float32(-0.5))
@@ -651,7 +651,7 @@ def test_subclassed_model_needs_input_signature(tmp_path):
     x = np.random.default_rng(7).normal(size=(4, 3)).astype("float32")
     model(x)
     with pytest.raises(ValueError, match="input_signature"):
-        serving_functions(model, threshold=-0.5)
+        _serving_functions(model, threshold=-0.5)
     path = export_saved_model(
         model,
         tmp_path / "sub",
@@ -672,7 +672,7 @@ class SoftmaxAfterIsoMax(SubclassedClassifier):
 def test_subclassed_model_output_is_checked_at_trace_time():
     model = SoftmaxAfterIsoMax()
     model(np.zeros((2, 3), np.float32))
-    fns = serving_functions(
+    fns = _serving_functions(
         model, threshold=-0.5, input_signature=tf.TensorSpec((None, 3), tf.float32)
     )
     with pytest.raises(ValueError, match=r"\(batch, 3\) logits"):
@@ -744,7 +744,7 @@ def test_c_api_runs_xla_export(exported, xla_export, c_program, tmp_path):
 
 def test_serving_functions_compile_with_xla(exported):
     """The hook for TPU readiness: the signature functions compile with XLA."""
-    fns = serving_functions(exported["model"])
+    fns = _serving_functions(exported["model"])
     x = tf.constant(exported["x"])
     lowered = tf.function(fns["serving_default"], jit_compile=True)
     assert "HloModule" in lowered.experimental_get_compiler_ir(x)(stage="hlo")
@@ -809,3 +809,16 @@ def test_export_and_serve_example_runs(tmp_path, capsys):
     assert "score signature" in printed and "flagged OOD" in printed
     diff = float(re.search(r"Keras logits\|: (\S+)", printed).group(1))
     assert diff <= ATOL
+
+
+def test_public_serving_functions_is_a_deprecated_alias():
+    from keras_isomax.export import serving_functions
+
+    model = make_model(seed=7)
+    x = np.random.default_rng(8).normal(size=(5, FEATURES)).astype("float32")
+    with pytest.warns(DeprecationWarning, match="serving_functions"):
+        fns = serving_functions(model, threshold=-0.5)
+    expected = _serving_functions(model, threshold=-0.5)["score"](tf.constant(x))
+    got = fns["score"](tf.constant(x))
+    for key in SCORE_OUTPUTS:
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(expected[key]))

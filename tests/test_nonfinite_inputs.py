@@ -15,7 +15,7 @@ import tensorflow as tf
 from keras_isomax import IsoMaxPlusLayer, _serving
 from keras_isomax.calibration import calibrate_threshold, predict_ood
 from keras_isomax.evaluation import evaluate_ood
-from keras_isomax.export import export_saved_model, serving_functions
+from keras_isomax.export import _serving_functions, export_saved_model
 
 FEATURES, CLASSES = 6, 3
 
@@ -114,7 +114,7 @@ def test_serving_functions_and_saved_model(rng, tmp_path):
     logits = keras.ops.convert_to_numpy(model(x)).astype(np.float64)
     # A threshold inside the finite rows' scores (so both decisions occur).
     threshold = float(np.median(logits.max(-1)))
-    fns = serving_functions(model, threshold=threshold)
+    fns = _serving_functions(model, threshold=threshold)
     _check_rule(fns["score"](tf.constant(x)), logits, threshold, "class_id")
     default = fns["serving_default"](tf.constant(x))
     np.testing.assert_array_equal(default["class_id"].numpy()[BAD], -1)
