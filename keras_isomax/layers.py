@@ -72,12 +72,20 @@ def _distances(features, prototypes, p_sq, inverse_norm=None, exact_nearest=True
     if not exact_nearest:
         return distances
     # The nearest prototype of each row, recomputed from the difference x - p.
-    nearest = ops.argmin(squared, axis=-1)  # (N,)
+    # The first index of the row minimum from comparisons, not `ops.argmin`:
+    # Keras' float argmin (TF, JAX on CPU) bitcasts to test the sign bit, which
+    # neither LiteRT builtins nor ONNX runtimes have, and it makes as many
+    # passes over (N, C). A NaN row has no minimum: clamped to the last column.
+    num_protos = prototypes.shape[0]
+    columns = ops.convert_to_tensor(np.arange(num_protos, dtype="int32"))
+    smallest = ops.min(squared, axis=-1, keepdims=True)  # (N, 1)
+    nearest = ops.min(ops.where(squared <= smallest, columns, num_protos), axis=-1)
+    nearest = ops.minimum(nearest, num_protos - 1)  # (N,)
     neighbor = ops.take(prototypes, nearest, axis=0)  # (N, F)
     if inverse_norm is not None:
         neighbor = l2_normalize(neighbor)
     exact = _safe_sqrt(ops.sum(ops.square(features - neighbor), axis=-1, keepdims=True))
-    is_nearest = ops.one_hot(nearest, prototypes.shape[0], dtype="bool")  # (N, C)
+    is_nearest = ops.expand_dims(nearest, -1) == columns  # (N, C); no ONNX OneHot on bool
     return ops.where(is_nearest, exact, distances)
 
 
