@@ -16,7 +16,7 @@ exact, so that one graph serves TensorFlow, LiteRT and ONNX:
   `|x| <= max(dtype)`, a comparison that is False for NaN and +-Inf;
 - no `logical_not` of a float comparison (TensorFlow's Grappler rewrites
   `LogicalNot(LessEqual(a, b))` into `Greater(a, b)`, which is False for
-  NaN): the per-row flag is a 0/1 float reduced by `min`, compared with 0.5;
+  NaN): the per-row flag is cast to a 0/1 float and compared with 0.5;
 - no float `where` (tf2onnx lowers it to `c * a + (1 - c) * b`, which turns
   every row NaN when one is): NaN is added as `sqrt(-1)`, `+0` elsewhere.
 """
@@ -59,10 +59,10 @@ def finite_rows(x):
     if "float" not in dtype:
         return ops.ones((ops.shape(x)[0],), "float32")
     # `|x| <= max` is False for NaN and +-Inf (comparisons only).
-    finite = ops.cast(ops.abs(x) <= _float_max(dtype), "float32")
+    finite = ops.abs(x) <= _float_max(dtype)
     if rank > 1:
-        finite = ops.min(finite, axis=tuple(range(1, rank)))
-    return finite
+        finite = ops.all(finite, axis=tuple(range(1, rank)))
+    return ops.cast(finite, "float32")
 
 
 def nonfinite_rows(x):

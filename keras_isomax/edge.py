@@ -251,16 +251,13 @@ def score_outputs(model, inputs, threshold):
 
 def _outputs(x, logits, score, threshold):
     """`OUTPUT_NAMES` from the inputs, logits and score, with the non-finite rule."""
-    num_classes = logits.shape[-1]
     # The first index of the maximum, from comparisons: Keras' TensorFlow
-    # argmax bitcasts floats (no LiteRT builtin, no ONNX op), and a constant
-    # column index (jax2onnx cannot trace `ops.arange(n)`).
-    best = ops.max(logits, axis=-1, keepdims=True)
-    columns = ops.convert_to_tensor(np.arange(num_classes, dtype="int32"))
-    class_id = ops.min(ops.where(logits >= best, columns, num_classes), axis=-1)
+    # argmax bitcasts floats (no LiteRT builtin, no ONNX op).
+    hits = logits >= ops.max(logits, axis=-1, keepdims=True)
+    class_id = ops.argmax(ops.cast(hits, "int32"), axis=-1)
     # A row of NaN logits (overflow inside a backbone fed finite inputs) has
     # no maximum: -1, as for a non-finite input.
-    class_id = ops.where(class_id < num_classes, class_id, _serving.NONFINITE_CLASS_ID)
+    class_id = ops.where(ops.any(hits, axis=-1), class_id, _serving.NONFINITE_CLASS_ID)
     score = ops.cast(score, "float32")
     limit = ops.full_like(score, threshold)
     decided = _serving.apply_nonfinite_rule(

@@ -72,20 +72,19 @@ def _distances(features, prototypes, p_sq, inverse_norm=None, exact_nearest=True
     if not exact_nearest:
         return distances
     # The nearest prototype of each row, recomputed from the difference x - p.
-    # The first index of the row minimum from comparisons, not `ops.argmin`:
-    # Keras' float argmin (TF, JAX on CPU) bitcasts to test the sign bit, which
-    # neither LiteRT builtins nor ONNX runtimes have, and it makes as many
-    # passes over (N, C). A NaN row has no minimum: clamped to the last column.
-    num_protos = prototypes.shape[0]
-    columns = ops.convert_to_tensor(np.arange(num_protos, dtype="int32"))
-    smallest = ops.min(squared, axis=-1, keepdims=True)  # (N, 1)
-    nearest = ops.min(ops.where(squared <= smallest, columns, num_protos), axis=-1)
-    nearest = ops.minimum(nearest, num_protos - 1)  # (N,)
+    # The first index of the row minimum from a comparison, not `ops.argmin`
+    # on floats: Keras' float argmin (TF, JAX on CPU) bitcasts to test the
+    # sign bit, which neither LiteRT builtins nor ONNX runtimes have, and it
+    # makes as many passes over (N, C). `initial` keeps empty batches legal.
+    smallest = ops.min(squared, axis=-1, keepdims=True, initial=math.inf)  # (N, 1)
+    nearest = ops.argmax(ops.cast(squared <= smallest, "int32"), axis=-1)  # (N,)
     neighbor = ops.take(prototypes, nearest, axis=0)  # (N, F)
     if inverse_norm is not None:
         neighbor = l2_normalize(neighbor)
     exact = _safe_sqrt(ops.sum(ops.square(features - neighbor), axis=-1, keepdims=True))
-    is_nearest = ops.expand_dims(nearest, -1) == columns  # (N, C); no ONNX OneHot on bool
+    columns = ops.convert_to_tensor(np.arange(prototypes.shape[0], dtype="int32"))
+    # A comparison, not `ops.one_hot(..., dtype="bool")` (no ONNX OneHot on bool).
+    is_nearest = ops.expand_dims(ops.cast(nearest, "int32"), -1) == columns  # (N, C)
     return ops.where(is_nearest, exact, distances)
 
 
