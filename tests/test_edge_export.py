@@ -253,3 +253,30 @@ def test_detector_export_errors(rng, tmp_path):
     with pytest.raises(ValueError, match=r"calibrate_threshold.*detector=det.*threshold=None"):
         export_onnx(model, tmp_path / "m.onnx", detector=det)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="the CLI runs on TensorFlow")
+@pytest.mark.parametrize("fmt", ["litert", "onnx"])
+def test_cli_exports_a_detector(rng, tmp_path, capsys, fmt):
+    from keras_isomax import data
+    from keras_isomax.cli import main
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+    model.save(tmp_path / "softmax.keras")
+    target = tmp_path / f"model.{fmt}"
+    args = ["export", str(tmp_path / "softmax.keras"), str(target), "--format", fmt]
+    args += ["--detector", "knn:5", "--fit-on", "fashion_mnist", "--fit-n", "300"]
+    assert main([*args, "--calibrate-n", "200"]) == 0, capsys.readouterr().err
+    assert "Calibrated threshold" in capsys.readouterr().out
+    x, _ = data.load_dataset("fashion_mnist", "test", image_shape=(28, 28, 1), n=200)
+    out = (_run_onnx if fmt == "onnx" else _run_litert)(str(target), x)
+    # Calibrated at TPR 0.95 on these 200 test images (same seeded subset): 95% accepted.
+    assert np.mean(~out["is_ood"]) == pytest.approx(0.95, abs=0.01)
