@@ -75,9 +75,14 @@ def _distances(features, prototypes, p_sq, inverse_norm=None, exact_nearest=True
     # The first index of the row minimum from a comparison, not `ops.argmin`
     # on floats: Keras' float argmin (TF, JAX on CPU) bitcasts to test the
     # sign bit, which neither LiteRT builtins nor ONNX runtimes have, and it
-    # makes as many passes over (N, C). `initial` keeps empty batches legal.
-    smallest = ops.min(squared, axis=-1, keepdims=True, initial=math.inf)  # (N, 1)
-    nearest = ops.argmax(ops.cast(squared <= smallest, "int32"), axis=-1)  # (N,)
+    # makes as many passes over (N, C).
+    if isinstance(squared.shape[0], int) and squared.shape[0] == 0:
+        # An eager empty batch: Keras' `min` refuses empty tensors on TF and
+        # torch (`initial=` would fix that, but jax2onnx cannot export it).
+        nearest = ops.zeros((0,), "int32")
+    else:
+        smallest = ops.min(squared, axis=-1, keepdims=True)  # (N, 1)
+        nearest = ops.argmax(ops.cast(squared <= smallest, "int32"), axis=-1)  # (N,)
     neighbor = ops.take(prototypes, nearest, axis=0)  # (N, F)
     if inverse_norm is not None:
         neighbor = l2_normalize(neighbor)
