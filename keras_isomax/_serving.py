@@ -3,23 +3,66 @@
 A backbone may turn a NaN or Inf input into finite features (for example
 oneDNN's ReLU maps NaN to 0 on some CPUs), and the input would then get a
 finite, possibly confident score. The library does not rely on the backbone:
-an example whose input holds any NaN or Inf gets `score` NaN, `is_ood` True
-and `class_id` -1 (`NONFINITE_CLASS_ID`), whatever the model computed for it.
+an example whose input holds any NaN or Inf gets `score` NaN, `is_ood` True,
+`class_id` -1 (`NONFINITE_CLASS_ID`) and NaN `probabilities`, whatever the
+model computed for it.
 
-The SavedModel signatures (`export.py`) and `predict_ood` apply this rule with
-the two functions below, written with `keras.ops` only so that other exporters
-can reuse them.
+This module is the one implementation of that rule, used by the SavedModel
+signatures (`export.py`), `predict_ood` and the LiteRT/ONNX exports
+(`edge.py`). It is written with `keras.ops` in a form every converter keeps
+exact, so that one graph serves TensorFlow, LiteRT and ONNX:
+
+- no `isfinite`/`isnan` (no LiteRT builtin): an element is finite iff
+  `|x| <= max(dtype)`, a comparison that is False for NaN and +-Inf;
+- no `logical_not` of a float comparison (TensorFlow's Grappler rewrites
+  `LogicalNot(LessEqual(a, b))` into `Greater(a, b)`, which is False for
+  NaN): the per-row flag is cast to a 0/1 float and compared with 0.5;
+- no float `where` (tf2onnx lowers it to `c * a + (1 - c) * b`, which turns
+  every row NaN when one is): NaN is added as `sqrt(-1)`, `+0` elsewhere.
 """
 
 from __future__ import annotations
 
-import math
-
 import keras
+import numpy as np
 from keras import ops
 
 NONFINITE_CLASS_ID = -1
 """`class_id` of an example whose input holds NaN or Inf."""
+
+
+def _float_max(dtype):
+    try:
+        return float(np.finfo(dtype).max)
+    except TypeError:  # bfloat16 and other ml_dtypes types.
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(dtype).max)
+
+
+def finite_rows(x):
+    """1.0 for each example (row along axis 0) whose elements are all finite, else 0.0.
+
+    Args:
+        x: A tensor or array `(B, ...)`. Integer, boolean and string inputs
+            cannot hold NaN/Inf: the result is all 1.0.
+
+    Returns:
+        A float32 tensor of shape `(B,)` holding 0.0 and 1.0 only.
+    """
+    if not hasattr(x, "dtype"):
+        x = ops.convert_to_tensor(x)
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    rank = len(x.shape)
+    if rank == 0:
+        raise ValueError(f"The input needs a batch dimension. Received: input of shape {x.shape}")
+    if "float" not in dtype:
+        return ops.ones((ops.shape(x)[0],), "float32")
+    # `|x| <= max` is False for NaN and +-Inf (comparisons only).
+    finite = ops.abs(x) <= _float_max(dtype)
+    if rank > 1:
+        finite = ops.all(finite, axis=tuple(range(1, rank)))
+    return ops.cast(finite, "float32")
 
 
 def nonfinite_rows(x):
@@ -32,21 +75,48 @@ def nonfinite_rows(x):
     Returns:
         A boolean tensor of shape `(B,)`.
     """
-    if not hasattr(x, "dtype"):
-        x = ops.convert_to_tensor(x)
-    dtype = keras.backend.standardize_dtype(x.dtype)
-    rank = len(x.shape)
-    if rank == 0:
-        raise ValueError(f"The input needs a batch dimension. Received: input of shape {x.shape}")
-    if "float" not in dtype:
-        return ops.zeros((ops.shape(x)[0],), "bool")
-    bad = ops.logical_not(ops.isfinite(x))
+    return finite_rows(x) < 0.5
+
+
+def nan_where(nonfinite, values):
+    """`values` with NaN in the rows where `nonfinite` is True.
+
+    Adds `sqrt(-1)` (NaN) to those rows and `-0.0` to the others, so finite
+    rows keep their exact values; no float `where` (see the module docstring).
+
+    Args:
+        nonfinite: Boolean `(B,)`.
+        values: Float `(B,)` or `(B, ...)`.
+
+    Returns:
+        A tensor like `values`.
+    """
+    values = ops.convert_to_tensor(values)
+    nan_or_zero = ops.sqrt(-ops.cast(nonfinite, values.dtype))
+    rank = len(values.shape)
     if rank > 1:
-        bad = ops.any(bad, axis=tuple(range(1, rank)))
-    return bad
+        nan_or_zero = ops.reshape(nan_or_zero, (-1,) + (1,) * (rank - 1))
+    return values + nan_or_zero
 
 
-def apply_nonfinite_rule(nonfinite, score=None, is_ood=None, class_id=None):
+def decide(score, threshold):
+    """`is_ood = not (score >= threshold)`: a NaN score (or threshold) is OOD.
+
+    Written as `cast(score >= threshold) < 0.5`, which no graph optimizer
+    turns into `score < threshold` (False for NaN) and which needs no
+    `isnan` (no LiteRT builtin).
+
+    Args:
+        score: Float `(B,)`.
+        threshold: Float scalar or `(B,)`.
+
+    Returns:
+        A boolean tensor `(B,)`.
+    """
+    return ops.cast(score >= threshold, "float32") < 0.5
+
+
+def apply_nonfinite_rule(nonfinite, score=None, is_ood=None, class_id=None, probabilities=None):
     """Applies the non-finite rule to the outputs of one batch.
 
     Args:
@@ -54,18 +124,24 @@ def apply_nonfinite_rule(nonfinite, score=None, is_ood=None, class_id=None):
         score: Float `(B,)` scores, or `None`. Defaults to `None`.
         is_ood: Boolean `(B,)` decisions, or `None`. Defaults to `None`.
         class_id: Integer `(B,)` classes, or `None`. Defaults to `None`.
+        probabilities: Float `(B, C)` probabilities, or `None`. Defaults to
+            `None`.
 
     Returns:
         A dict with the given keys among `score` (NaN where `nonfinite`),
-        `is_ood` (True there) and `class_id` (`NONFINITE_CLASS_ID` there).
+        `is_ood` (True there), `class_id` (`NONFINITE_CLASS_ID` there) and
+        `probabilities` (NaN rows there).
     """
     out = {}
     if score is not None:
-        out["score"] = ops.where(nonfinite, ops.cast(math.nan, score.dtype), score)
+        out["score"] = nan_where(nonfinite, score)
     if is_ood is not None:
         out["is_ood"] = ops.logical_or(is_ood, nonfinite)
     if class_id is not None:
+        class_id = ops.convert_to_tensor(class_id)
         out["class_id"] = ops.where(
             nonfinite, ops.cast(NONFINITE_CLASS_ID, class_id.dtype), class_id
         )
+    if probabilities is not None:
+        out["probabilities"] = nan_where(nonfinite, probabilities)
     return out

@@ -384,15 +384,17 @@ def predict_ood(
             f"`score` must map logits (N, C) to one value per example, shape "
             f"({len(nonfinite)},). Received: score output of shape {values.shape}"
         )
-    values = np.where(nonfinite, np.nan, values).astype(values.dtype, copy=False)
     with np.errstate(invalid="ignore"):
         is_ood = ~(values >= threshold)
-    classes = np.argmax(logits, axis=-1).astype(np.int64)
-    return {
-        "score": values,
-        "is_ood": is_ood | nonfinite,
-        "class": np.where(nonfinite, _serving.NONFINITE_CLASS_ID, classes),
-    }
+    # The library's one non-finite rule (the SavedModel and edge files use it too).
+    out = _serving.apply_nonfinite_rule(
+        nonfinite,
+        score=values,
+        is_ood=is_ood,
+        class_id=np.argmax(logits, axis=-1).astype(np.int64),
+    )
+    out = {key: np.asarray(keras.ops.convert_to_numpy(value)) for key, value in out.items()}
+    return {"score": out["score"], "is_ood": out["is_ood"], "class": out["class_id"]}
 
 
 def _predict_with_detector(model, x, threshold, detector):

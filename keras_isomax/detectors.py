@@ -50,7 +50,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_isomax import _inspect
+from keras_isomax import _inspect, _serving
 from keras_isomax import scores as scores_lib
 from keras_isomax.layers import l2_normalize
 
@@ -444,8 +444,9 @@ class Detector(keras.layers.Layer):
         return self.score_batch(ops.convert_to_tensor(feats), logits)
 
     def _nan_rows(self, feats, score):
-        finite = ops.all(ops.isfinite(feats), axis=-1)
-        return ops.where(finite, score, ops.full_like(score, math.nan))
+        # The library's non-finite rule in its converter-friendly form (no
+        # `isfinite`, no float `where`: the LiteRT/ONNX exports trace this).
+        return _serving.nan_where(_serving.nonfinite_rows(feats), score)
 
     # -- saving
     def get_config(self):
@@ -901,6 +902,11 @@ class _LogitDetector(Detector):
                 f"Bind the detector with `.fit(model)` before saving. Received: detector={self.name!r}"
             )
         return self.state["num_classes"]
+
+    def _score_host(self, feats, logits):
+        # NaN where the input held NaN/Inf (`batches` made those features NaN),
+        # even when the backbone turned it into finite logits.
+        return self._nan_rows(ops.convert_to_tensor(feats), self.score_batch(feats, logits))
 
     def call(self, inputs):
         return scores_lib.get(self.score_name)(ops.cast(inputs, "float32"))

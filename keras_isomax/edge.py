@@ -34,14 +34,15 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_isomax import _serving
 from keras_isomax._inspect import find_isomax_layer, parse_threshold
-from keras_isomax._serving import NONFINITE_CLASS_ID
 
 OUTPUT_NAMES = ("score", "is_ood", "threshold", "class_id", "probabilities")
-_MAX_FLOAT32 = float(np.finfo(np.float32).max)
 
 
-def export_litert(model, path, threshold=None, *, input_signature=None, overwrite=False):
+def export_litert(
+    model, path, threshold=None, *, detector=None, input_signature=None, overwrite=False
+):
     """Exports an IsoMax+ classifier as one LiteRT (TensorFlow Lite) file.
 
     The file has one signature, `score`, with one input named `inputs`
@@ -56,7 +57,14 @@ def export_litert(model, path, threshold=None, *, input_signature=None, overwrit
         path: File to write (conventionally ending in `.tflite`).
         threshold: OOD threshold on the minimum distance score. `None` uses
             the layer's calibrated `ood_threshold` and raises if it is not
-            calibrated. Defaults to `None`.
+            calibrated. With `detector`, a threshold on the detector's score;
+            `None` uses the detector's calibrated `threshold`. Defaults to
+            `None`.
+        detector: A fitted `keras_isomax.detectors.Detector` whose score
+            replaces the minimum distance score (`Mahalanobis`, `ViM`,
+            `KNN` and the logit detectors; the model may then be any
+            classifier the detector was fitted on). Its fitted state is
+            carried inside the file as constants. Defaults to `None`.
         input_signature: Shape and dtype of one input (`keras.InputSpec` or
             `KerasTensor`), needed only for models without symbolic inputs.
             The batch dimension is made dynamic. Defaults to `None`.
@@ -94,7 +102,7 @@ def export_litert(model, path, threshold=None, *, input_signature=None, overwrit
     import tensorflow as tf
 
     path = _check_path(path, overwrite)
-    wrapper, spec = _prepare(model, threshold, input_signature)
+    wrapper, spec = _prepare(model, threshold, input_signature, detector)
 
     def score(inputs):
         return dict(zip(OUTPUT_NAMES, wrapper(inputs), strict=True))
@@ -131,6 +139,7 @@ def export_onnx(
     path,
     threshold=None,
     *,
+    detector=None,
     input_signature=None,
     opset_version=None,
     overwrite=False,
@@ -148,7 +157,14 @@ def export_onnx(
         path: File to write (conventionally ending in `.onnx`).
         threshold: OOD threshold on the minimum distance score. `None` uses
             the layer's calibrated `ood_threshold` and raises if it is not
-            calibrated. Defaults to `None`.
+            calibrated. With `detector`, a threshold on the detector's score;
+            `None` uses the detector's calibrated `threshold`. Defaults to
+            `None`.
+        detector: A fitted `keras_isomax.detectors.Detector` whose score
+            replaces the minimum distance score (`Mahalanobis`, `ViM`,
+            `KNN` and the logit detectors; the model may then be any
+            classifier the detector was fitted on). Its fitted state is
+            carried inside the file as constants. Defaults to `None`.
         input_signature: Shape and dtype of one input (`keras.InputSpec` or
             `KerasTensor`), needed only for models without symbolic inputs.
             The batch dimension is made dynamic. Defaults to `None`.
@@ -185,7 +201,7 @@ def export_onnx(
     import onnx
 
     path = _check_path(path, overwrite)
-    wrapper, spec = _prepare(model, threshold, input_signature)
+    wrapper, spec = _prepare(model, threshold, input_signature, detector)
     spec = keras.InputSpec(shape=(None,) + spec.shape[1:], dtype=spec.dtype, name="inputs")
 
     def write(target):
@@ -216,6 +232,9 @@ def export_onnx(
 def score_outputs(model, inputs, threshold):
     """The edge artifacts' computation in `keras.ops`, on any backend.
 
+    The non-finite rule is `keras_isomax._serving`'s, the same as in the
+    SavedModel and `predict_ood`.
+
     Args:
         model: The IsoMax+ classifier (its output is the logits).
         inputs: A batch of inputs.
@@ -225,54 +244,49 @@ def score_outputs(model, inputs, threshold):
         A tuple of tensors in the order of `OUTPUT_NAMES`.
     """
     x = ops.convert_to_tensor(inputs)
-    batch_shape = ops.shape(x)[:1]
-    if "float" in str(x.dtype):
-        # NaN and Inf fail `|x| <= max`; comparisons only (IsFinite is no
-        # LiteRT builtin).
-        finite = ops.abs(x) <= _MAX_FLOAT32
-        if len(x.shape) > 1:
-            finite = ops.all(finite, axis=tuple(range(1, len(x.shape))))
-        mask = ops.reshape(finite, (-1,) + (1,) * (len(x.shape) - 1))
-        x = ops.where(mask, x, ops.zeros_like(x))
-    else:
-        finite = ops.ones(batch_shape, dtype="bool")
     logits = ops.cast(model(x, training=False), "float32")
-    num_classes = logits.shape[-1]
-    score = ops.max(logits, axis=-1)
+    return _outputs(x, logits, ops.max(logits, axis=-1), threshold)
+
+
+def _outputs(x, logits, score, threshold):
+    """`OUTPUT_NAMES` from the inputs, logits and score, with the non-finite rule."""
     # The first index of the maximum, from comparisons: Keras' TensorFlow
     # argmax bitcasts floats (no LiteRT builtin, no ONNX op).
-    hits = logits >= ops.expand_dims(score, -1)
-    index = ops.where(hits, ops.arange(num_classes, dtype="int32"), num_classes)
-    class_id = ops.min(index, axis=-1)
-    class_id = ops.where(
-        ops.logical_and(finite, class_id < num_classes), class_id, NONFINITE_CLASS_ID
-    )
-    class_id = ops.cast(class_id, "int64")
-    # NaN for non-finite examples, added after the reductions (runtimes differ
-    # in how max treats NaN) and without `where`: tf2onnx lowers a float
-    # `where` to `c * a + (1 - c) * b`, which turns every row NaN.
-    # sqrt(0) = 0 for finite rows, sqrt(-1) = NaN otherwise.
-    nan_if_bad = ops.sqrt(ops.cast(finite, "float32") - 1.0)
-    score = score + nan_if_bad
+    hits = logits >= ops.max(logits, axis=-1, keepdims=True)
+    class_id = ops.argmax(ops.cast(hits, "int32"), axis=-1)
+    # A row of NaN logits (overflow inside a backbone fed finite inputs) has
+    # no maximum: -1, as for a non-finite input.
+    class_id = ops.where(ops.any(hits, axis=-1), class_id, _serving.NONFINITE_CLASS_ID)
+    score = ops.cast(score, "float32")
     limit = ops.full_like(score, threshold)
-    is_ood = ops.logical_or(ops.logical_not(finite), ops.logical_not(score >= limit))
-    probabilities = ops.softmax(logits, axis=-1) + ops.expand_dims(nan_if_bad, -1)
-    return score, is_ood, limit, class_id, probabilities
+    decided = _serving.apply_nonfinite_rule(
+        _serving.nonfinite_rows(x),
+        score=score,
+        is_ood=_serving.decide(score, limit),
+        class_id=ops.cast(class_id, "int64"),
+        probabilities=ops.softmax(logits, axis=-1),
+    )
+    return tuple(limit if name == "threshold" else decided[name] for name in OUTPUT_NAMES)
 
 
 class _ScoreModel(keras.Model):
-    """Wraps the classifier; returns the `score` outputs as a tuple."""
+    """Wraps the classifier (and detector); returns the `score` outputs as a tuple."""
 
-    def __init__(self, model, threshold, **kwargs):
+    def __init__(self, model, threshold, detector=None, **kwargs):
         super().__init__(**kwargs)
         self.model = model
         self.threshold = threshold
+        self.detector = detector
 
     def call(self, inputs):
-        return score_outputs(self.model, inputs, self.threshold)
+        if self.detector is None:
+            return score_outputs(self.model, inputs, self.threshold)
+        x = ops.convert_to_tensor(inputs)
+        score, logits = self.detector.score_inputs(x, self.model)
+        return _outputs(x, ops.cast(logits, "float32"), score, self.threshold)
 
 
-def _prepare(model, threshold, input_signature):
+def _prepare(model, threshold, input_signature, detector=None):
     if not isinstance(model, keras.Model):
         raise TypeError(f"`model` must be a keras.Model. Received: model={type(model).__name__}")
     if not model.built:
@@ -280,25 +294,56 @@ def _prepare(model, threshold, input_signature):
             "The model must be built (called once or created with an Input) "
             f"before export. Received: model={model.name}"
         )
-    layer = find_isomax_layer(model)
     outputs = getattr(model, "outputs", None)
     if outputs is not None and len(outputs) != 1:
         raise ValueError(
-            "The model must have exactly one output, the IsoMaxPlusLayer's "
-            f"logits. Received: model '{model.name}' with {len(outputs)} outputs"
+            "The model must have exactly one output, the classifier's logits "
+            f"(or probabilities). Received: model '{model.name}' with {len(outputs)} outputs"
         )
-    value = _threshold_value(layer, threshold)
+    if detector is not None:
+        value, num_classes = _detector_threshold(model, detector, threshold)
+        layer_name = None
+    else:
+        layer = find_isomax_layer(model)
+        value, num_classes, layer_name = (
+            _threshold_value(layer, threshold),
+            layer.num_classes,
+            layer.name,
+        )
     spec = _input_spec(model, input_signature)
-    wrapper = _ScoreModel(model, value, name=f"{model.name}_score")
+    wrapper = _ScoreModel(model, value, detector, name=f"{model.name}_score")
     # Build the wrapper (and check the output) with one symbolic call.
     symbolic = wrapper(keras.KerasTensor((None,) + spec.shape[1:], dtype=spec.dtype))
-    if symbolic[-1].shape[-1] != layer.num_classes:
+    if symbolic[-1].shape[-1] != num_classes:
         raise ValueError(
-            f"The model's output must be the (batch, {layer.num_classes}) logits "
-            f"of IsoMaxPlusLayer '{layer.name}'. Received: output shape "
+            f"The model's output must be the (batch, {num_classes}) logits "
+            f"of IsoMaxPlusLayer '{layer_name}'. Received: output shape "
             f"{symbolic[-1].shape}"
         )
     return wrapper, spec
+
+
+def _detector_threshold(model, detector, threshold):
+    """Binds a fitted detector to `model`; its threshold and number of classes."""
+    from keras_isomax import detectors as detectors_lib
+
+    if not isinstance(detector, detectors_lib.Detector):
+        raise TypeError(
+            "`detector` must be a fitted `keras_isomax.detectors.Detector`. "
+            f"Received: detector={type(detector).__name__}"
+        )
+    if detector.input_kind == "logits" and not detector.state:
+        detector.fit(model)
+    extractor = detector._bound(model)  # Raises if unfitted or fitted on another model.
+    if threshold is None:
+        if not detector.is_calibrated:
+            raise ValueError(
+                f"Detector {detector.name!r} has no calibrated threshold. Call "
+                "`calibrate_threshold(model, in_val_data, detector=det)` before "
+                "exporting, or pass `threshold=` explicitly. Received: threshold=None"
+            )
+        return float(ops.convert_to_numpy(detector.threshold)), extractor.num_classes
+    return _threshold_value(None, threshold), extractor.num_classes
 
 
 def _threshold_value(layer, threshold):

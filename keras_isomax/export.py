@@ -349,12 +349,12 @@ def _build_serving_functions(model, threshold, input_name, input_signature, dete
         decided = _serving.apply_nonfinite_rule(
             _serving.nonfinite_rows(inputs),
             score=score,
-            is_ood=_is_ood(score, limit),
+            is_ood=_serving.decide(score, limit),
             class_id=tf.argmax(logits, axis=-1, output_type=tf.int64),
+            probabilities=tf.nn.softmax(logits, axis=-1),
         )
         return {
             "logits": logits,
-            "probabilities": tf.nn.softmax(logits, axis=-1),
             "threshold": tf.broadcast_to(limit, tf.shape(score)),
             **decided,
         }
@@ -419,12 +419,12 @@ def _detector_functions(model, threshold, input_name, input_signature, detector)
         decided = _serving.apply_nonfinite_rule(
             _serving.nonfinite_rows(inputs),
             score=score,
-            is_ood=_is_ood(score, limit),
+            is_ood=_serving.decide(score, limit),
             class_id=tf.argmax(logits, axis=-1, output_type=tf.int64),
+            probabilities=tf.nn.softmax(logits, axis=-1),
         )
         return {
             "logits": logits,
-            "probabilities": tf.nn.softmax(logits, axis=-1),
             "threshold": tf.broadcast_to(limit, tf.shape(score)),
             **decided,
         }
@@ -432,22 +432,6 @@ def _detector_functions(model, threshold, input_name, input_signature, detector)
     functions = _endpoint_functions(compute)
     functions["_compute"] = compute
     return functions, input_spec
-
-
-def _is_ood(score, threshold):
-    """`not (score >= threshold)`, NaN-safe inside TensorFlow graphs.
-
-    Written out as `score < threshold or isnan(score) or isnan(threshold)`:
-    Grappler's arithmetic optimizer rewrites `LogicalNot(GreaterEqual(a, b))`
-    into `Less(a, b)`, which is False for NaN, so the literal form would
-    accept NaN scores as in-distribution in a served graph.
-    """
-    import tensorflow as tf
-
-    return tf.logical_or(
-        score < threshold,
-        tf.logical_or(tf.math.is_nan(score), tf.math.is_nan(threshold)),
-    )
 
 
 def _endpoint_functions(compute):

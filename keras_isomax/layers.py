@@ -72,12 +72,24 @@ def _distances(features, prototypes, p_sq, inverse_norm=None, exact_nearest=True
     if not exact_nearest:
         return distances
     # The nearest prototype of each row, recomputed from the difference x - p.
-    nearest = ops.argmin(squared, axis=-1)  # (N,)
+    # The first index of the row minimum from a comparison, not `ops.argmin`
+    # on floats: Keras' float argmin (TF, JAX on CPU) bitcasts to test the
+    # sign bit, which neither LiteRT builtins nor ONNX runtimes have, and it
+    # makes as many passes over (N, C).
+    if isinstance(squared.shape[0], int) and squared.shape[0] == 0:
+        # An eager empty batch: Keras' `min` refuses empty tensors on TF and
+        # torch (`initial=` would fix that, but jax2onnx cannot export it).
+        nearest = ops.zeros((0,), "int32")
+    else:
+        smallest = ops.min(squared, axis=-1, keepdims=True)  # (N, 1)
+        nearest = ops.argmax(ops.cast(squared <= smallest, "int32"), axis=-1)  # (N,)
     neighbor = ops.take(prototypes, nearest, axis=0)  # (N, F)
     if inverse_norm is not None:
         neighbor = l2_normalize(neighbor)
     exact = _safe_sqrt(ops.sum(ops.square(features - neighbor), axis=-1, keepdims=True))
-    is_nearest = ops.one_hot(nearest, prototypes.shape[0], dtype="bool")  # (N, C)
+    columns = ops.convert_to_tensor(np.arange(prototypes.shape[0], dtype="int32"))
+    # A comparison, not `ops.one_hot(..., dtype="bool")` (no ONNX OneHot on bool).
+    is_nearest = ops.expand_dims(ops.cast(nearest, "int32"), -1) == columns  # (N, C)
     return ops.where(is_nearest, exact, distances)
 
 

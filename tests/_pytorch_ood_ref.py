@@ -13,6 +13,14 @@ import sys
 import types
 
 
+def _dummy_attribute(attr):
+    # Dunder names stay missing: `inspect` (called by Keras' torch backend)
+    # reads `module.__file__` and must not get a class.
+    if attr.startswith("__") and attr.endswith("__"):
+        raise AttributeError(attr)
+    return type(attr, (), {"__init__": lambda self, *a, **k: None})
+
+
 class _StandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Imports any `torchvision[.x.y]` as a module whose attributes are dummy classes."""
 
@@ -24,7 +32,7 @@ class _StandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):
         module = types.ModuleType(spec.name)
         module.__path__ = []
-        module.__getattr__ = lambda attr: type(attr, (), {"__init__": lambda self, *a, **k: None})
+        module.__getattr__ = _dummy_attribute
         return module
 
     def exec_module(self, module):

@@ -84,15 +84,6 @@ def _check_non_finite(model, run, path, rng, x):
     np.testing.assert_array_equal(outputs["class_id"][~bad], clean["class_id"][~bad])
 
 
-def _onnx_xfail():
-    if BACKEND == "jax":
-        pytest.xfail(
-            "jax2onnx cannot trace IsoMaxPlusLayer: the row index `ops.arange(n)` "
-            "on a symbolic batch size (layers.py, pairwise_distances) fails; "
-            "re-check after the top-k/scatter-free layer rewrite"
-        )
-
-
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="LiteRT export needs the TF backend")
 @pytest.mark.parametrize("batch", [1, 37])
 def test_litert_matches_predict_ood(rng, tmp_path, batch):
@@ -115,7 +106,6 @@ def test_litert_builtin_ops_only_and_non_finite(rng, tmp_path):
 
 @pytest.mark.parametrize("batch", [1, 37])
 def test_onnx_matches_predict_ood(rng, tmp_path, batch):
-    _onnx_xfail()
     model, x = _calibrated(rng)
     path = export_onnx(model, tmp_path / "model.onnx")
     threshold = float(keras.ops.convert_to_numpy(model.layers[-1].ood_threshold))
@@ -125,7 +115,6 @@ def test_onnx_matches_predict_ood(rng, tmp_path, batch):
 
 
 def test_onnx_dynamic_batch_and_non_finite(rng, tmp_path):
-    _onnx_xfail()
     model, x = _calibrated(rng)
     path = export_onnx(model, tmp_path / "model.onnx", threshold=-0.9)
     import onnx
@@ -185,3 +174,109 @@ def test_missing_runtime_is_a_clear_error(rng, tmp_path, monkeypatch):
     )
     with pytest.raises(ImportError, match=r"keras-isomax\[edge\]"):
         export_onnx(_model(rng), tmp_path / "m.onnx", threshold=-1.0)
+
+
+class _SwallowNonFinite(keras.layers.Layer):
+    """Replaces NaN/Inf by 0: a backbone that hides a broken input (any CPU)."""
+
+    def call(self, x):
+        return keras.ops.where(keras.ops.isfinite(x), x, keras.ops.zeros_like(x))
+
+
+# Every detector on TensorFlow (both formats); one feature and one logit
+# detector elsewhere (each ONNX export from JAX takes ~20 s here).
+DETECTORS = {
+    "mahalanobis": {},
+    "energy": {},
+    "knn": {"k": 5, "chunk_size": 64},  # A bank of 2 chunks + top-k merge.
+    "vim": {"dim": 3},
+}
+EDGE_FORMATS = ["onnx"] + (["litert"] if BACKEND == "tensorflow" else [])
+
+
+@pytest.mark.parametrize("fmt", EDGE_FORMATS)
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_detector_export_matches_score_and_predict_ood(rng, tmp_path, name, fmt):
+    if BACKEND != "tensorflow" and name not in ("mahalanobis", "energy"):
+        pytest.skip("the other detectors are exported on the TensorFlow run")
+    from keras_isomax import detectors
+
+    keras.utils.set_random_seed(int(rng.integers(2**31)))
+    model = keras.Sequential(
+        [
+            keras.Input((5,)),
+            _SwallowNonFinite(),
+            keras.layers.Dense(16, activation="tanh"),
+            keras.layers.Dense(6),
+            IsoMaxPlusLayer(4),
+        ]
+    )
+    x = rng.normal(size=(100, 5)).astype("float32")
+    det = detectors.get(name, **DETECTORS[name]).fit(model, (x, np.arange(100) % 4))
+    calibrate_threshold(model, x, tpr=0.8, detector=det)
+    threshold = float(keras.ops.convert_to_numpy(det.threshold))
+    if fmt == "onnx":
+        path, run = export_onnx(model, tmp_path / "d.onnx", detector=det), _run_onnx
+    else:
+        path, run = export_litert(model, tmp_path / "d.tflite", detector=det), _run_litert
+    x_test = np.concatenate([x[:20], rng.normal(scale=3.0, size=(17, 5)).astype("float32")])
+    for batch in (1, len(x_test)):
+        out = run(path, x_test[:batch])
+        reference = predict_ood(model, x_test[:batch], detector=det)
+        scale = max(1.0, float(np.abs(reference["score"]).max()))
+        np.testing.assert_allclose(out["score"], det.score(x_test[:batch]), atol=2e-6 * scale)
+        np.testing.assert_allclose(out["score"], reference["score"], atol=2e-6 * scale)
+        np.testing.assert_array_equal(out["is_ood"], reference["is_ood"])
+        np.testing.assert_array_equal(out["class_id"], reference["class"])
+        np.testing.assert_array_equal(out["threshold"], np.full(batch, threshold, "float32"))
+    assert 0 < out["is_ood"].sum() < len(x_test)  # Both decisions occur.
+    # NaN/Inf inputs: OOD although the backbone makes them finite.
+    bad_x, bad = _non_finite_batch(rng, x_test)
+    out = run(path, bad_x)
+    reference = predict_ood(model, bad_x, detector=det)
+    assert np.isnan(out["score"][bad]).all() and np.isnan(reference["score"][bad]).all()
+    assert out["is_ood"][bad].all()
+    np.testing.assert_array_equal(out["class_id"][bad], -1)
+    np.testing.assert_array_equal(out["class_id"], reference["class"])
+
+
+def test_detector_export_errors(rng, tmp_path):
+    from keras_isomax import detectors
+
+    model = _model(rng)
+    with pytest.raises(TypeError, match="Received: detector=str"):
+        export_onnx(model, tmp_path / "m.onnx", detector="knn")
+    det = detectors.Mahalanobis()
+    with pytest.raises(ValueError, match="not fitted"):
+        export_onnx(model, tmp_path / "m.onnx", detector=det)
+    det = detectors.Energy().fit(model)
+    with pytest.raises(ValueError, match=r"calibrate_threshold.*detector=det.*threshold=None"):
+        export_onnx(model, tmp_path / "m.onnx", detector=det)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="the CLI runs on TensorFlow")
+@pytest.mark.parametrize("fmt", ["litert", "onnx"])
+def test_cli_exports_a_detector(rng, tmp_path, capsys, fmt):
+    from keras_isomax import data
+    from keras_isomax.cli import main
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+    model.save(tmp_path / "softmax.keras")
+    target = tmp_path / f"model.{fmt}"
+    args = ["export", str(tmp_path / "softmax.keras"), str(target), "--format", fmt]
+    args += ["--detector", "knn:5", "--fit-on", "fashion_mnist", "--fit-n", "300"]
+    assert main([*args, "--calibrate-n", "200"]) == 0, capsys.readouterr().err
+    assert "Calibrated threshold" in capsys.readouterr().out
+    x, _ = data.load_dataset("fashion_mnist", "test", image_shape=(28, 28, 1), n=200)
+    out = (_run_onnx if fmt == "onnx" else _run_litert)(str(target), x)
+    # Calibrated at TPR 0.95 on these 200 test images (same seeded subset): 95% accepted.
+    assert np.mean(~out["is_ood"]) == pytest.approx(0.95, abs=0.01)

@@ -162,3 +162,62 @@ def test_evaluate_ood_names_the_nonfinite_set(rng):
     ood = {"fine": rng.uniform(size=(10, FEATURES)).astype("float32"), "broken": _batch(rng)}
     with pytest.raises(ValueError, match="OOD set 'broken'.*NaN"):
         evaluate_ood(model, (x, y), ood)
+
+
+def _fitted_detector(rng, model, name):
+    from keras_isomax import detectors
+
+    x = rng.normal(size=(60, FEATURES)).astype("float32")
+    y = np.arange(60) % CLASSES
+    det = detectors.get(name).fit(model, (x, y))
+    calibrate_threshold(model, x, tpr=0.5, detector=det)
+    return det
+
+
+def _check_detector_rule(out, det, x, class_key):
+    """Non-finite rows: NaN, OOD, -1; the finite rows as `det.score` has them."""
+    good = [i for i in range(len(x)) if i not in BAD]
+    score = np.asarray(out["score"], np.float64)
+    assert np.all(np.isnan(score[BAD]))
+    np.testing.assert_array_equal(np.asarray(out["is_ood"])[BAD], True)
+    np.testing.assert_array_equal(np.asarray(out[class_key])[BAD], -1)
+    expected = det.score(x[good])
+    assert np.all(np.isfinite(expected))
+    np.testing.assert_allclose(score[good], expected, rtol=1e-5, atol=1e-5)
+    threshold = float(keras.ops.convert_to_numpy(det.threshold))
+    np.testing.assert_array_equal(np.asarray(out["is_ood"])[good], ~(expected >= threshold))
+
+
+@pytest.mark.parametrize("name", ["mahalanobis", "energy"])
+def test_detector_paths_apply_the_rule(rng, tmp_path, name):
+    """A feature detector and a logit detector, on a backbone that swallows NaN."""
+    model = _model(rng)
+    det = _fitted_detector(rng, model, name)
+    x = _batch(rng)
+    # Precondition: the model itself gives the broken rows finite outputs.
+    assert np.all(np.isfinite(keras.ops.convert_to_numpy(model(x))))
+    _check_detector_rule(predict_ood(model, x, detector=det), det, x, "class")
+    assert np.all(np.isnan(det.score(x)[BAD]))
+
+    path = export_saved_model(model, tmp_path / "m", detector=det, version=1)
+    loaded = tf.saved_model.load(path)
+    out = {k: v.numpy() for k, v in loaded.signatures["score"](inputs=tf.constant(x)).items()}
+    _check_detector_rule(out, det, x, "class_id")
+    assert np.all(np.isnan(out["probabilities"][BAD]))
+
+
+def test_rule_is_converter_friendly_and_exact(rng):
+    """The shared helpers: exact finite rows, NaN rows, NaN scores OOD, any float dtype."""
+    for dtype in ("float16", "float32", "float64"):
+        x = rng.normal(size=(5, 3)).astype(dtype)
+        x[0, 0] = np.finfo(dtype).max  # Finite, at the edge of the range.
+        x[2, 1], x[3, 2] = np.nan, -np.inf
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(_serving.finite_rows(x)), [1, 1, 0, 0, 1]
+        )
+    values = rng.normal(size=(4, 3)).astype("float32")
+    got = keras.ops.convert_to_numpy(_serving.nan_where(np.array([0, 1, 0, 1], bool), values))
+    np.testing.assert_array_equal(got[[0, 2]], values[[0, 2]])  # Bit-exact, not rounded.
+    assert np.isnan(got[[1, 3]]).all()
+    decided = _serving.decide(np.array([1.0, np.nan, -1.0, 0.5], "float32"), 0.5)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(decided), [False, True, True, False])

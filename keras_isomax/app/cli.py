@@ -346,13 +346,14 @@ def _export(args):
     if args.format != "saved_model":
         from keras_isomax import edge
 
-        if detector is not None:
-            raise ValueError(
-                f"--detector exports only as a SavedModel for now. Received: --format={args.format}"
-            )
-
         export = edge.export_litert if args.format == "litert" else edge.export_onnx
-        path = export(model, args.export_dir, threshold=args.threshold, overwrite=args.overwrite)
+        path = export(
+            model,
+            args.export_dir,
+            threshold=args.threshold,
+            detector=detector,
+            overwrite=args.overwrite,
+        )
         print(f"{args.format} file written to {path} (outputs: {', '.join(edge.OUTPUT_NAMES)})")
         return
     path = export_saved_model(
