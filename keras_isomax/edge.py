@@ -31,7 +31,6 @@ import shutil
 import tempfile
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_isomax import _serving
