@@ -426,6 +426,51 @@ def parse_threshold(threshold, *, finite=False):
 # ------------------------------------------------- the IsoMax+ layer and its logits
 
 
+def input_shape_and_dtype(model, input_signature, api_name):
+    """`(shape, dtype)` of a one-input model's input, or of `input_signature`.
+
+    Args:
+        model: The model to export.
+        input_signature: `None` (the model's symbolic input), or any spec with
+            `shape` and `dtype` (`keras.InputSpec`, `KerasTensor`,
+            `tf.TensorSpec`).
+        api_name: The exporter's name, for the error messages.
+
+    Returns:
+        `(shape, dtype)` with `shape` a tuple whose first entry is the batch.
+    """
+    if input_signature is None:
+        try:
+            inputs = model.inputs
+        except (AttributeError, ValueError):
+            inputs = None
+        if not inputs:
+            raise ValueError(
+                f"Model '{model.name}' has no symbolic inputs (a subclassed "
+                "model?): pass `input_signature=keras.InputSpec(shape=..., "
+                "dtype=...)`. Received: input_signature=None"
+            )
+        if len(inputs) != 1:
+            raise ValueError(
+                f"`{api_name}` supports models with exactly one input. "
+                f"Received: model '{model.name}' with {len(inputs)} inputs"
+            )
+        input_signature = inputs[0]
+    shape = getattr(input_signature, "shape", None)
+    dtype = getattr(input_signature, "dtype", None)
+    if not hasattr(input_signature, "shape") or isinstance(input_signature, np.ndarray):
+        raise TypeError(
+            "`input_signature` must be a keras.InputSpec, tf.TensorSpec or "
+            f"KerasTensor. Received: input_signature={input_signature!r}"
+        )
+    if shape is None or dtype is None or len(tuple(shape)) == 0:
+        raise ValueError(
+            "`input_signature` needs a shape with a batch dimension and a "
+            f"dtype. Received: input_signature={input_signature!r}"
+        )
+    return tuple(shape), dtype
+
+
 def find_isomax_layer(model):
     """Returns the single `IsoMaxPlusLayer` of a model.
 

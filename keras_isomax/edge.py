@@ -34,7 +34,7 @@ import keras
 from keras import ops
 
 from keras_isomax import _serving
-from keras_isomax._inspect import find_isomax_layer, parse_threshold
+from keras_isomax._inspect import find_isomax_layer, input_shape_and_dtype, parse_threshold
 
 OUTPUT_NAMES = ("score", "is_ood", "threshold", "class_id", "probabilities")
 
@@ -359,35 +359,8 @@ def _threshold_value(layer, threshold):
 
 
 def _input_spec(model, input_signature):
-    if input_signature is None:
-        try:
-            inputs = model.inputs
-        except (AttributeError, ValueError):
-            inputs = None
-        if not inputs:
-            raise ValueError(
-                f"Model '{model.name}' has no symbolic inputs (a subclassed "
-                "model?): pass `input_signature=keras.InputSpec(shape=..., "
-                "dtype=...)`. Received: input_signature=None"
-            )
-        if len(inputs) != 1:
-            raise ValueError(
-                "Edge export supports models with exactly one input. "
-                f"Received: model '{model.name}' with {len(inputs)} inputs"
-            )
-        input_signature = inputs[0]
-    if not isinstance(input_signature, keras.InputSpec | keras.KerasTensor):
-        raise TypeError(
-            "`input_signature` must be a keras.InputSpec or KerasTensor. "
-            f"Received: input_signature={input_signature!r}"
-        )
-    shape, dtype = input_signature.shape, input_signature.dtype
-    if shape is None or len(shape) == 0 or dtype is None:
-        raise ValueError(
-            "`input_signature` needs a shape with a batch dimension and a "
-            f"dtype. Received: input_signature={input_signature!r}"
-        )
-    return keras.InputSpec(shape=tuple(shape), dtype=dtype)
+    shape, dtype = input_shape_and_dtype(model, input_signature, "export_litert/export_onnx")
+    return keras.InputSpec(shape=shape, dtype=dtype)
 
 
 def _name_outputs(proto):

@@ -343,25 +343,26 @@ def _build_serving_functions(model, threshold, input_name, input_signature, dete
                 f"of IsoMaxPlusLayer '{layer.name}'. Received: output shape {logits.shape}"
             )
         logits = tf.cast(logits, tf.float32)
-        score = tf.reduce_max(logits, axis=-1)
-        limit = threshold_fn()
-        # The library, not the backbone, makes a NaN/Inf input OOD.
-        decided = _serving.apply_nonfinite_rule(
-            _serving.nonfinite_rows(inputs),
-            score=score,
-            is_ood=_serving.decide(score, limit),
-            class_id=tf.argmax(logits, axis=-1, output_type=tf.int64),
-            probabilities=tf.nn.softmax(logits, axis=-1),
-        )
-        return {
-            "logits": logits,
-            "threshold": tf.broadcast_to(limit, tf.shape(score)),
-            **decided,
-        }
+        return _signature_outputs(inputs, logits, tf.reduce_max(logits, axis=-1), threshold_fn())
 
     functions = _endpoint_functions(compute)
     functions["_compute"] = compute
     return functions, input_spec
+
+
+def _signature_outputs(inputs, logits, score, limit):
+    """The outputs of both signatures from the logits and the score of one batch."""
+    import tensorflow as tf
+
+    # The library, not the backbone, makes a NaN/Inf input OOD.
+    decided = _serving.apply_nonfinite_rule(
+        _serving.nonfinite_rows(inputs),
+        score=score,
+        is_ood=_serving.decide(score, limit),
+        class_id=tf.argmax(logits, axis=-1, output_type=tf.int64),
+        probabilities=tf.nn.softmax(logits, axis=-1),
+    )
+    return {"logits": logits, "threshold": tf.broadcast_to(limit, tf.shape(score)), **decided}
 
 
 def _check_backend():
@@ -413,21 +414,7 @@ def _detector_functions(model, threshold, input_name, input_signature, detector)
         inputs = tf.ensure_shape(inputs, input_spec.shape)
         score, logits = detector.score_inputs(inputs)
         logits = tf.cast(logits, tf.float32)
-        score = tf.cast(score, tf.float32)
-        limit = threshold_fn()
-        # The library, not the backbone, makes a NaN/Inf input OOD.
-        decided = _serving.apply_nonfinite_rule(
-            _serving.nonfinite_rows(inputs),
-            score=score,
-            is_ood=_serving.decide(score, limit),
-            class_id=tf.argmax(logits, axis=-1, output_type=tf.int64),
-            probabilities=tf.nn.softmax(logits, axis=-1),
-        )
-        return {
-            "logits": logits,
-            "threshold": tf.broadcast_to(limit, tf.shape(score)),
-            **decided,
-        }
+        return _signature_outputs(inputs, logits, tf.cast(score, tf.float32), threshold_fn())
 
     functions = _endpoint_functions(compute)
     functions["_compute"] = compute
@@ -493,42 +480,7 @@ def _check_output_is_isomax(model, layer):
 def _input_spec(model, input_name, input_signature):
     import tensorflow as tf
 
-    if input_signature is None:
-        try:
-            inputs = model.inputs
-        except (AttributeError, ValueError):
-            inputs = None
-        if not inputs:
-            raise ValueError(
-                f"Model '{model.name}' has no symbolic inputs (a subclassed "
-                "model?): pass `input_signature=keras.InputSpec(shape=..., "
-                "dtype=...)`. Received: input_signature=None"
-            )
-        if len(inputs) != 1:
-            raise ValueError(
-                "`export_saved_model` supports models with exactly one input. "
-                f"Received: model '{model.name}' with {len(inputs)} inputs"
-            )
-        input_signature = inputs[0]
-    if isinstance(input_signature, tf.TensorSpec):
-        shape, dtype = input_signature.shape, input_signature.dtype
-    elif isinstance(input_signature, keras.InputSpec | keras.KerasTensor):
-        shape, dtype = input_signature.shape, input_signature.dtype
-    else:
-        raise TypeError(
-            "`input_signature` must be a keras.InputSpec, tf.TensorSpec or "
-            f"KerasTensor. Received: input_signature={input_signature!r}"
-        )
-    if shape is None or dtype is None:
-        raise ValueError(
-            "`input_signature` needs a shape and a dtype. "
-            f"Received: input_signature={input_signature!r}"
-        )
-    shape = tuple(shape)
-    if len(shape) == 0:
-        raise ValueError(
-            f"The input needs a batch dimension. Received: input_signature={input_signature!r}"
-        )
+    shape, dtype = _inspect.input_shape_and_dtype(model, input_signature, "export_saved_model")
     return tf.TensorSpec((None,) + shape[1:], tf.as_dtype(dtype), name=input_name)
 
 
