@@ -8,7 +8,9 @@ in a process that must not load TensorFlow.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -166,19 +168,20 @@ def library_fingerprint():
 def reference_distances(x, prototypes, chunk=64):
     """Float64 exact distances between L2-normalised rows (the benchmarks' oracle).
 
-    Exact differences, chunked over the rows of `x`; the same formula as the
-    tests' `tests/reference.py`.
+    The tests' oracle, `tests/reference.py`'s `distances` (one definition),
+    chunked over the rows of `x` so that large benchmark shapes fit in memory.
     """
-    import numpy as np
+    return _test_reference().distances(x, prototypes, chunk=chunk)
 
-    x = np.asarray(x, np.float64)
-    p = np.asarray(prototypes, np.float64)
-    xn = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-    pn = p / np.maximum(np.linalg.norm(p, axis=-1, keepdims=True), 1e-12)
-    out = np.empty((len(xn), len(pn)))
-    for i in range(0, len(xn), chunk):
-        out[i : i + chunk] = np.sqrt(((xn[i : i + chunk, None] - pn[None]) ** 2).sum(-1))
-    return out
+
+@functools.cache
+def _test_reference():
+    """`tests/reference.py`, loaded by path under its own module name."""
+    path = ROOT / "tests" / "reference.py"
+    spec = importlib.util.spec_from_file_location("keras_isomax_tests_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ----------------------------------------------------------------- heads

@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from keras_isomax import IsoMaxPlusLayer, IsoMaxPlusLoss
 from keras_isomax.app import data
+from keras_isomax.app.models import example_cnn_layers
 from keras_isomax.calibration import calibrate_threshold
 from keras_isomax.export import export_saved_model
 
@@ -35,12 +36,7 @@ def build_model():
         [
             keras.Input((28, 28, 1), dtype="uint8", name="pixels"),
             keras.layers.Rescaling(1.0 / 255),  # Preprocessing inside the export.
-            keras.layers.Conv2D(32, 3, activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Conv2D(64, 3, activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Flatten(),
-            keras.layers.Dense(128, activation="relu"),
+            *example_cnn_layers(),  # The examples' small CNN.
             IsoMaxPlusLayer(num_classes=10, name="isomax"),  # replaces Dense(10) + softmax
         ]
     )

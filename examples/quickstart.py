@@ -13,6 +13,7 @@ import numpy as np
 
 from keras_isomax import IsoMaxPlusLayer, IsoMaxPlusLoss, OODScore, scores
 from keras_isomax.app import data
+from keras_isomax.app.models import example_cnn_layers
 
 
 def main(argv=None):
@@ -26,17 +27,8 @@ def main(argv=None):
     x_test, y_test = data.load_fashion_mnist("test")
     x_train, y_train = x_train[: args.train_size], y_train[: args.train_size]
 
-    model = keras.Sequential(
-        [
-            keras.Input((28, 28, 1)),
-            keras.layers.Conv2D(32, 3, activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Conv2D(64, 3, activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Flatten(),
-            keras.layers.Dense(128, activation="relu"),
-        ]
-    )
+    # A small CNN (two conv + pooling blocks, Dense(128, relu) features).
+    model = keras.Sequential([keras.Input((28, 28, 1)), *example_cnn_layers()])
     model.add(IsoMaxPlusLayer(num_classes=10))  # replaces Dense(10) + softmax
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3),

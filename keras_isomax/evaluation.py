@@ -18,41 +18,13 @@ from collections.abc import Mapping, Sequence
 import keras
 import numpy as np
 
-from keras_isomax import _inspect
+from keras_isomax import _inspect, report
 from keras_isomax import detection_metrics as metrics_lib
 from keras_isomax import scores as scores_lib
 from keras_isomax.detectors import Detector
+from keras_isomax.report import ROW_KEYS
 
-ROW_KEYS = (
-    "model",
-    "score",
-    "ood",
-    "accuracy",
-    *metrics_lib.OOD_METRIC_NAMES,
-    "n_in",
-    "n_ood",
-)
-"""Keys of every row of an `OODEvaluation`, in table order."""
-
-# The default table shows TNR once, under its earlier header.
-_HIDDEN_BY_DEFAULT = ("tnr_at_tpr", "fpr_at_tpr", "fpr_at_tpr95")
-_PERCENT_KEYS = ("accuracy", *metrics_lib.OOD_METRIC_NAMES)
-_HEADERS = {
-    "model": "model",
-    "score": "score",
-    "ood": "OOD set",
-    "accuracy": "acc",
-    "auroc": "AUROC",
-    "aupr_in": "AUPR-In",
-    "aupr_out": "AUPR-Out",
-    "tnr_at_tpr": "TNR@TPR",
-    "fpr_at_tpr": "FPR@TPR",
-    "tnr_at_tpr95": "TNR@TPR95",
-    "fpr_at_tpr95": "FPR@TPR95",
-    "detection_accuracy": "det.acc",
-    "n_in": "n_in",
-    "n_ood": "n_ood",
-}
+__all__ = ["ROW_KEYS", "OODEvaluation", "evaluate_ood"]
 
 
 class OODEvaluation(Sequence):
@@ -132,15 +104,7 @@ class OODEvaluation(Sequence):
         Returns:
             The table as a string.
         """
-        header, body = self._cells(columns, digits)
-        widths = [max(len(cell) for cell in column) for column in zip(header, *body, strict=True)]
-        lines = [
-            "  ".join(cell.ljust(w) for cell, w in zip(header, widths, strict=True)),
-            "  ".join("-" * w for w in widths),
-        ]
-        for row in body:
-            lines.append("  ".join(_align(c, w) for c, w in zip(row, widths, strict=True)))
-        return "\n".join(lines)
+        return report.to_string(self.rows, columns, digits)
 
     def to_markdown(self, columns=None, digits=2):
         """The table as GitHub Markdown, metrics in percent.
@@ -153,33 +117,7 @@ class OODEvaluation(Sequence):
         Returns:
             The Markdown table as a string.
         """
-        header, body = self._cells(columns, digits)
-        lines = ["| " + " | ".join(header) + " |"]
-        lines.append("|" + "|".join("---" for _ in header) + "|")
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-        return "\n".join(lines)
-
-    def _cells(self, columns, digits):
-        if columns is None:
-            columns = [key for key in ROW_KEYS if key not in _HIDDEN_BY_DEFAULT]
-        unknown = [c for c in columns if c not in ROW_KEYS]
-        if unknown:
-            raise ValueError(
-                f"Unknown columns {unknown}; choose from {list(ROW_KEYS)}. "
-                f"Received: columns={columns!r}"
-            )
-        header = [_HEADERS[c] for c in columns]
-        body = []
-        for row in self.rows:
-            cells = []
-            for key in columns:
-                value = row[key]
-                if key in _PERCENT_KEYS:
-                    cells.append("n/a" if math.isnan(value) else f"{100 * value:.{digits}f}")
-                else:
-                    cells.append(str(value))
-            body.append(cells)
-        return header, body
+        return report.to_markdown(self.rows, columns, digits)
 
     def plot_score_histograms(self, path, model=None, score=None, **kwargs):
         """Writes a PNG of score histograms; see `plots.plot_score_histograms`."""
@@ -202,18 +140,6 @@ class OODEvaluation(Sequence):
             if model is None or model == model_name:
                 return score_name
         return "score"
-
-
-def _align(cell, width):
-    return cell.rjust(width) if _is_number(cell) else cell.ljust(width)
-
-
-def _is_number(cell):
-    try:
-        float(cell)
-    except ValueError:
-        return cell == "n/a"
-    return True
 
 
 def _score_list(score, arg_name="score"):

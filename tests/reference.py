@@ -8,11 +8,25 @@ def normalize(v, eps=1e-12):
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), eps)
 
 
-def distances(x, prototypes):
-    """Exact Euclidean distances between normalised rows, (..., C)."""
-    xn = normalize(x)[..., None, :]
-    pn = normalize(prototypes)
-    return np.sqrt(np.sum((xn - pn) ** 2, axis=-1))
+def distances(x, prototypes, chunk=None):
+    """Exact Euclidean distances between normalised rows, (..., C).
+
+    Exact differences, no `a^2 + b^2 - 2ab` expansion. The benchmarks use
+    this function too (`benchmarks/_common.py`), with `chunk` set: `x` is then
+    processed `chunk` rows (first axis) at a time, so memory stays at
+    `chunk * C * F` floats; the values are the same.
+    """
+    xn, pn = normalize(x), normalize(prototypes)
+    if chunk is None:
+        return _exact_distances(xn, pn)
+    out = np.empty(xn.shape[:-1] + pn.shape[:1])
+    for i in range(0, len(xn), chunk):
+        out[i : i + chunk] = _exact_distances(xn[i : i + chunk], pn)
+    return out
+
+
+def _exact_distances(xn, pn):
+    return np.sqrt(np.sum((xn[..., None, :] - pn) ** 2, axis=-1))
 
 
 def logits(x, prototypes, scale=1.0, temperature=1.0):

@@ -17,10 +17,10 @@ import keras
 import numpy as np
 
 from keras_isomax.app import data as data_lib
+from keras_isomax.app import models
 from keras_isomax.calibration import calibrate_temperature, calibrate_threshold
 from keras_isomax.evaluation import evaluate_ood
 from keras_isomax.export import export_saved_model
-from keras_isomax.layers import IsoMaxPlusLayer
 from keras_isomax.losses import IsoMaxPlusLoss
 from keras_isomax.metrics import OODScore
 
@@ -29,7 +29,7 @@ IMAGE_SHAPE = (28, 28, 1)
 
 
 def build_classifier(head, num_classes=10, input_shape=IMAGE_SHAPE, width=32):
-    """The demo's small CNN with a SoftMax or an IsoMax+ head.
+    """The demo's small CNN: `keras_isomax.app.models.example_cnn`.
 
     Args:
         head: `"softmax"` (Dense + softmax, trained with cross-entropy) or
@@ -45,25 +45,7 @@ def build_classifier(head, num_classes=10, input_shape=IMAGE_SHAPE, width=32):
     Raises:
         ValueError: If `head` is unknown.
     """
-    if head not in ("softmax", "isomax"):
-        raise ValueError(f"`head` must be 'softmax' or 'isomax'. Received: head={head!r}")
-    model = keras.Sequential(
-        [
-            keras.Input(input_shape),
-            keras.layers.Conv2D(width, 3, activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Conv2D(2 * width, 3, activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Flatten(),
-            keras.layers.Dense(128, activation="relu"),
-        ],
-        name=f"cnn_{head}",
-    )
-    if head == "isomax":
-        model.add(IsoMaxPlusLayer(num_classes, name="isomax_plus"))
-    else:
-        model.add(keras.layers.Dense(num_classes, name="logits"))
-    return model
+    return models.example_cnn(head, num_classes, input_shape, width)
 
 
 def compile_classifier(model, head, learning_rate=1e-3):
