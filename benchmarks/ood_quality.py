@@ -254,7 +254,7 @@ def run_library_detectors(model, head, x_fit, y_fit, x_in, ood, *, knn_bank, see
     bank = np.random.default_rng(seed).choice(
         len(x_fit), size=min(knn_bank, len(x_fit)), replace=False
     )
-    results, notes = {}, []
+    results, notes, costs = {}, [], {}
     for name, factory in (
         ("Mahalanobis", lambda: det.Mahalanobis()),
         ("ViM", lambda: det.ViM(dim)),
@@ -263,15 +263,25 @@ def run_library_detectors(model, head, x_fit, y_fit, x_in, ood, *, knn_bank, see
         x, y = (x_fit[bank], y_fit[bank]) if name == "KNN" else (x_fit, y_fit)
         try:
             detector = factory()
+            start = time.perf_counter()
             detector.fit(model, (x, y))
+            fit_s = time.perf_counter() - start
+            start = time.perf_counter()
             in_scores = np.asarray(detector.score(x_in), np.float64)
             out = {k: np.asarray(detector.score(v), np.float64) for k, v in ood.items()}
         except (ValueError, TypeError, NotImplementedError) as error:
             results[name] = None
             notes.append(f"{name} on {HEAD_LABELS[head]}: n/a ({type(error).__name__}: {error})")
             continue
+        n = len(x_in) + sum(len(v) for v in ood.values())
         results[name] = (in_scores, out)
-    return results, "; ".join(notes)
+        # Per example: the whole model forward pass plus the detector (what a user pays).
+        costs[name] = {
+            "fit_s": fit_s,
+            "us_per_example": 1e6 * (time.perf_counter() - start) / n,
+            "state_bytes": int(sum(np.asarray(w).nbytes for w in detector.get_weights())),
+        }
+    return results, "; ".join(notes), costs
 
 
 # -------------------------------------------------------------------- data
@@ -516,9 +526,10 @@ def run_task(task, backbone, data, seed, config, peers, log, entropic_scale=10.0
             )
             _detector_rows(rows, prefix, HEAD_LABELS[head], accuracy, peer_results, "pytorch-ood")
             extras.setdefault("peer_costs", {})[head] = costs
-        lib_results, note = run_library_detectors(
+        lib_results, note, lib_costs = run_library_detectors(
             model, head, x_train, y_train, x_test, ood, knn_bank=config["knn_bank"], seed=seed
         )
+        extras.setdefault("library_costs", {})[head] = lib_costs
         _detector_rows(rows, prefix, HEAD_LABELS[head], accuracy, lib_results, "keras_isomax")
         if note:
             extras["notes"].append(note)
@@ -623,6 +634,32 @@ def time_table(extras_by_backbone):
             return f"{np.mean(v):.0f}" if v else "-"
 
         lines.append(f"| {backbone} | {mean('softmax')} | {mean('isomax')} | {mean('finetune')} |")
+    return "\n".join(lines)
+
+
+def cost_table(extras_by_backbone):
+    """Fit time, per-example scoring cost and state size of the feature detectors."""
+    lines = [
+        "\n**Feature detectors: cost** (mean over seeds, far task; per example = model forward "
+        "pass + detector, over the test and OOD sets; pytorch-ood scores precomputed features, "
+        "so its per-example figure excludes the forward pass)\n",
+        "| backbone | head | detector | fit (s) | per example (us) | state |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for backbone, extras_list in extras_by_backbone.items():
+        for source, key in (("keras_isomax", "library_costs"), ("pytorch-ood", "peer_costs")):
+            for head in HEAD_LABELS:
+                names = sorted({n for e in extras_list for n in e.get(key, {}).get(head, {})})
+                for name in names:
+                    rows = [e[key][head][name] for e in extras_list if name in e[key].get(head, {})]
+                    fit = np.mean([r["fit_s"] for r in rows])
+                    per = np.mean([r["us_per_example"] for r in rows])
+                    state = [r["state_bytes"] for r in rows if "state_bytes" in r]
+                    size = f"{np.mean(state) / 2**20:.2f} MiB" if state else "-"
+                    lines.append(
+                        f"| {backbone} | {HEAD_LABELS[head]} | {name} ({source}) | {fit:.2f} "
+                        f"| {per:.0f} | {size} |"
+                    )
     return "\n".join(lines)
 
 
@@ -810,6 +847,7 @@ def main(argv=None):
             tables(far, near, config["seeds"]),
             calibration_table(extras_by_backbone, config["seeds"]),
             time_table(extras_by_backbone),
+            cost_table(extras_by_backbone),
             summary(far, near),
         ]
     )
