@@ -395,7 +395,12 @@ class Detector(keras.layers.Layer):
         return self._extractor
 
     def _fit_stream(self, extractor, stream):
-        raise NotImplementedError
+        """Fits the state from `(features, logits, labels)` batches; each feature detector
+        (`KNN`, `Mahalanobis`, `ViM`) defines it. The base class cannot be fitted."""
+        raise TypeError(
+            "`Detector` is the base class; fit one of KNN, Mahalanobis, ViM or a logit "
+            f"detector. Received: detector of type {type(self).__name__}"
+        )
 
     # -- scoring
     def score_batch(self, feats, logits):
