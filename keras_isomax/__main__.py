@@ -2,6 +2,6 @@
 
 import sys
 
-from keras_isomax.app.cli import main
+from keras_isomax_cli import main
 
 sys.exit(main())

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -36,80 +37,68 @@ def saved_models(tmp_path_factory):
     return paths
 
 
-def test_evaluate_prints_table(saved_models, capsys):
-    code = main(
-        [
-            "evaluate",
-            saved_models["isomax"],
-            "--in",
-            "fashion_mnist",
-            "--ood",
-            "digits,gaussian_noise",
-            "--n",
-            "300",
-        ]
+@pytest.fixture
+def run_cli(capsys):
+    """Runs `keras-isomax ARGS...` in-process; returns (exit status, stdout, stderr)."""
+
+    def run(*argv):
+        code = main([str(arg) for arg in argv])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def test_evaluate_prints_table(saved_models, run_cli):
+    code, out, _ = run_cli(
+        "evaluate",
+        saved_models["isomax"],
+        *("--in", "fashion_mnist", "--ood", "digits,gaussian_noise", "--n", 300),
     )
-    out = capsys.readouterr().out
     assert code == 0
     assert "minimum_distance" in out and "digits" in out and "gaussian_noise" in out
 
 
-def test_evaluate_softmax_model_with_scores(saved_models, capsys):
-    code = main(
-        [
-            "evaluate",
-            saved_models["softmax"],
-            "--in",
-            "fashion_mnist",
-            "--ood",
-            "uniform_noise",
-            "--score",
-            "max_probability,energy",
-            "--n",
-            "200",
-        ]
+def test_evaluate_softmax_model_with_scores(saved_models, run_cli):
+    code, out, _ = run_cli(
+        "evaluate",
+        saved_models["softmax"],
+        *("--in", "fashion_mnist", "--ood", "uniform_noise", "--n", 200),
+        *("--score", "max_probability,energy"),
     )
-    out = capsys.readouterr().out
     assert code == 0 and "max_probability" in out and "energy" in out
 
 
-def test_unknown_dataset_lists_choices(saved_models, capsys):
-    code = main(["evaluate", saved_models["isomax"], "--in", "fashion_mnist", "--ood", "nope"])
-    err = capsys.readouterr().err
+def test_unknown_dataset_lists_choices(saved_models, run_cli):
+    code, _, err = run_cli(
+        "evaluate", saved_models["isomax"], "--in", "fashion_mnist", "--ood", "nope"
+    )
     assert code == 2
     assert "nope" in err and "digits" in err and "gaussian_noise" in err
 
 
-def test_missing_model_file(tmp_path, capsys):
-    assert main(["evaluate", str(tmp_path / "x.keras"), "--in", "a", "--ood", "b"]) == 2
-    assert "x.keras" in capsys.readouterr().err
+def test_missing_model_file(tmp_path, run_cli):
+    code, _, err = run_cli("evaluate", tmp_path / "x.keras", "--in", "a", "--ood", "b")
+    assert code == 2 and "x.keras" in err
 
 
-def test_export_with_calibration(saved_models, tmp_path, capsys):
-    code = main(
-        [
-            "export",
-            saved_models["isomax"],
-            str(tmp_path / "served"),
-            "--calibrate-on",
-            "fashion_mnist",
-            "--calibrate-split",
-            "test",
-            "--calibrate-n",
-            "500",
-            "--tpr",
-            "0.9",
-        ]
+def test_export_with_calibration(saved_models, tmp_path, run_cli):
+    code, out, _ = run_cli(
+        "export",
+        saved_models["isomax"],
+        tmp_path / "served",
+        *("--calibrate-on", "fashion_mnist", "--calibrate-split", "test"),
+        *("--calibrate-n", 500, "--tpr", 0.9),
     )
     assert code == 0
-    assert "Calibrated threshold" in capsys.readouterr().out
+    assert "Calibrated threshold" in out
     loaded = tf.saved_model.load(str(tmp_path / "served" / "1"))
     assert set(loaded.signatures) >= {"serving_default", "score"}
 
 
-def test_export_uncalibrated_without_threshold_fails_clearly(saved_models, tmp_path, capsys):
-    assert main(["export", saved_models["isomax"], str(tmp_path / "s")]) == 2
-    assert "threshold" in capsys.readouterr().err
+def test_export_uncalibrated_without_threshold_fails_clearly(saved_models, tmp_path, run_cli):
+    code, _, err = run_cli("export", saved_models["isomax"], tmp_path / "s")
+    assert code == 2 and "threshold" in err
 
 
 def test_python_dash_m_help():
@@ -118,6 +107,37 @@ def test_python_dash_m_help():
     )
     assert result.returncode == 0
     assert "demo" in result.stdout and "evaluate" in result.stdout and "export" in result.stdout
+
+
+_NO_KERAS_CHECK = """
+import sys
+import keras_isomax_cli
+
+for argv in (["--help"], ["--version"], ["export", "--help"], ["demo", "--epochs", "0"]):
+    try:
+        keras_isomax_cli.main(argv)
+    except SystemExit as exit_info:
+        print("exit", argv[-1], exit_info.code)
+heavy = sorted(m for m in ("keras", "tensorflow", "keras_isomax") if m in sys.modules)
+print("heavy", heavy)
+"""
+
+
+def test_help_version_and_errors_import_no_keras():
+    """The console script's parser answers without importing Keras or TensorFlow."""
+    from importlib import metadata
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", _NO_KERAS_CHECK], capture_output=True, text=True, cwd=root
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "usage: keras-isomax" in out and "demo" in out and "--calibrate-on" in out
+    assert f"keras-isomax {metadata.version('keras-isomax')}" in out
+    assert "exit --help 0" in out and "exit --version 0" in out and "exit 0 2" in out
+    assert "--epochs: must be >= 1" in result.stderr
+    assert "heavy []" in out
 
 
 def test_demo_end_to_end(tmp_path):
@@ -143,49 +163,28 @@ def test_demo_end_to_end(tmp_path):
     np.testing.assert_allclose(float(head.ood_threshold.numpy()), result["threshold"], rtol=1e-6)
 
 
-def test_evaluate_with_detector(saved_models, capsys):
-    code = main(
-        [
-            "evaluate",
-            saved_models["softmax"],
-            "--in",
-            "fashion_mnist",
-            "--ood",
-            "uniform_noise",
-            "--score",
-            "energy",
-            "--detector",
-            "knn:5,mahalanobis",
-            "--fit-n",
-            "400",
-            "--n",
-            "200",
-        ]
+def test_evaluate_with_detector(saved_models, run_cli):
+    code, out, _ = run_cli(
+        "evaluate",
+        saved_models["softmax"],
+        *("--in", "fashion_mnist", "--ood", "uniform_noise", "--n", 200, "--score", "energy"),
+        *("--detector", "knn:5,mahalanobis", "--fit-n", 400),
     )
-    out = capsys.readouterr().out
     assert code == 0 and "energy" in out and "knn" in out and "mahalanobis" in out
 
 
-def test_export_with_detector(saved_models, tmp_path, capsys):
+def test_export_with_detector(saved_models, tmp_path, run_cli):
     from keras_isomax.app import data
 
-    code = main(
-        [
-            "export",
-            saved_models["softmax"],
-            str(tmp_path / "served"),
-            "--detector",
-            "knn:5",
-            "--fit-on",
-            "fashion_mnist",
-            "--fit-n",
-            "400",
-            "--calibrate-n",
-            "300",
-        ]
+    code, out, err = run_cli(
+        "export",
+        saved_models["softmax"],
+        tmp_path / "served",
+        *("--detector", "knn:5", "--fit-on", "fashion_mnist", "--fit-n", 400),
+        *("--calibrate-n", 300),
     )
-    assert code == 0, capsys.readouterr().err
-    assert "Calibrated threshold" in capsys.readouterr().out
+    assert code == 0, err
+    assert "Calibrated threshold" in out
     loaded = tf.saved_model.load(str(tmp_path / "served" / "1"))
     x, _ = data.load_dataset("fashion_mnist", "test", image_shape=(28, 28, 1), n=300)
     out = loaded.signatures["score"](inputs=tf.constant(x))
@@ -193,7 +192,11 @@ def test_export_with_detector(saved_models, tmp_path, capsys):
     assert np.mean(~out["is_ood"].numpy()) == pytest.approx(0.95, abs=0.01)
 
 
-def test_vim_detector_needs_its_dimension(saved_models, tmp_path, capsys):
-    args = ["export", saved_models["softmax"], str(tmp_path / "s"), "--detector", "vim"]
-    assert main([*args, "--fit-on", "fashion_mnist", "--fit-n", "100"]) == 2
-    assert "vim:64" in capsys.readouterr().err
+def test_vim_detector_needs_its_dimension(saved_models, tmp_path, run_cli):
+    code, _, err = run_cli(
+        "export",
+        saved_models["softmax"],
+        tmp_path / "s",
+        *("--detector", "vim", "--fit-on", "fashion_mnist", "--fit-n", 100),
+    )
+    assert code == 2 and "vim:64" in err

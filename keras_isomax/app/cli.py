@@ -1,10 +1,7 @@
-"""The `keras-isomax` command (also `python -m keras_isomax`).
+"""Runs the commands of `keras-isomax` (also `python -m keras_isomax`).
 
-keras-isomax demo [--epochs N] [--output DIR]
-keras-isomax evaluate MODEL.keras --in fashion_mnist --ood digits,photos,gaussian_noise
-keras-isomax export MODEL.keras DIR [--calibrate-on fashion_mnist --calibrate-split test]
-    [--format saved_model|litert|onnx]
-
+The parser lives in the dependency-free top-level module `keras_isomax_cli`, so
+that `--help` needs no Keras; `main` here parses with it and runs the command.
 A mistake (a missing or corrupted file, a bad argument, an existing export)
 prints one line on stderr and exits with status 2; `--debug` shows the
 traceback instead.
@@ -12,165 +9,28 @@ traceback instead.
 
 from __future__ import annotations
 
-import argparse
-import math
 import os
 import sys
 import zipfile
 
-
-def _int_at_least(minimum):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
-def _fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _finite(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def _parser():
-    parser = argparse.ArgumentParser(
-        prog="keras-isomax",
-        description="IsoMax+ out-of-distribution detection for Keras 3.",
-    )
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    demo = commands.add_parser(
-        "demo", help="SoftMax vs IsoMax+ on Fashion-MNIST: train, evaluate, calibrate, export."
-    )
-    demo.add_argument(
-        "--epochs", type=_int_at_least(1), default=2, help="epochs per model, >= 1 (default 2)"
-    )
-    demo.add_argument("--output", default="demo_output", help="output directory")
-    demo.add_argument(
-        "--train-size",
-        type=_int_at_least(0),
-        default=30000,
-        help="training images (default 30000; 0 = all 55,000)",
-    )
-    demo.add_argument("--seed", type=int, default=0)
-
-    evaluate = commands.add_parser("evaluate", help="OOD metrics table for a saved model.")
-    evaluate.add_argument("model", help="a .keras file (IsoMax+ or softmax classifier)")
-    evaluate.add_argument(
-        "--in", dest="in_data", required=True, help="in-distribution data set (test split)"
-    )
-    evaluate.add_argument("--ood", required=True, help="comma-separated OOD data set names")
-    evaluate.add_argument(
-        "--score",
-        default=None,
-        help="score name(s), comma-separated (default: minimum_distance for IsoMax+ models, "
-        "max_probability otherwise)",
-    )
-    evaluate.add_argument(
-        "--n", type=_int_at_least(1), default=None, help="use at most N examples per set"
-    )
-    evaluate.add_argument("--tpr", type=_fraction, default=0.95, help="in (0, 1] (default 0.95)")
-    evaluate.add_argument(
-        "--detector",
-        default=None,
-        help="feature detector(s), comma-separated: knn[:K], mahalanobis, vim:DIM "
-        "(fitted on --fit-on)",
-    )
-    evaluate.add_argument(
-        "--fit-on", default=None, help="labelled data set (train split) to fit the detector on"
-    )
-    evaluate.add_argument(
-        "--fit-n", type=_int_at_least(1), default=10000, help="training examples for the fit"
-    )
-
-    export = commands.add_parser("export", help="Export a SavedModel for TF Serving.")
-    export.add_argument("model", help="a .keras file with an IsoMaxPlusLayer")
-    export.add_argument("export_dir", help="the model base path (a version folder is added)")
-    export.add_argument(
-        "--calibrate-on",
-        default=None,
-        help="in-distribution data set to calibrate the threshold on (needs --calibrate-split)",
-    )
-    export.add_argument(
-        "--calibrate-split",
-        default=None,
-        help="split of --calibrate-on to calibrate on; required with it, and it must be data "
-        "the model was not trained on (e.g. 'test', or a held-out slice such as "
-        "'train[55000:]' for a TFDS set)",
-    )
-    export.add_argument(
-        "--calibrate-n",
-        type=_int_at_least(1),
-        default=5000,
-        help="calibrate on at most N examples (default 5000)",
-    )
-    export.add_argument(
-        "--tpr", type=_fraction, default=0.95, help="fraction of inputs to accept, in (0, 1]"
-    )
-    export.add_argument("--threshold", type=_finite, default=None, help="explicit threshold")
-    export.add_argument("--version", type=_int_at_least(0), default=1, help="version folder")
-    export.add_argument(
-        "--overwrite", action="store_true", help="replace an existing SavedModel version"
-    )
-    export.add_argument(
-        "--format",
-        choices=("saved_model", "litert", "onnx"),
-        default="saved_model",
-        help="saved_model: EXPORT_DIR/VERSION for TF Serving; litert/onnx: one file EXPORT_DIR",
-    )
-    export.add_argument(
-        "--detector",
-        default=None,
-        help="feature detector(s), comma-separated: knn[:K], mahalanobis, vim:DIM "
-        "(fitted on --fit-on)",
-    )
-    export.add_argument(
-        "--fit-on", default=None, help="labelled data set (train split) to fit the detector on"
-    )
-    export.add_argument(
-        "--fit-n", type=_int_at_least(1), default=10000, help="training examples for the fit"
-    )
-    for command in (demo, evaluate, export):
-        command.add_argument(
-            "--debug",
-            action="store_true",
-            default=argparse.SUPPRESS,
-            help="show the full traceback of an error",
-        )
-    return parser
+from keras_isomax_cli import parse_args
 
 
 def main(argv=None):
-    """Entry point of the `keras-isomax` console script."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command == "export" and bool(args.calibrate_on) != bool(args.calibrate_split):
-        parser.error(
-            "--calibrate-on and --calibrate-split go together: name the data set and a split "
-            "the model was not trained on (e.g. --calibrate-split test)"
-        )
+    """Entry point of the `keras-isomax` command: parses `argv` and runs it.
+
+    Args:
+        argv: The arguments (without the program name), or `None` for
+            `sys.argv[1:]`. Defaults to `None`.
+
+    Returns:
+        The exit status: 0, 2 for an error, 130 when interrupted.
+    """
+    return run(parse_args(argv))
+
+
+def run(args):
+    """Runs a parsed command (`keras_isomax_cli.parse_args`); returns the exit status."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         if args.command == "demo":
