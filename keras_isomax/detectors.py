@@ -379,12 +379,15 @@ class Detector(keras.layers.Layer):
         self._extractor = extractor
         return self
 
-    def _bound(self, model):
+    def _check_fitted(self):
         if not self.is_fitted:
             raise ValueError(
                 f"{type(self).__name__} is not fitted; call `.fit(model, data)` first. "
                 f"Received: detector={self.name!r}"
             )
+
+    def _bound(self, model):
+        self._check_fitted()
         if model is not None and (self._extractor is None or self._extractor.model is not model):
             self.attach(model)
         if self._extractor is None:
@@ -393,6 +396,35 @@ class Detector(keras.layers.Layer):
                 "call `.attach(model)` or pass `model=`. Received: model=None"
             )
         return self._extractor
+
+    def bind_for_export(self, model, threshold=None):
+        """Binds the detector to `model` and checks it has a threshold to export.
+
+        A logit detector is first fitted on `model` (it needs no data).
+
+        Args:
+            model: The classifier the detector was fitted on.
+            threshold: The explicit threshold the export uses, or `None` for
+                the detector's calibrated `threshold`. Defaults to `None`.
+
+        Returns:
+            The number of classes of the model's logits.
+
+        Raises:
+            ValueError: If the detector is not fitted, was fitted on another
+                model, or has no calibrated threshold and `threshold` is `None`.
+        """
+        if self.input_kind == "logits" and not self.state:
+            self.fit(model)
+        self._check_fitted()
+        self.attach(model)  # Raises if fitted on another model.
+        if threshold is None and not self.is_calibrated:
+            raise ValueError(
+                f"Detector {self.name!r} has no calibrated threshold. Call "
+                "`calibrate_threshold(model, in_val_data, detector=det)` before exporting, "
+                "or pass `threshold=` explicitly. Received: threshold=None"
+            )
+        return self._extractor.num_classes
 
     def _fit_stream(self, extractor, stream):
         """Fits the state from `(features, logits, labels)` batches; each feature detector

@@ -331,18 +331,10 @@ def _detector_threshold(model, detector, threshold):
             "`detector` must be a fitted `keras_isomax.detectors.Detector`. "
             f"Received: detector={type(detector).__name__}"
         )
-    if detector.input_kind == "logits" and not detector.state:
-        detector.fit(model)
-    extractor = detector._bound(model)  # Raises if unfitted or fitted on another model.
+    num_classes = detector.bind_for_export(model, threshold)
     if threshold is None:
-        if not detector.is_calibrated:
-            raise ValueError(
-                f"Detector {detector.name!r} has no calibrated threshold. Call "
-                "`calibrate_threshold(model, in_val_data, detector=det)` before "
-                "exporting, or pass `threshold=` explicitly. Received: threshold=None"
-            )
-        return float(ops.convert_to_numpy(detector.threshold)), extractor.num_classes
-    return _threshold_value(None, threshold), extractor.num_classes
+        return float(ops.convert_to_numpy(detector.threshold)), num_classes
+    return _threshold_value(None, threshold), num_classes
 
 
 def _threshold_value(layer, threshold):

@@ -387,22 +387,9 @@ def _detector_functions(model, threshold, input_name, input_signature, detector)
             "`detector` must be a fitted `keras_isomax.detectors.Detector`. "
             f"Received: detector={type(detector).__name__}"
         )
-    if detector.input_kind == "logits" and not detector.state:
-        detector.fit(model)
-    if not detector.is_fitted:
-        raise ValueError(
-            f"{type(detector).__name__} is not fitted; call `.fit(model, data)` first. "
-            f"Received: detector={detector.name!r}"
-        )
-    detector.attach(model)  # Raises if fitted on another model.
+    detector.bind_for_export(model, threshold)
     input_spec = _input_spec(model, input_name, input_signature)
     if threshold is None:
-        if not detector.is_calibrated:
-            raise ValueError(
-                f"Detector {detector.name!r} has no calibrated threshold. Call "
-                "`calibrate_threshold(model, in_val_data, detector=det)` before exporting, "
-                "or pass `threshold=` explicitly. Received: threshold=None"
-            )
 
         def threshold_fn():
             return tf.cast(tf.convert_to_tensor(detector.threshold), tf.float32)
