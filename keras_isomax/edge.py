@@ -51,22 +51,13 @@ def export_litert(
     `tf.lite.Interpreter`), without the Flex (TensorFlow ops) delegate.
 
     Args:
-        model: A built `keras.Model` with one input, one output and one
-            `IsoMaxPlusLayer`, whose output is the model's output.
+        model: As in `keras_isomax.export_saved_model`.
         path: File to write (conventionally ending in `.tflite`).
-        threshold: OOD threshold on the minimum distance score. `None` uses
-            the layer's calibrated `ood_threshold` and raises if it is not
-            calibrated. With `detector`, a threshold on the detector's score;
-            `None` uses the detector's calibrated `threshold`. Defaults to
-            `None`.
-        detector: A fitted `keras_isomax.detectors.Detector` whose score
-            replaces the minimum distance score (`Mahalanobis`, `ViM`,
-            `KNN` and the logit detectors; the model may then be any
-            classifier the detector was fitted on). Its fitted state is
-            carried inside the file as constants. Defaults to `None`.
-        input_signature: Shape and dtype of one input (`keras.InputSpec` or
-            `KerasTensor`), needed only for models without symbolic inputs.
-            The batch dimension is made dynamic. Defaults to `None`.
+        threshold: As in `export_saved_model`, but always carried inside the
+            file as a constant. Defaults to `None`.
+        detector: As in `export_saved_model`; its fitted state is carried
+            inside the file as constants. Defaults to `None`.
+        input_signature: As in `export_saved_model`. Defaults to `None`.
         overwrite: Whether to replace an existing file at `path`. Defaults to
             `False`.
 
@@ -151,22 +142,11 @@ def export_onnx(
     on PyTorch, `jax2onnx` on JAX.
 
     Args:
-        model: A built `keras.Model` with one input, one output and one
-            `IsoMaxPlusLayer`, whose output is the model's output.
+        model: As in `keras_isomax.export_saved_model`.
         path: File to write (conventionally ending in `.onnx`).
-        threshold: OOD threshold on the minimum distance score. `None` uses
-            the layer's calibrated `ood_threshold` and raises if it is not
-            calibrated. With `detector`, a threshold on the detector's score;
-            `None` uses the detector's calibrated `threshold`. Defaults to
-            `None`.
-        detector: A fitted `keras_isomax.detectors.Detector` whose score
-            replaces the minimum distance score (`Mahalanobis`, `ViM`,
-            `KNN` and the logit detectors; the model may then be any
-            classifier the detector was fitted on). Its fitted state is
-            carried inside the file as constants. Defaults to `None`.
-        input_signature: Shape and dtype of one input (`keras.InputSpec` or
-            `KerasTensor`), needed only for models without symbolic inputs.
-            The batch dimension is made dynamic. Defaults to `None`.
+        threshold: As in `export_litert`. Defaults to `None`.
+        detector: As in `export_litert`. Defaults to `None`.
+        input_signature: As in `export_saved_model`. Defaults to `None`.
         opset_version: ONNX opset, or `None` for the converter's default.
             Defaults to `None`.
         overwrite: Whether to replace an existing file at `path`. Defaults to

@@ -46,95 +46,58 @@ def export_saved_model(
 ):
     """Exports an IsoMax+ classifier as a TF Serving-ready SavedModel.
 
-    The SavedModel (tag `serve`) has two signatures, both taking one input
-    named `input_name` with the model's own dtype and shape and a dynamic
-    batch size:
-
-    - `serving_default` returns `probabilities` (B, C) float32, the softmax of
-      the logits; `logits` (B, C) float32, the model's output; and `class_id`
-      (B,) int64, the arg-max class.
-    - `score` returns `score` (B,) float32, the minimum distance score
-      (the largest IsoMax+ logit; higher means more in-distribution);
-      `is_ood` (B,) bool, `not (score >= threshold)`, so a NaN score counts as
-      out-of-distribution; `threshold` (B,) float32, the threshold used,
-      repeated per example (TF Serving's REST row format, `"instances"`,
-      needs every output to have the batch dimension); `class_id` and
-      `probabilities` as above.
-
-    An example whose input holds any NaN or Inf gets `score` NaN, `is_ood`
-    True and `class_id` -1 in both signatures, whatever the backbone makes of
-    it (some CPUs' kernels turn NaN into finite features); its `logits` and
-    `probabilities` carry no meaning.
-
-    The logits already include the layer's calibrated `temperature`. The
-    loss's entropic scale is a training device only and is not applied:
-    `probabilities` is `softmax(logits)`, as at inference in the paper. With
-    temperature 1 these are close to uniform (IsoMax+ logits span a narrow
-    range); run `calibrate_temperature` before exporting for calibrated
-    probabilities. The class ranking and the score do not depend on it.
-
-    With `threshold=None` the score signature reads the threshold from the
-    IsoMaxPlusLayer's `ood_threshold` variable, which is saved in the
-    SavedModel: re-calibrate and re-export, and the new export carries the
-    new threshold. An explicit `threshold` is written into the graph as a
-    constant instead.
-
-    The model's output must be the logits of its single `IsoMaxPlusLayer`
-    (for Functional and Sequential models this is checked; for subclassed
-    models it is assumed).
+    The SavedModel (tag `serve`) has the two signatures listed in
+    `keras_isomax.export`, both on one input named `input_name` with the
+    model's dtype and shape and a dynamic batch size. An input holding NaN or
+    Inf gets `score` NaN, `is_ood` True and `class_id` -1. The full reference
+    (what each output computes, the layout, what `overwrite` never replaces)
+    is docs/serving.md.
 
     Args:
-        model: A built `keras.Model` with exactly one input, one output and
-            one `IsoMaxPlusLayer`, whose output is the model's output.
-        export_dir: Directory to write. With `version=None`, the SavedModel
-            itself; otherwise a TF Serving model base path that gets the
-            SavedModel in `export_dir/<version>/`.
-        threshold: OOD threshold on the minimum distance score. `None` uses
-            the layer's calibrated `ood_threshold` (see `calibrate_threshold`)
-            and raises if it is not calibrated; a float overrides it. Defaults
+        model: A built `keras.Model` with one input, one output and one
+            `IsoMaxPlusLayer`, whose output is the model's output.
+        export_dir: Directory to write: the SavedModel itself with
+            `version=None`, otherwise a TF Serving model base path.
+        threshold: OOD threshold on the score. `None` reads the layer's
+            calibrated `ood_threshold` variable (see `calibrate_threshold`;
+            raises if it is NaN); a float is written into the graph as a
+            constant. With `detector`, a threshold on the detector's score,
+            and `None` reads the detector's calibrated `threshold`. Defaults
             to `None`.
-        version: Non-negative integer model version for TF Serving's layout,
-            or `None` to write the SavedModel directly into `export_dir`.
-            Every export is written to a hidden staging directory next to the
-            target and renamed into place only after a complete write, so a
-            polling server never sees a partial version and a failed export
-            leaves the previous model untouched. Defaults to `None`.
-        input_name: Name of the signatures' input (the key of `"inputs"` /
-            `"instances"` in requests). Defaults to `"inputs"`.
-        input_signature: Shape and dtype of one input, as a `keras.InputSpec`,
-            `tf.TensorSpec` or `KerasTensor`; needed only for models without
-            symbolic inputs (subclassed models). The batch dimension is made
-            dynamic. Defaults to `None` (the model's input).
-        jit_compile: Whether the served computation is compiled with XLA
-            (`tf.function(jit_compile=True)` inside both signatures). The
-            serving runtime then needs XLA's JIT kernels (the `tensorflow`
-            wheel has them). Defaults to `False`.
+        version: Non-negative integer: the SavedModel goes to
+            `export_dir/<version>/`. `None` writes into `export_dir`. Either
+            way it is staged next to the target and renamed into place once
+            complete. Defaults to `None`.
+        input_name: Name of the signatures' input (the key in requests).
+            Defaults to `"inputs"`.
+        input_signature: Shape and dtype of one input (`keras.InputSpec`,
+            `tf.TensorSpec` or `KerasTensor`), needed only for models without
+            symbolic inputs. The batch dimension is made dynamic. Defaults to
+            `None`.
+        jit_compile: Whether both signatures compile with XLA. Defaults to
+            `False`.
         overwrite: Whether to replace an existing SavedModel at the target
-            directory. Only a directory holding nothing but a SavedModel
-            (`saved_model.pb`, `fingerprint.pb`, `variables/`, `assets/`) is
-            replaced, and only after the new one is completely written; any
-            other entry (or the working directory itself) makes the export
-            refuse. Defaults to `False`.
+            (a directory holding anything else is never replaced). Defaults
+            to `False`.
         verbose: Whether to print the endpoints written. Defaults to `False`.
-        detector: A fitted `keras_isomax.detectors.Detector` (e.g. `KNN`):
-            the `score` signature then returns its score, and
-            `threshold=None` reads the detector's calibrated `threshold`
-            variable (saved with its fitted state). The model then needs no
-            `IsoMaxPlusLayer`: a SoftMax classifier works too, and `logits`
-            are its pre-softmax logits. Defaults to `None`.
+        detector: A fitted `keras_isomax.detectors.Detector` whose score
+            replaces the minimum distance score (`KNN`, `Mahalanobis`, `ViM`,
+            the logit detectors); the model may then be any classifier the
+            detector was fitted on (its fitted state is exported with it).
+            Defaults to `None`.
 
     Returns:
         The path (a `str`) of the SavedModel directory written.
 
     Raises:
+        RuntimeError: If the Keras backend is not TensorFlow.
         TypeError: If `model` is not a `keras.Model` or an argument has the
             wrong type.
-        ValueError: If the model has no or several `IsoMaxPlusLayer`s, several
-            inputs or outputs, an output that is not the IsoMax+ logits, an
-            uncalibrated threshold with `threshold=None`, or if `threshold`,
-            `version`, `input_name` or `export_dir` (empty) are invalid.
-        FileExistsError: If the target is a file, holds anything but a
-            SavedModel, is the working directory, or holds a SavedModel and
+        ValueError: If the model is not a single-input, single-output IsoMax+
+            classifier, the threshold is uncalibrated with `threshold=None`,
+            or `threshold`, `version`, `input_name` or `export_dir` is invalid.
+        FileExistsError: If the target holds anything but a SavedModel, is
+            the working directory, or holds a SavedModel and
             `overwrite=False`.
 
     Example:
