@@ -9,35 +9,15 @@ det = detectors.KNN(k=50).fit(model, (x_train, y_train))  # one streaming pass
 scores = det.score(x_test)  # NumPy, higher = more in-distribution
 ```
 
-Features are the input of the classifier head: the input of the model's
-`IsoMaxPlusLayer`, or of the final logits `Dense` (or 1x1 `Conv2D` head) of a
-SoftMax model, found as `replace_head` finds it; `features="layer_name"`
-takes the output of another layer instead.
+Features are the input of the classifier head (of the `IsoMaxPlusLayer`, or
+of the final logits `Dense` or 1x1 `Conv2D` head of a SoftMax model);
+`features="layer_name"` takes another layer's output. Every score is higher
+for more in-distribution inputs. `det.save("det.keras")` writes the detector
+alone; `detectors.load(path).attach(model)` restores it and checks that the
+classifier's head is the one it was fitted on.
 
-Definitions (pytorch-ood 0.4.0's, with the sign flipped so that higher means
-more in-distribution, like every score of this package):
-
-- `KNN`: L2-normalise the features; score = -(Euclidean distance to the k-th
-  nearest normalised training feature).
-- `Mahalanobis`: class means and one covariance pooled over classes (the
-  within-class scatter plus a `1e-6` ridge, divided by the number of training
-  examples N); score = -min over classes of the squared Mahalanobis distance.
-  pytorch-ood does not divide by N and halves the distance: its (outlier)
-  score is `-1 / (2 N)` times ours (same ranking).
-- `ViM`: origin `u = -pinv(W) b`; null space = the eigenvectors of the
-  `F - dim` smallest eigenvalues of `mean((z - u)(z - u)^T)`; `alpha = mean
-  max-logit / mean ||residual||` over the training data; score =
-  `logsumexp(logits) - alpha * ||residual||`. For an `IsoMaxPlusLayer` head
-  the equivalent linear head is used: features are L2-normalised and
-  `W = (|s| / T) * normalised prototypes`, `b = 0` (so `u = 0`); its logits
-  `(|s| / T) cos(z, p_c)` rank the classes as the IsoMax+ distances do.
-
-A fitted detector is bound to its model (`det.score(x)` runs that model). To
-save it, `det.save("det.keras")` writes the detector alone (a `.keras` file
-holding a tiny model around the layer, weights and config);
-`detectors.load("det.keras")` restores it, and `det.attach(model)` binds it
-to the (reloaded) classifier, checking that the classifier's head is the one
-it was fitted on.
+Definitions, their relation to pytorch-ood 0.4.0, memory and saving:
+docs/evaluation.md ("Detectors: KNN, Mahalanobis, ViM").
 """
 
 from __future__ import annotations

@@ -15,41 +15,8 @@ TensorFlow-only pieces around that:
 - `worker_backup_dir()`: a per-worker `keras.callbacks.BackupAndRestore`
   directory (Keras 3 writes the backup from every worker).
 
-The Keras bug (TensorFlow backend) has two parts, both in Keras'
-`backend/tensorflow/trainer.py`:
-
-1. `TensorFlowTrainer._maybe_symbolic_build` (Keras >= 3.5) takes the first
-   distributed batch and calls `strategy.reduce("MEAN", batch, axis=None)` on
-   the whole `(x, y)` structure only to learn its shapes. Under
-   `MultiWorkerMirroredStrategy` the collective cross-device ops cannot reduce a
-   nested structure (nor should a data batch be all-reduced across workers), and
-   `fit` dies with `ValueError: Attempt to convert a value (PerReplica:...)`.
-2. `reduce_per_replica(..., reduction="auto")` maps to `"mean"`, which in
-   multi-worker mode calls `strategy.reduce("MEAN", v, axis=0)` on the scalar
-   logs; a scalar has no axis 0, so every train step fails with
-   `Invalid reduction dimension 0 for input with 0 dimensions`.
-
-The fix wraps those two functions; the wrappers change behaviour only when the
-strategy is a `MultiWorkerMirroredStrategy` in multi-worker mode (the case that
-always fails without them) and run Keras' own code otherwise:
-
-1. Keras' `_maybe_symbolic_build` runs unchanged, except that its reduction of
-   the first batch returns the first local replica's values (the shapes and
-   dtypes that the MEAN reduction yields under `MirroredStrategy`), without
-   cross-worker traffic. Keras 3.5 to 3.15 iterate differently there but all
-   make that one call, so the wrapper does not depend on the iteration.
-2. logs are averaged across all replicas with `axis=None`, the same
-   cross-replica mean that Keras computes for `MirroredStrategy`.
-
-The versions were checked by reading Keras 3.5, 3.6, 3.7, 3.8, 3.10, 3.12 and
-3.15.1, and by training two workers on 3.5.0, 3.10.0 and 3.15.1: plain Keras
-fails on all three; with the fix, 3.10.0 and 3.15.1 match single-device
-training, and 3.5.0 matches Keras' own `MirroredStrategy` (Keras < 3.8 does
-not scale the loss per replica under any strategy, so there no distributed run
-matches one device). Older Keras is not covered: 3.3.3 has the second bug
-only, 3.0.0 neither (it sums the logs instead). Drop the fix once Keras ships a release that fixes
-keras-team/keras#20585: `tests/test_distribute.py` trains plain Keras (without
-keras_isomax) under a two-worker strategy and fails loudly when that works.
+How the fix works, and which Keras versions were checked: docs/distributed.md
+("The multi-worker `fit` fix in detail").
 """
 
 import json

@@ -27,64 +27,32 @@ def replace_head(
 ):
     """Replaces a classifier's final `Dense` (+ softmax) with an `IsoMaxPlusLayer`.
 
-    The model must end in a linear classifier on its penultimate features:
-    a `Dense` layer (with `activation="softmax"` or none), optionally followed
-    by a softmax `Activation`/`Softmax` layer; or the 1x1 `Conv2D` + `Flatten`
-    (or `Reshape`) + activation head of `keras.applications` MobileNet,
-    MobileNetV3 and similar models (equivalent to a `Dense` on the pooled
-    features). Everything before the classifier (the backbone, including any
-    dropout before it) is kept; the classifier's input (flattened, for the
-    convolutional head) becomes the input of the new `IsoMaxPlusLayer`. The
-    classifier's bias is dropped: IsoMax+ has none.
-
-    The prototypes are initialised by `prototype_init`:
-
-    - `"dense"`: prototype `c` is column `c` of the classifier's kernel, the
-      direction in which the logit of class `c` grows. IsoMax+ compares
-      directions (it normalises features and prototypes), so when the kernel
-      columns have similar norms and the biases are small the nearest
-      prototype is the class the softmax model predicts: fine-tuning starts
-      from the trained decision rule instead of from scratch. Needs
-      `num_classes` equal to the classifier's units.
-    - `"class_means"`: prototype `c` is the mean of the L2-normalised features
-      of class `c` in `init_data` (the spherical class mean, as in weight
-      imprinting). This is the point that IsoMax+ training pulls each
-      prototype towards, so the distances (hence the minimum distance OOD
-      score) are meaningful from the first step; it also works when
-      `num_classes` differs from the old classifier's. A class absent from
-      `init_data` falls back to its kernel column (or a random prototype) with
-      a warning.
-    - `"random"`: the paper's `N(0, 1)` initialisation (training from scratch).
-    - `"auto"` (default): `"class_means"` when `init_data` is given, else
-      `"dense"` when the class counts match, else `"random"`.
-
-    By default (`share_weights=False`) the backbone is a copy: the model is
-    cloned with `keras.models.clone_model` and the clone's weights set to the
-    original's, so fine-tuning the new model leaves the original (your softmax
-    baseline) untouched. `share_weights=True` reuses the original's layers
-    and variables instead (no extra memory; training one model changes the
-    other). The distance scale starts at 1.0 and the `ood_threshold` is
-    uncalibrated (NaN), as in a fresh `IsoMaxPlusLayer`. The returned model
-    is not compiled: compile it with `IsoMaxPlusLoss`.
-
-    A `Sequential` model gives a `Sequential` model; a functional one
-    (including `keras.applications` models) gives a functional model with the
-    same inputs.
+    The model must end in a `Dense` classifier (softmax or no activation,
+    optionally followed by a softmax layer) or the 1x1 `Conv2D` + `Flatten`
+    head of `keras.applications` MobileNet-style models. The backbone is kept;
+    the classifier's input becomes the input of a new `IsoMaxPlusLayer` (the
+    bias is dropped). The result has the same kind (Sequential or functional)
+    and inputs, is not compiled, and has an uncalibrated `ood_threshold`.
+    Prototype initialisations and why: docs/replace_head.md.
 
     Args:
         model: A built `keras.Sequential` or functional `keras.Model` with one
             output, ending in a classifier as described above.
         num_classes: Number of classes of the new head. Defaults to `None`
             (the classifier's units).
-        prototype_init: `"auto"`, `"dense"`, `"class_means"` or `"random"`,
-            see above. Defaults to `"auto"`.
+        prototype_init: `"dense"` (the classifier's kernel columns; needs the
+            same `num_classes`), `"class_means"` (the spherical class means
+            of the features of `init_data`), `"random"` (`N(0, 1)`), or
+            `"auto"`: `"class_means"` with `init_data`, else `"dense"` when
+            the class counts match, else `"random"`. Defaults to `"auto"`.
         init_data: Labelled data for `"class_means"`: a tuple `(x, y)` of
             arrays, or a finite iterable of `(x, y, ...)` batches such as a
             `tf.data.Dataset`. Labels are class ids `(N,)`/`(N, 1)` or one-hot
             `(N, num_classes)`. Features are computed in inference mode.
             Defaults to `None`.
         share_weights: Whether the new model reuses the original's backbone
-            layers and variables instead of a copy. Defaults to `False`.
+            layers and variables (training one changes the other) instead of
+            a copy. Defaults to `False`.
         exact_neighbors: Deprecated and ignored (the layer always recomputes the
             nearest prototype's distance exactly). Defaults to `None`.
         batch_size: Batch size for computing features of array `init_data`.
