@@ -120,21 +120,12 @@ def ood_metrics(in_scores, out_scores, tpr=0.95):
     * `tnr_at_tpr`: fraction of OOD inputs rejected at the highest threshold
       that accepts at least `tpr` (95% by default) of in-distribution inputs.
     * `fpr_at_tpr`: `1 - tnr_at_tpr`, the fraction of OOD inputs accepted
-      there. Not pytorch-ood's `FPR95TPR`, which takes OOD as the positive
-      class (it is the fraction of in-distribution inputs flagged when 95% of
-      OOD inputs are detected) and is a different number.
+      there (not pytorch-ood's `FPR95TPR`, which takes OOD as positive).
     * `detection_accuracy`: `max_t 0.5 * (TPR(t) + 1 - FPR(t))`, the best
       balanced accuracy over all thresholds (at least 0.5).
 
-    The authors' code (from the Mahalanobis detector's `calculate_log.py`)
-    sweeps the merged sorted scores one by one and resolves a tie against the
-    in-distribution sample, takes TNR at the point whose TPR is *closest* to
-    95% (possibly below it), and integrates interpolated (trapezoidal)
-    precision-recall curves. Without ties its AUROC and detection accuracy
-    equal ours (tested); its TNR also counts as accepted the OOD inputs
-    between the in-distribution score at the chosen point and the next lower
-    one (a gap that shrinks with more in-distribution samples), and its
-    interpolated AUPRs differ from average precision.
+    How these relate to the IsoMax+ authors' code and to pytorch-ood:
+    docs/evaluation.md.
 
     Args:
         in_scores: 1-D array of scores of in-distribution inputs.
