@@ -386,3 +386,38 @@ def test_c_api_runs_detector_export(setup, c_program, tmp_path):  # noqa: F811
     np.testing.assert_array_equal(
         outputs["is_ood"].astype(bool), ~(det.score(q) >= float(det.threshold.numpy()))
     )
+
+
+@pytest.mark.parametrize(
+    "det",
+    [
+        detectors.KNN(k=7, max_bank=50, seed=3, chunk_size=64, features="features"),
+        detectors.Mahalanobis(ridge=1e-4, batch_size=32),
+        detectors.ViM(5, name="vim5"),
+        detectors.MaxLogit(),
+    ],
+)
+def test_config_round_trip_with_keras_serialization(det):
+    """Keras' own (public) serialization finds the registered class and every argument."""
+    serialized = keras.layers.serialize(det)
+    assert serialized["registered_name"] == f"keras_isomax>{type(det).__name__}"
+    clone = keras.layers.deserialize(serialized)
+    assert type(clone) is type(det)
+    assert clone.get_config() == det.get_config()
+
+
+def test_bind_for_export(setup):
+    models, x, y, _ = setup
+    det = detectors.KNN(k=5)
+    with pytest.raises(ValueError, match="KNN is not fitted"):
+        det.bind_for_export(models["soft"])
+    det.fit(models["soft"], (x, y))
+    with pytest.raises(ValueError, match="fitted on a different model"):
+        det.bind_for_export(models["iso"])
+    with pytest.raises(ValueError, match="no calibrated threshold.*Received: threshold=None"):
+        det.bind_for_export(models["soft"])
+    assert det.bind_for_export(models["soft"], threshold=-0.5) == C
+    calibrate_threshold(models["soft"], x, detector=det)
+    assert det.bind_for_export(models["soft"]) == C
+    energy = detectors.Energy()  # A logit detector is fitted on the model it is bound to.
+    assert energy.bind_for_export(models["iso"], threshold=0.0) == C and energy.is_fitted
