@@ -258,8 +258,8 @@ def test_detector_export_errors(rng, tmp_path):
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="the CLI runs on TensorFlow")
 @pytest.mark.parametrize("fmt", ["litert", "onnx"])
 def test_cli_exports_a_detector(rng, tmp_path, capsys, fmt):
-    from keras_isomax import data
-    from keras_isomax.cli import main
+    from keras_isomax.app import data
+    from keras_isomax.app.cli import main
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
