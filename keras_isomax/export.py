@@ -15,6 +15,7 @@ server. This module is TensorFlow-specific (SavedModel is a TensorFlow format).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -23,8 +24,9 @@ import warnings
 import keras
 
 from keras_isomax import _inspect, _serving
-from keras_isomax._inspect import find_isomax_layer
+from keras_isomax._inspect import all_layers, find_isomax_layer
 from keras_isomax.edge import export_litert, export_onnx  # noqa: F401  (re-exported)
+from keras_isomax.layers import IsoMaxPlusLayer
 
 SERVING_DEFAULT = "serving_default"
 SCORE = "score"
@@ -147,30 +149,36 @@ def export_saved_model(
         target = os.path.abspath(target)
     _check_target(target, overwrite)
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    if detector is not None:
-        archive.track(detector)  # Its fitted state and `threshold` variable.
-    for name in (SERVING_DEFAULT, SCORE):
-        archive.add_endpoint(name, functions[name], input_signature=[input_spec])
+    # The IsoMax+ heads' normalised prototypes are computed once, here, and
+    # saved with the model: the signatures (traced in `write_out`) do a Dense
+    # head's product on them.
+    with _inference_snapshots(model) as snapshot_variables:
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        if detector is not None:
+            archive.track(detector)  # Its fitted state and `threshold` variable.
+        if snapshot_variables:
+            archive.add_variable_collection("isomax_inference_snapshot", snapshot_variables)
+        for name in (SERVING_DEFAULT, SCORE):
+            archive.add_endpoint(name, functions[name], input_signature=[input_spec])
 
-    if remote:
-        return _write_remote(archive, target, verbose)
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    # A sibling of the target (same file system, so the renames are atomic)
-    # whose name TF Serving ignores (it loads all-digit names only). os.mkdir
-    # honours the umask; tempfile.mkdtemp would make it 0700.
-    staging = os.path.join(parent, f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex}")
-    os.mkdir(staging)
-    try:
-        archive.write_out(staging, verbose=verbose)
-        _check_target(target, overwrite)  # Unchanged while we wrote?
-        _swap_in(staging, target)
-    finally:
-        if os.path.lexists(staging):
-            shutil.rmtree(staging, ignore_errors=True)  # Ours: the staged copy.
-    return target
+        if remote:
+            return _write_remote(archive, target, verbose)
+        parent = os.path.dirname(target)
+        os.makedirs(parent, exist_ok=True)
+        # A sibling of the target (same file system, so the renames are atomic)
+        # whose name TF Serving ignores (it loads all-digit names only). os.mkdir
+        # honours the umask; tempfile.mkdtemp would make it 0700.
+        staging = os.path.join(parent, f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex}")
+        os.mkdir(staging)
+        try:
+            archive.write_out(staging, verbose=verbose)
+            _check_target(target, overwrite)  # Unchanged while we wrote?
+            _swap_in(staging, target)
+        finally:
+            if os.path.lexists(staging):
+                shutil.rmtree(staging, ignore_errors=True)  # Ours: the staged copy.
+        return target
 
 
 # What TensorFlow writes into a SavedModel directory. `overwrite=True`
@@ -179,6 +187,18 @@ def export_saved_model(
 SAVED_MODEL_ENTRIES = frozenset(
     {"saved_model.pb", "saved_model.pbtxt", "fingerprint.pb", "variables", "assets"}
 )
+
+
+@contextlib.contextmanager
+def _inference_snapshots(model):
+    """`IsoMaxPlusLayer.inference_snapshot` of every IsoMax+ layer in `model`;
+    yields their snapshot variables (a list, empty without IsoMax+ layers)."""
+    with contextlib.ExitStack() as stack:
+        variables = []
+        for layer in all_layers(model):
+            if isinstance(layer, IsoMaxPlusLayer) and layer.built:
+                variables.extend(stack.enter_context(layer.inference_snapshot()))
+        yield variables
 
 
 def _swap_in(staging, target):

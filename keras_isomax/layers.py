@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -49,7 +50,27 @@ def _row_norms_squared(x):
     return ops.einsum("ij,ij->i", x, x)
 
 
-def _distances(features, prototypes, p_sq, inverse_norm=None, exact_nearest=True):
+def _first_argmin(squared):
+    """`(N,)` int32: the first index of each row's minimum of `squared` `(N, C)`.
+
+    On TensorFlow its `ArgMin` kernel (one pass; a builtin of LiteRT and ONNX
+    too). Elsewhere from a comparison rather than `ops.argmin`: Keras' float
+    argmin bitcasts to test the sign bit, which neither LiteRT builtins nor
+    ONNX runtimes have.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.math.argmin(squared, axis=-1, output_type=tf.int32)
+    if isinstance(squared.shape[0], int) and squared.shape[0] == 0:
+        # An eager empty batch: Keras' `min` refuses empty tensors on torch
+        # (`initial=` would fix that, but jax2onnx cannot export it).
+        return ops.zeros((0,), "int32")
+    smallest = ops.min(squared, axis=-1, keepdims=True)  # (N, 1)
+    return ops.argmax(ops.cast(squared <= smallest, "int32"), axis=-1)
+
+
+def _distances(features, prototypes, p_sq, inverse_norm=None, exact_nearest=True, kernel=None):
     """Distances `(N, C)` between `features` `(N, F)` and the prototypes.
 
     With `inverse_norm` (the `(C,)` values `1 / max(||p||, eps)`), the
@@ -57,13 +78,19 @@ def _distances(features, prototypes, p_sq, inverse_norm=None, exact_nearest=True
     normalised `(C, F)` copy: the inverse norms scale the `(N, C)` matrix
     product, and the one gathered nearest prototype per row is normalised like
     the features (same rounding, which keeps tiny distances accurate). `p_sq`
-    holds the `(C,)` squared norms of the raw prototypes. Rows with NaN or Inf
-    are not guaranteed to be NaN here (callers multiply by a NaN guard).
+    holds the `(C,)` squared norms of the raw prototypes. With `kernel` (the
+    normalised prototypes, transposed to `(F, C)`), the product is
+    `features @ kernel` (a `Dense` head's) and `p_sq` their squared norms.
+    Rows with NaN or Inf are not guaranteed to be NaN here (callers multiply by
+    a NaN guard).
     """
     x_sq = ops.sum(ops.square(features), axis=-1, keepdims=True)  # (N, 1)
     # (P @ x^T)^T rather than x @ P^T: TensorFlow's CPU kernel for a transposed
     # right operand is about 2x slower at large C (benchmarks/speed.py).
-    cross = ops.transpose(ops.matmul(prototypes, ops.transpose(features)))  # (N, C)
+    if kernel is not None:
+        cross = ops.matmul(features, kernel)  # (N, C)
+    else:
+        cross = ops.transpose(ops.matmul(prototypes, ops.transpose(features)))  # (N, C)
     if inverse_norm is None:
         squared = (x_sq + p_sq) - 2.0 * cross
     else:
@@ -72,19 +99,9 @@ def _distances(features, prototypes, p_sq, inverse_norm=None, exact_nearest=True
     if not exact_nearest:
         return distances
     # The nearest prototype of each row, recomputed from the difference x - p.
-    # The first index of the row minimum from a comparison, not `ops.argmin`
-    # on floats: Keras' float argmin (TF, JAX on CPU) bitcasts to test the
-    # sign bit, which neither LiteRT builtins nor ONNX runtimes have, and it
-    # makes as many passes over (N, C).
-    if isinstance(squared.shape[0], int) and squared.shape[0] == 0:
-        # An eager empty batch: Keras' `min` refuses empty tensors on TF and
-        # torch (`initial=` would fix that, but jax2onnx cannot export it).
-        nearest = ops.zeros((0,), "int32")
-    else:
-        smallest = ops.min(squared, axis=-1, keepdims=True)  # (N, 1)
-        nearest = ops.argmax(ops.cast(squared <= smallest, "int32"), axis=-1)  # (N,)
+    nearest = _first_argmin(squared)  # (N,)
     neighbor = ops.take(prototypes, nearest, axis=0)  # (N, F)
-    if inverse_norm is not None:
+    if inverse_norm is not None or kernel is not None:
         neighbor = l2_normalize(neighbor)
     exact = _safe_sqrt(ops.sum(ops.square(features - neighbor), axis=-1, keepdims=True))
     columns = ops.convert_to_tensor(np.arange(prototypes.shape[0], dtype="int32"))
@@ -227,6 +244,7 @@ class IsoMaxPlusLayer(keras.layers.Layer):
         self.distance_scale_initializer = keras.initializers.get(distance_scale_initializer)
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
+        self._snapshot = None
 
     def build(self, input_shape):
         feature_dim = input_shape[-1]
@@ -257,10 +275,11 @@ class IsoMaxPlusLayer(keras.layers.Layer):
         )
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: feature_dim})
 
-    def call(self, inputs):
-        # The prototypes' norms are computed on every call rather than cached
-        # (no copy that could go stale after `assign`/`fit`): one read of the
-        # (C, F) matrix, measured in BENCHMARKS.md.
+    def call(self, inputs, training=None):
+        # The prototypes' norms are computed on every call: Keras gives a layer
+        # no signal when a variable is written (optimizers write the backend
+        # variable directly), so a cached copy could go stale after
+        # `assign`/`fit`. Exports freeze them instead (`inference_snapshot`).
         x = ops.cast(inputs, self.compute_dtype)
         prototypes = ops.cast(self.prototypes, self.compute_dtype)
         num_classes, feature_dim = prototypes.shape
@@ -268,9 +287,18 @@ class IsoMaxPlusLayer(keras.layers.Layer):
         if len(x.shape) != 2:
             x = ops.reshape(x, (-1, feature_dim))
         features = l2_normalize(x)
-        p_sq = _row_norms_squared(prototypes)  # (C,)
-        inverse_norm = ops.rsqrt(ops.maximum(p_sq, _NORM_EPSILON * _NORM_EPSILON))
-        distances = _distances(features, prototypes, p_sq, inverse_norm)
+        if self._snapshot is not None:
+            if training:
+                raise ValueError(
+                    "`inference_snapshot()` freezes the prototypes for inference; "
+                    f"layer {self.name} cannot train inside it. Received: training={training!r}"
+                )
+            kernel, squared_norms = self._snapshot.variables
+            distances = _distances(features, prototypes, squared_norms, kernel=kernel)
+        else:
+            p_sq = _row_norms_squared(prototypes)  # (C,)
+            inverse_norm = ops.rsqrt(ops.maximum(p_sq, _NORM_EPSILON * _NORM_EPSILON))
+            distances = _distances(features, prototypes, p_sq, inverse_norm)
         scale = ops.abs(ops.cast(self.distance_scale, self.compute_dtype))
         temperature = ops.cast(self.temperature, self.compute_dtype)
         # One (N, C) product: the scale, and NaN for rows with NaN or Inf.
@@ -281,6 +309,56 @@ class IsoMaxPlusLayer(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.num_classes,)
+
+    @contextlib.contextmanager
+    def inference_snapshot(self):
+        """Freezes the normalised prototypes, for tracing a serving graph.
+
+        Inside the context, calls read the prototypes normalised once, on
+        entry, and stored in `(F, C)` order (a `Dense` kernel's): the graph
+        traced there does a `Dense` head's matrix product and nothing that
+        depends on the weights alone (the nearest prototype's exact distance
+        still reads its row of `prototypes`). The weights must not change
+        inside the context, and graphs traced there keep the snapshot: use it
+        around an export (as `export_saved_model` does, so each export holds
+        the weights of its time); outside it, every call reads the current
+        weights. Enter it eagerly (it creates variables).
+
+        Yields:
+            `(kernel, squared_norms)`: the non-trainable snapshot variables,
+            `(F, C)` and `(C,)`, for the exporter to track.
+
+        Raises:
+            ValueError: If the layer is not built, or a snapshot is active.
+
+        Example:
+
+        >>> with layer.inference_snapshot() as snapshot:  # doctest: +SKIP
+        ...     archive.add_variable_collection("isomax_snapshot", snapshot)
+        ...     archive.add_endpoint("score", score_fn, input_signature=[spec])
+        ...     archive.write_out(path)
+        """
+        if not self.built:
+            raise ValueError(
+                f"The layer must be built before `inference_snapshot()`. Received: layer={self.name}"
+            )
+        if self._snapshot is not None:
+            raise ValueError(
+                f"`inference_snapshot()` is already active on layer {self.name}: "
+                "the contexts do not nest."
+            )
+        normalized = l2_normalize(ops.cast(self.prototypes, self.compute_dtype))  # (C, F)
+        kernel = keras.Variable(
+            ops.transpose(normalized), trainable=False, name="prototypes_snapshot"
+        )
+        squared_norms = keras.Variable(
+            _row_norms_squared(normalized), trainable=False, name="squared_norms_snapshot"
+        )
+        self._snapshot = _Snapshot((kernel, squared_norms))
+        try:
+            yield (kernel, squared_norms)
+        finally:
+            self._snapshot = None
 
     @property
     def is_calibrated(self):
@@ -297,6 +375,14 @@ class IsoMaxPlusLayer(keras.layers.Layer):
                 self.distance_scale_initializer
             ),
         }
+
+
+class _Snapshot:
+    """Holds `inference_snapshot`'s variables (a plain object, so that neither
+    Keras nor TensorFlow tracks them as the layer's weights)."""
+
+    def __init__(self, variables):
+        self.variables = variables
 
 
 def _full_precision_policy(dtype):

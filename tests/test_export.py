@@ -18,6 +18,7 @@ import textwrap
 import keras
 import numpy as np
 import pytest
+import reference
 
 tf = pytest.importorskip("tensorflow")
 
@@ -485,6 +486,34 @@ def test_recalibrated_model_reexports_its_threshold(exported, tmp_path):
     expected = reference_outputs(exported["logits"], new)
     assert_outputs_match(v2, expected, SCORE_OUTPUTS)
     assert (v2["is_ood"] != v1["is_ood"]).any()
+
+
+def test_each_export_serves_the_weights_of_its_time(exported, tmp_path):
+    """The prototypes are normalised once per export (`inference_snapshot`):
+    an export after a change of the weights serves the new ones, the earlier
+    export keeps the old ones, and the live model follows the weights again."""
+    model = exported["model"]
+    layer = model.get_layer("isomax")
+    old = layer.prototypes.numpy()
+    x = exported["x"]
+    new = np.random.default_rng(7).normal(size=old.shape).astype("float32") * 3.0
+    try:
+        layer.prototypes.assign(new)
+        path = export_saved_model(model, tmp_path / "models", version=2)
+        live = np.asarray(model(x))
+    finally:
+        layer.prototypes.assign(old)
+    assert not np.allclose(live, exported["logits"], atol=1e-3)
+    loaded = tf.saved_model.load(path)
+    v2 = call_signature(loaded, "serving_default", x)
+    np.testing.assert_allclose(v2["logits"], live, atol=ATOL)
+    # Saved with it: the normalised prototypes, in a Dense kernel's (F, C) order.
+    kernel, squared_norms = (v.numpy() for v in loaded.isomax_inference_snapshot)
+    np.testing.assert_allclose(kernel, reference.normalize(new).T, atol=1e-6)
+    np.testing.assert_allclose(squared_norms, np.ones(CLASSES), atol=1e-6)
+    v1 = call_signature(exported["loaded"], "serving_default", x)
+    np.testing.assert_allclose(v1["logits"], exported["logits"], atol=ATOL)
+    np.testing.assert_allclose(model(x), exported["logits"], atol=ATOL)
 
 
 def test_uncalibrated_model_needs_an_explicit_threshold(tmp_path):

@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import keras
@@ -54,8 +55,10 @@ def test_prototypes_init_standard_normal_and_scale_one():
     assert trainable == {"prototypes", "distance_scale"}
 
 
-def test_distance_precision_spec(rng):
-    """Relative error <= 1e-5 above 0.05 and absolute <= 1e-3 everywhere (float32)."""
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_distance_precision_spec(rng, snapshot):
+    """Relative error <= 1e-5 above 0.05 and absolute <= 1e-3 everywhere (float32),
+    with the live weights and inside `inference_snapshot` (what exports trace)."""
     num_classes, feature_dim = 40, 256
     layer = _built_layer(num_classes, feature_dim, rng)
     pn = l2_normalize(layer.prototypes).numpy().astype(np.float64)
@@ -69,7 +72,8 @@ def test_distance_precision_spec(rng):
     near = pn[targets] + radii[:, None] * direction
     x = np.concatenate([near, rng.normal(size=(200, feature_dim))]).astype("float32")
     expected = ref_distances(x, layer.prototypes.numpy())
-    got = _distances(layer, x).astype(np.float64)
+    with layer.inference_snapshot() if snapshot else contextlib.nullcontext():
+        got = _distances(layer, x).astype(np.float64)
     abs_err = np.abs(got - expected)
     rel_err = abs_err / expected
     assert abs_err.max() <= 1e-3
@@ -403,3 +407,45 @@ def test_no_stale_prototypes_after_assign(rng):
         expected = ref_logits(x, p)
         for got in (model(x), traced(x), model.predict(x, verbose=0)):
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_inference_snapshot_matches_reference_and_ends_with_the_context(rng):
+    """Inside the context: the weights normalised on entry (eager and traced);
+    outside: the current weights again, with no weight added to the layer."""
+    model = keras.Sequential([keras.Input((12,)), IsoMaxPlusLayer(9)])
+    head = model.layers[-1]
+    p = rng.normal(size=(9, 12)) * rng.uniform(0.1, 10, size=(9, 1))
+    head.prototypes.assign(p)
+    head.distance_scale.assign(-1.7)
+    x = rng.normal(size=(20, 12)).astype("float32")
+    x[:3] = p[[4, 0, 8]] * 2.5 + 1e-4 * rng.normal(size=(3, 12))  # near prototypes
+    expected = ref_logits(x, p, scale=-1.7)
+    config, names = head.get_config(), [w.path for w in model.weights]
+    with head.inference_snapshot() as (kernel, squared_norms):
+        assert tuple(kernel.shape) == (12, 9) and tuple(squared_norms.shape) == (9,)
+        assert not kernel.trainable
+        assert [w.path for w in model.weights] == names
+        traced = tf.function(model)
+        for got in (model(x), traced(x)):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert head.get_config() == config
+    head.prototypes.assign(rng.normal(size=(9, 12)))
+    np.testing.assert_allclose(
+        model(x), ref_logits(x, head.prototypes.numpy(), scale=-1.7), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_inference_snapshot_errors(rng):
+    with pytest.raises(ValueError, match="must be built"):
+        with IsoMaxPlusLayer(3).inference_snapshot():
+            pass
+    layer = _built_layer(3, 4, rng)
+    x = rng.normal(size=(2, 4)).astype("float32")
+    with layer.inference_snapshot():
+        with pytest.raises(ValueError, match="do not nest"):
+            with layer.inference_snapshot():
+                pass
+        with pytest.raises(ValueError, match="Received: training=True"):
+            layer(x, training=True)
+        layer(x, training=False)
+    layer(x, training=True)  # The context is over.
