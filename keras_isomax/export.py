@@ -149,16 +149,15 @@ def export_saved_model(
         target = os.path.abspath(target)
     _check_target(target, overwrite)
 
-    # The IsoMax+ heads' normalised prototypes are computed once, here, and
-    # saved with the model: the signatures (traced in `write_out`) do a Dense
-    # head's product on them.
-    with _inference_snapshots(model) as snapshot_variables:
+    # The IsoMax+ heads' normalised prototypes are computed once, here: the
+    # signatures (traced in `write_out`) capture them, so they are saved with
+    # the model (once: not as a tracked Keras variable, whose checkpoint
+    # would hold its value twice), and do a Dense head's product on them.
+    with _inference_snapshots(model):
         archive = keras.export.ExportArchive()
         archive.track(model)
         if detector is not None:
             archive.track(detector)  # Its fitted state and `threshold` variable.
-        if snapshot_variables:
-            archive.add_variable_collection("isomax_inference_snapshot", snapshot_variables)
         for name in (SERVING_DEFAULT, SCORE):
             archive.add_endpoint(name, functions[name], input_signature=[input_spec])
 
@@ -191,14 +190,12 @@ SAVED_MODEL_ENTRIES = frozenset(
 
 @contextlib.contextmanager
 def _inference_snapshots(model):
-    """`IsoMaxPlusLayer.inference_snapshot` of every IsoMax+ layer in `model`;
-    yields their snapshot variables (a list, empty without IsoMax+ layers)."""
+    """`IsoMaxPlusLayer.inference_snapshot` of every IsoMax+ layer in `model`."""
     with contextlib.ExitStack() as stack:
-        variables = []
         for layer in all_layers(model):
             if isinstance(layer, IsoMaxPlusLayer) and layer.built:
-                variables.extend(stack.enter_context(layer.inference_snapshot()))
-        yield variables
+                stack.enter_context(layer.inference_snapshot())
+        yield
 
 
 def _swap_in(staging, target):

@@ -326,17 +326,17 @@ class IsoMaxPlusLayer(keras.layers.Layer):
 
         Yields:
             `(kernel, squared_norms)`: the non-trainable snapshot variables,
-            `(F, C)` and `(C,)`, for the exporter to track.
+            `(F, C)` and `(C,)`. Graphs traced inside the context capture
+            them (a SavedModel saves them with the model).
 
         Raises:
             ValueError: If the layer is not built, or a snapshot is active.
 
         Example:
 
-        >>> with layer.inference_snapshot() as snapshot:  # doctest: +SKIP
-        ...     archive.add_variable_collection("isomax_snapshot", snapshot)
+        >>> with layer.inference_snapshot():  # doctest: +SKIP
         ...     archive.add_endpoint("score", score_fn, input_signature=[spec])
-        ...     archive.write_out(path)
+        ...     archive.write_out(path)  # Traces `score_fn` here.
         """
         if not self.built:
             raise ValueError(
