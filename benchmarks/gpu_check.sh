@@ -99,6 +99,9 @@ timeout -k 10 "$((t1 / 2))" "$PYTHON" benchmarks/speed.py \
   --machine "$MACHINE" \
   --markdown "$OUT_DIR/gpu_timing.md" --json "$OUT_DIR/gpu_timing.json" "$@" || status=$?
 if [[ $status -eq 124 ]]; then echo "stage 1 hit its time limit; tables above are complete ones"; fi
+echo "== stage 1c: the exported score signature vs a Dense SavedModel (limit 90 s; wall ratios in parentheses)"
+timeout -k 10 90 "$PYTHON" benchmarks/serving_speed.py --threads 0 --reps 9 \
+  --markdown "$OUT_DIR/gpu_serving.md" || status=$?
 
 # Stage 2 (the rest): peak GPU memory of a step and the large-head check.
 t2=$(($(remaining) - 5))

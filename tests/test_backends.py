@@ -44,6 +44,19 @@ def test_layer_matches_reference(rng):
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=2e-6)
 
 
+def test_inference_snapshot_matches_reference(rng):
+    layer = ki.IsoMaxPlusLayer(7)
+    x = rng.normal(size=(33, 10)).astype("float32")
+    layer(x)
+    p = rng.normal(size=(7, 10)) * rng.uniform(0.1, 10, size=(7, 1))
+    layer.prototypes.assign(p)
+    x[:2] = p[[3, 5]] * 2.0 + 1e-4 * rng.normal(size=(2, 10))  # near prototypes
+    with layer.inference_snapshot() as (kernel, _):
+        assert tuple(kernel.shape) == (10, 7)
+        logits = _np(layer(x))
+    np.testing.assert_allclose(logits, reference.logits(x, p), rtol=1e-5, atol=2e-6)
+
+
 def test_loss_matches_reference_and_fit_step(rng):
     z = rng.normal(size=(12, 5)).astype("float32") - 2.0
     y = rng.integers(0, 5, size=12)
