@@ -51,12 +51,14 @@ def _row_norms_squared(x):
 
 
 def _first_argmin(squared):
-    """`(N,)` int32: the first index of each row's minimum of `squared` `(N, C)`.
+    """`(N,)` int32: the index of each row's minimum of `squared` `(N, C)`.
 
-    On TensorFlow its `ArgMin` kernel (one pass; a builtin of LiteRT and ONNX
-    too). Elsewhere from a comparison rather than `ops.argmin`: Keras' float
-    argmin bitcasts to test the sign bit, which neither LiteRT builtins nor
-    ONNX runtimes have.
+    On TensorFlow its `ArgMin` kernel (one pass; a LiteRT and ONNX builtin):
+    7x faster than the comparison form at `C = 100,000` (BENCHMARKS.md).
+    Elsewhere the first minimum from a comparison, not `ops.argmin` on
+    floats: Keras' float argmin bitcasts to test the sign bit, which neither
+    LiteRT builtins nor ONNX runtimes have. (On ties any of the tied indices
+    does: their distances agree.)
     """
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
@@ -173,14 +175,14 @@ class IsoMaxPlusLayer(keras.layers.Layer):
     NaN or Inf in a feature vector gives NaN logits for that example only; the
     other examples of the batch are unaffected.
 
-    All distances come from one `(B, F) x (F, C)` matrix product (the work of a
-    `Dense` head); the one to each example's nearest prototype is then
-    recomputed exactly from the difference of the normalised vectors, which
-    keeps full float32 relative accuracy for small distances (also with TF32 or
-    bfloat16 matmuls on GPUs). The minimum distance score depends only on that
-    distance, so the former `exact_neighbors` (more neighbours recomputed, at
-    the cost of a top-k and a `(B, k, F)` gather) no longer earns its cost and
-    is deprecated: it is accepted, with a warning, and ignored.
+    All distances come from one `(B, F) x (F, C)` matrix product (a `Dense`
+    head's work); each example's nearest prototype is then recomputed exactly
+    from the difference of the normalised vectors, which keeps float32
+    relative accuracy for small distances (also under TF32/bfloat16 matmuls).
+    The minimum distance score depends only on that distance, so the former
+    `exact_neighbors` (more neighbours, at the cost of a top-k and a gather) is
+    accepted with a warning and ignored. For exports, `inference_snapshot()`
+    normalises the prototypes once.
 
     Args:
         num_classes: Number of classes `C` (> 0).
