@@ -17,15 +17,7 @@ from keras_isomax_cli import parse_args
 
 
 def main(argv=None):
-    """Entry point of the `keras-isomax` command: parses `argv` and runs it.
-
-    Args:
-        argv: The arguments (without the program name), or `None` for
-            `sys.argv[1:]`. Defaults to `None`.
-
-    Returns:
-        The exit status: 0, 2 for an error, 130 when interrupted.
-    """
+    """As `keras_isomax_cli.main` (the console script's entry point)."""
     return run(parse_args(argv))
 
 
