@@ -378,6 +378,17 @@ def check_int(value, name, *, minimum=1, allow_none=False, numpy=True, what=None
     return value
 
 
+def check_exportable(model):
+    """Raises unless `model` is a built `keras.Model` (what every exporter needs)."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"`model` must be a keras.Model. Received: model={type(model).__name__}")
+    if not model.built:
+        raise ValueError(
+            "The model must be built (called once or created with an Input) "
+            f"before export. Received: model={model.name}"
+        )
+
+
 def check_tpr(tpr, name="tpr"):
     """`tpr` as a float in (0, 1], or a ValueError naming the argument `name`."""
     try:

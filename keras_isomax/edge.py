@@ -34,7 +34,12 @@ import keras
 from keras import ops
 
 from keras_isomax import _serving
-from keras_isomax._inspect import find_isomax_layer, input_shape_and_dtype, parse_threshold
+from keras_isomax._inspect import (
+    check_exportable,
+    find_isomax_layer,
+    input_shape_and_dtype,
+    parse_threshold,
+)
 
 OUTPUT_NAMES = ("score", "is_ood", "threshold", "class_id", "probabilities")
 
@@ -266,13 +271,7 @@ class _ScoreModel(keras.Model):
 
 
 def _prepare(model, threshold, input_signature, detector=None):
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"`model` must be a keras.Model. Received: model={type(model).__name__}")
-    if not model.built:
-        raise ValueError(
-            "The model must be built (called once or created with an Input) "
-            f"before export. Received: model={model.name}"
-        )
+    check_exportable(model)
     outputs = getattr(model, "outputs", None)
     if outputs is not None and len(outputs) != 1:
         raise ValueError(

@@ -288,13 +288,7 @@ def _build_serving_functions(model, threshold, input_name, input_signature, dete
     _check_backend()
     import tensorflow as tf
 
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"`model` must be a keras.Model. Received: model={type(model).__name__}")
-    if not model.built:
-        raise ValueError(
-            "The model must be built (called once or created with an Input) "
-            f"before export. Received: model={model.name}"
-        )
+    _inspect.check_exportable(model)
     if not isinstance(input_name, str) or not input_name.isidentifier():
         raise ValueError(
             f"`input_name` must be a valid identifier string. Received: input_name={input_name!r}"
