@@ -315,7 +315,7 @@ def head_step_fn(kind, num_classes, feature_dim, train=True, jit=False):
 # ---------------------------------------------------------------- memory
 
 
-def _proc_status_kib(field):
+def proc_status_kib(field):
     with open("/proc/self/status") as f:
         match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
     return int(match.group(1)) if match else None
@@ -353,7 +353,7 @@ class PeakMemory:
             self.method = "tf.config.experimental.get_memory_info('GPU:0') peak - current"
         else:
             self.resettable = reset_peak_rss()
-            self.base = _proc_status_kib("VmRSS") * 1024
+            self.base = proc_status_kib("VmRSS") * 1024
             self.method = "peak RSS (VmHWM after clear_refs) - RSS before"
         return self
 
@@ -364,7 +364,7 @@ class PeakMemory:
             peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
             self.peak_bytes = peak - self.base
         elif self.resettable:
-            self.peak_bytes = _proc_status_kib("VmHWM") * 1024 - self.base
+            self.peak_bytes = proc_status_kib("VmHWM") * 1024 - self.base
         return False
 
 

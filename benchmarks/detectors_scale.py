@@ -27,23 +27,14 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from _common import proc_status_kib, reset_peak_rss  # noqa: E402
 
 
 def _status(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024  # MiB
-    return float("nan")
-
-
-def _reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    """`/proc/self/status` field in MiB (NaN where absent)."""
+    kib = proc_status_kib(key)
+    return float("nan") if kib is None else kib / 1024
 
 
 def _features(rng, n, f, centers=None):
@@ -120,7 +111,7 @@ def section_knn_bank(args):
     fit_peak = _status("VmHWM")
     q = np.random.default_rng(2).standard_normal((args.bank_q, f), dtype=np.float32)
     det.score(q[:8])  # Warm-up (traces the predict function).
-    reset = _reset_peak()
+    reset = reset_peak_rss()
     before = _status("VmRSS")
     start = time.perf_counter()
     scores = det.score(q)
