@@ -94,9 +94,10 @@ def export_saved_model(
     Raises:
         TypeError: If `model` is not a `keras.Model` or an argument has the
             wrong type.
-        ValueError: If the Keras backend is not TensorFlow, the model is not a single-input, single-output IsoMax+
-            classifier, the threshold is uncalibrated with `threshold=None`,
-            or `threshold`, `version`, `input_name` or `export_dir` is invalid.
+        ValueError: If the Keras backend is not TensorFlow, the model is not a
+            single-input, single-output IsoMax+ classifier, the threshold is
+            uncalibrated with `threshold=None`, or `threshold`, `version`,
+            `input_name` or `export_dir` is invalid.
         FileExistsError: If the target holds anything but a SavedModel, is
             the working directory, or holds a SavedModel and
             `overwrite=False`.
