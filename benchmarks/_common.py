@@ -294,7 +294,7 @@ def head_step_fn(kind, num_classes, feature_dim, train=True, jit=False):
 
         @tf.function(jit_compile=jit)
         def infer(x, y):
-            return score_fn(layer(x))
+            return score_fn(layer(x, training=False))
 
         return infer, layer
     opt = optimizer()
@@ -304,7 +304,7 @@ def head_step_fn(kind, num_classes, feature_dim, train=True, jit=False):
     def step(x, y):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            loss = loss_fn(y, layer(x))
+            loss = loss_fn(y, layer(x, training=True))
         grads = tape.gradient(loss, [x, *layer.trainable_variables])
         opt.apply(grads[1:], layer.trainable_variables)
         return loss, tf.reduce_sum(grads[0])

@@ -49,7 +49,8 @@ def main(argv=None):
     layer.build((None, args.features))
     layer.prototypes.assign(p)
     methods = {
-        "IsoMaxPlusLayer": -np.asarray(layer(x), np.float64),  # |s| = T = 1
+        # |s| = T = 1; training=False: the inference path (`predict`, scores).
+        "IsoMaxPlusLayer": -np.asarray(layer(x, training=False), np.float64),
         "expansion only": np.asarray(
             pairwise_distances(l2_normalize(x), l2_normalize(p), exact_nearest=False), np.float64
         ),

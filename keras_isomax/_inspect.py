@@ -7,6 +7,7 @@ another module of the package except `_serving` (the non-finite rule).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from collections.abc import Iterable, Mapping
@@ -92,6 +93,17 @@ class Classifier:
         self.features = features  # The classifier's input tensor.
         self.removed = removed  # Layers from the classifier to the output.
         self.flatten = flatten  # Whether features need flattening (1x1 conv head).
+
+
+@contextlib.contextmanager
+def inference_snapshots(model):
+    """`IsoMaxPlusLayer.inference_snapshot` of every built IsoMax+ layer in `model`:
+    what the exporters trace under (graphs free of the layer's inference cache)."""
+    with contextlib.ExitStack() as stack:
+        for layer in all_layers(model):
+            if isinstance(layer, IsoMaxPlusLayer) and layer.built:
+                stack.enter_context(layer.inference_snapshot())
+        yield
 
 
 def activation_name(activation):

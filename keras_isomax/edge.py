@@ -25,6 +25,7 @@ with NaN inside the backbone (the decision is taken from the input itself).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -37,6 +38,7 @@ from keras_isomax import _serving
 from keras_isomax._inspect import (
     check_exportable,
     find_isomax_layer,
+    inference_snapshots,
     input_shape_and_dtype,
     parse_threshold,
 )
@@ -106,13 +108,16 @@ def export_litert(
     # the endpoint named `score` and builtin operators only.
     archive = keras.export.ExportArchive()
     archive.track(wrapper)
-    archive.add_endpoint(
-        "score",
-        score,
-        input_signature=[tf.TensorSpec((None,) + spec.shape[1:], spec.dtype, name="inputs")],
-    )
     with tempfile.TemporaryDirectory(prefix="keras-isomax-litert-") as staging:
-        archive.write_out(staging, verbose=False)
+        with inference_snapshots(model):  # Traced with the prototypes normalised once.
+            archive.add_endpoint(
+                "score",
+                score,
+                input_signature=[
+                    tf.TensorSpec((None,) + spec.shape[1:], spec.dtype, name="inputs")
+                ],
+            )
+            archive.write_out(staging, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(staging, signature_keys=["score"])
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         try:
@@ -187,16 +192,22 @@ def export_onnx(
     path = _check_path(path, overwrite)
     wrapper, spec = _prepare(model, threshold, input_signature, detector)
     spec = keras.InputSpec(shape=(None,) + spec.shape[1:], dtype=spec.dtype, name="inputs")
+    # The TensorFlow inference cache is left out of converted graphs (elsewhere there is none).
+    tensorflow = backend == "tensorflow"
+
+    def snapshots():
+        return inference_snapshots(model) if tensorflow else contextlib.nullcontext()
 
     def write(target):
         try:
-            wrapper.export(
-                target,
-                format="onnx",
-                input_signature=[spec],
-                opset_version=opset_version,
-                verbose=False,
-            )
+            with snapshots():
+                wrapper.export(
+                    target,
+                    format="onnx",
+                    input_signature=[spec],
+                    opset_version=opset_version,
+                    verbose=False,
+                )
         except Exception as error:
             raise ValueError(
                 f"The ONNX converter of the {backend} backend failed on the "

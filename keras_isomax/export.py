@@ -15,7 +15,6 @@ server. This module is TensorFlow-specific (SavedModel is a TensorFlow format).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import uuid
@@ -24,9 +23,8 @@ import warnings
 import keras
 
 from keras_isomax import _inspect, _serving
-from keras_isomax._inspect import all_layers, find_isomax_layer
+from keras_isomax._inspect import find_isomax_layer
 from keras_isomax.edge import export_litert, export_onnx  # noqa: F401  (re-exported)
-from keras_isomax.layers import IsoMaxPlusLayer
 
 SERVING_DEFAULT = "serving_default"
 SCORE = "score"
@@ -154,7 +152,7 @@ def export_saved_model(
     # signatures (traced in `write_out`) capture them, so they are saved with
     # the model (once: not as a tracked Keras variable, whose checkpoint
     # would hold its value twice), and do a Dense head's product on them.
-    with _inference_snapshots(model):
+    with _inspect.inference_snapshots(model):
         archive = keras.export.ExportArchive()
         archive.track(model)
         if detector is not None:
@@ -187,16 +185,6 @@ def export_saved_model(
 SAVED_MODEL_ENTRIES = frozenset(
     {"saved_model.pb", "saved_model.pbtxt", "fingerprint.pb", "variables", "assets"}
 )
-
-
-@contextlib.contextmanager
-def _inference_snapshots(model):
-    """`IsoMaxPlusLayer.inference_snapshot` of every IsoMax+ layer in `model`."""
-    with contextlib.ExitStack() as stack:
-        for layer in all_layers(model):
-            if isinstance(layer, IsoMaxPlusLayer) and layer.built:
-                stack.enter_context(layer.inference_snapshot())
-        yield
 
 
 def _swap_in(staging, target):

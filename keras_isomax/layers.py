@@ -181,8 +181,20 @@ class IsoMaxPlusLayer(keras.layers.Layer):
     relative accuracy for small distances (also under TF32/bfloat16 matmuls).
     The minimum distance score depends only on that distance, so the former
     `exact_neighbors` (more neighbours, at the cost of a top-k and a gather) is
-    accepted with a warning and ignored. For exports, `inference_snapshot()`
-    normalises the prototypes once.
+    accepted with a warning and ignored.
+
+    Inference does not renormalise unchanged prototypes. On TensorFlow, calls
+    with `training=False` (what `predict`, `evaluate` and the exporters pass)
+    keep the normalised prototypes, in a `Dense` kernel's `(F, C)` order, with
+    a copy of the raw prototypes they came from; each call compares that copy
+    with the prototypes and recomputes on any difference, so no write
+    (`assign`, `fit`, a checkpoint restore) leaves it stale. The cache takes
+    two more `C x F` arrays at the first such call, is never saved, and is
+    bypassed under XLA and `tf.distribute`; `inference_cache=False` turns it
+    off. A custom training loop that calls the layer with `training=False`
+    under a `GradientTape` gets the live math's gradients, but refills the
+    cache after every update: pass `training=True` there. Exports freeze the
+    normalised prototypes instead (`inference_snapshot()`).
 
     Args:
         num_classes: Number of classes `C` (> 0).
@@ -192,6 +204,9 @@ class IsoMaxPlusLayer(keras.layers.Layer):
             Defaults to `None`.
         distance_scale_initializer: Initializer of the distance scale `s`.
             Defaults to `"ones"` (1.0, as in the paper).
+        inference_cache: Whether `training=False` calls on TensorFlow keep
+            the normalised prototypes between calls (see above; two more
+            `C x F` arrays). Defaults to `True`.
         **kwargs: Base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Raises:
@@ -216,6 +231,7 @@ class IsoMaxPlusLayer(keras.layers.Layer):
         prototype_initializer=None,
         prototype_regularizer=None,
         distance_scale_initializer="ones",
+        inference_cache=True,
         **kwargs,
     ):
         if (
@@ -246,7 +262,9 @@ class IsoMaxPlusLayer(keras.layers.Layer):
         self.distance_scale_initializer = keras.initializers.get(distance_scale_initializer)
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
+        self.inference_cache = bool(inference_cache)
         self._snapshot = None
+        self._inference_cache = None
 
     def build(self, input_shape):
         feature_dim = input_shape[-1]
@@ -276,12 +294,17 @@ class IsoMaxPlusLayer(keras.layers.Layer):
             trainable=False,
         )
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: feature_dim})
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            # Not in a `tf.distribute` scope: the variables would be mirrored on
+            # every replica (and broadcast at creation), for a cache replicas skip.
+            if not tf.distribute.has_strategy():
+                self._inference_cache = _InferenceCache(
+                    self.num_classes, feature_dim, self.prototypes.dtype
+                )
 
     def call(self, inputs, training=None):
-        # The prototypes' norms are computed on every call: Keras gives a layer
-        # no signal when a variable is written (optimizers write the backend
-        # variable directly), so a cached copy could go stale after
-        # `assign`/`fit`. Exports freeze them instead (`inference_snapshot`).
         x = ops.cast(inputs, self.compute_dtype)
         prototypes = ops.cast(self.prototypes, self.compute_dtype)
         num_classes, feature_dim = prototypes.shape
@@ -297,6 +320,9 @@ class IsoMaxPlusLayer(keras.layers.Layer):
                 )
             kernel, squared_norms = self._snapshot.variables
             distances = _distances(features, prototypes, squared_norms, kernel=kernel)
+        elif self._uses_inference_cache(training):
+            kernel, squared_norms = self._inference_cache.lookup(prototypes)
+            distances = _distances(features, prototypes, squared_norms, kernel=kernel)
         else:
             p_sq = _row_norms_squared(prototypes)  # (C,)
             inverse_norm = ops.rsqrt(ops.maximum(p_sq, _NORM_EPSILON * _NORM_EPSILON))
@@ -308,6 +334,19 @@ class IsoMaxPlusLayer(keras.layers.Layer):
         if len(inputs.shape) == 2:
             return logits
         return ops.reshape(logits, (*lead_shape, num_classes))
+
+    def _uses_inference_cache(self, training):
+        # Only explicit inference (`training=False`: predict, evaluate, exports);
+        # `training=None` may be a custom training loop's forward pass.
+        if training is not False or not self.inference_cache or self._inference_cache is None:
+            return False
+        import tensorflow as tf
+
+        # Not for replicas (they would write one cache at once), nor under XLA,
+        # which copies every variable a compiled function may write, on each call.
+        return (
+            not tf.distribute.has_strategy() and tf.__internal__.get_enclosing_xla_context() is None
+        )
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.num_classes,)
@@ -376,6 +415,7 @@ class IsoMaxPlusLayer(keras.layers.Layer):
             "distance_scale_initializer": keras.initializers.serialize(
                 self.distance_scale_initializer
             ),
+            "inference_cache": self.inference_cache,
         }
 
 
@@ -385,6 +425,83 @@ class _Snapshot:
 
     def __init__(self, variables):
         self.variables = variables
+
+
+class _InferenceCache:
+    """The normalised prototypes of the TensorFlow inference calls, verified.
+
+    Holds the `(F, C)` kernel and `(C,)` squared norms of the normalised
+    prototypes together with the raw prototypes they were computed from. Each
+    lookup compares the current prototypes with that copy, element by element,
+    and recomputes on any difference, so no write (optimizer step, `assign`,
+    checkpoint restore, a raw `tf.Variable` op) can leave it stale: the check
+    reads the prototypes once, a `Dense` kernel's memory traffic, and spares
+    their norms and the slower `(C, F)`-ordered matrix product. A plain object,
+    so that neither Keras nor TensorFlow saves its variables with the layer.
+    """
+
+    def __init__(self, num_classes, feature_dim, dtype):
+        import tensorflow as tf
+
+        # Created with the layer's weights, uninitialised (`Empty`): pages are
+        # only taken when the first inference call writes them. Full shapes,
+        # because XLA cannot change a variable's shape.
+        def empty(*shape):
+            return tf.raw_ops.Empty(shape=shape, dtype=dtype, init=False)
+
+        with tf.init_scope():
+            self.filled = tf.Variable(False, trainable=False, name="cache_filled")
+            self.source = tf.Variable(
+                empty(num_classes, feature_dim), trainable=False, name="cache_source"
+            )
+            self.kernel = tf.Variable(
+                empty(feature_dim, num_classes), trainable=False, name="cache_kernel"
+            )
+            self.squared_norms = tf.Variable(
+                empty(num_classes), trainable=False, name="cache_squared_norms"
+            )
+
+    def lookup(self, prototypes):
+        """`(kernel, squared_norms)` of `prototypes` `(C, F)`; differentiable."""
+        import tensorflow as tf
+
+        @tf.custom_gradient
+        def normalized(p):
+            def hit():
+                return self.kernel.read_value(), self.squared_norms.read_value()
+
+            def refresh():
+                kernel, squared_norms = _normalized_kernel(p)
+                # The source last: a concurrent call that finds it equal to the
+                # prototypes also finds their kernel.
+                with tf.control_dependencies(
+                    [self.kernel.assign(kernel), self.squared_norms.assign(squared_norms)]
+                ):
+                    written = [self.source.assign(p), self.filled.assign(True)]
+                with tf.control_dependencies(written):
+                    return tf.identity(kernel), tf.identity(squared_norms)
+
+            fresh = tf.logical_and(
+                self.filled.read_value(), tf.reduce_all(tf.equal(self.source.read_value(), p))
+            )
+            outputs = tf.cond(fresh, hit, refresh)
+
+            def grad(d_kernel, d_squared_norms, variables=None):
+                with tf.GradientTape() as tape:
+                    tape.watch(p)
+                    recomputed = _normalized_kernel(p)
+                d_p = tape.gradient(recomputed, p, output_gradients=[d_kernel, d_squared_norms])
+                return d_p, [None] * len(variables or ())
+
+            return outputs, grad
+
+        return normalized(prototypes)
+
+
+def _normalized_kernel(prototypes):
+    """`(F, C)` normalised prototypes (a `Dense` kernel's order) and their `(C,)` squared norms."""
+    normalized = l2_normalize(prototypes)
+    return ops.transpose(normalized), _row_norms_squared(normalized)
 
 
 def _full_precision_policy(dtype):

@@ -19,10 +19,10 @@ def _built_layer(num_classes, feature_dim, rng, dtype=None, **kwargs):
     return layer
 
 
-def _distances(layer, x):
+def _distances(layer, x, training=None):
     scale = abs(float(layer.distance_scale.numpy()))
     temperature = float(layer.temperature.numpy())
-    return -np.asarray(layer(x)) * temperature / scale
+    return -np.asarray(layer(x, training=training)) * temperature / scale
 
 
 # ---------------------------------------------------------------- the formula
@@ -55,10 +55,11 @@ def test_prototypes_init_standard_normal_and_scale_one():
     assert trainable == {"prototypes", "distance_scale"}
 
 
-@pytest.mark.parametrize("snapshot", [False, True])
-def test_distance_precision_spec(rng, snapshot):
+@pytest.mark.parametrize("mode", ["live", "snapshot", "cache"])
+def test_distance_precision_spec(rng, mode):
     """Relative error <= 1e-5 above 0.05 and absolute <= 1e-3 everywhere (float32),
-    with the live weights and inside `inference_snapshot` (what exports trace)."""
+    with the live weights, inside `inference_snapshot` (what exports trace) and
+    through the inference cache (`training=False`, twice: filled, then read)."""
     num_classes, feature_dim = 40, 256
     layer = _built_layer(num_classes, feature_dim, rng)
     pn = l2_normalize(layer.prototypes).numpy().astype(np.float64)
@@ -72,8 +73,11 @@ def test_distance_precision_spec(rng, snapshot):
     near = pn[targets] + radii[:, None] * direction
     x = np.concatenate([near, rng.normal(size=(200, feature_dim))]).astype("float32")
     expected = ref_distances(x, layer.prototypes.numpy())
-    with layer.inference_snapshot() if snapshot else contextlib.nullcontext():
-        got = _distances(layer, x).astype(np.float64)
+    with layer.inference_snapshot() if mode == "snapshot" else contextlib.nullcontext():
+        training = False if mode == "cache" else None
+        got = _distances(layer, x, training).astype(np.float64)
+        if mode == "cache":
+            np.testing.assert_array_equal(_distances(layer, x, training), got)
     abs_err = np.abs(got - expected)
     rel_err = abs_err / expected
     assert abs_err.max() <= 1e-3
@@ -407,6 +411,104 @@ def test_no_stale_prototypes_after_assign(rng):
         expected = ref_logits(x, p)
         for got in (model(x), traced(x), model.predict(x, verbose=0)):
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def _cache_of(layer):
+    return layer._inference_cache  # White-box: the cache the layer keeps on TensorFlow.
+
+
+def test_inference_cache_is_read_and_never_stale(rng, tmp_path):
+    """`training=False` calls read the normalised prototypes kept by the last
+    one; any write to the prototypes (Keras `assign`, a raw `tf.Variable` op, an
+    optimizer step in `fit`, a checkpoint restore) is seen by the next call:
+    eager, traced and `predict` alike."""
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5), IsoMaxPlusLayer(4)])
+    head = model.layers[-1]
+    x = rng.normal(size=(7, 6)).astype("float32")
+    traced = tf.function(lambda x: model(x, training=False))
+
+    def check():
+        features = model.layers[0](x).numpy()
+        scale = float(head.distance_scale.numpy())
+        expected = ref_logits(features, head.prototypes.numpy(), scale=scale)
+        for got in (model(x, training=False), traced(x), model.predict(x, verbose=0)):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+    check()
+    cache = _cache_of(head)
+    # The cache holds the float64-normalised prototypes, (F, C) ...
+    pn = l2_normalize(head.prototypes).numpy().astype(np.float64)
+    np.testing.assert_allclose(cache.kernel.numpy(), pn.T, atol=1e-7)
+    # ... and is what an unchanged call reads: spoil it, the logits change.
+    cache.kernel.assign(tf.zeros_like(cache.kernel))
+    assert not np.allclose(model(x, training=False), model(x, training=True), atol=1e-3)
+    head.prototypes.assign(head.prototypes.numpy() * 2.0)  # Same directions, new values.
+    check()
+    head.prototypes.value.assign_sub(tf.ones((4, 5)))  # Bypasses keras.Variable.
+    check()
+    model.compile(optimizer="sgd", loss=IsoMaxPlusLoss())
+    saved = tf.train.Checkpoint(model=model).write(str(tmp_path / "checkpoint"))
+    # The cache is not saved with the model (nor listed among its weights).
+    assert not [name for name, _ in tf.train.list_variables(saved) if "cache" in name]
+    before = head.prototypes.numpy()
+    model.fit(x, np.arange(7) % 4, epochs=2, batch_size=4, verbose=0)
+    assert not np.array_equal(before, head.prototypes.numpy())
+    check()
+    tf.train.Checkpoint(model=model).read(saved).expect_partial()
+    np.testing.assert_array_equal(head.prototypes.numpy(), before)
+    check()
+    assert [w.name for w in head.weights] == [
+        "prototypes",
+        "distance_scale",
+        "temperature",
+        "ood_threshold",
+    ]
+
+
+def test_inference_cache_gradients_and_tracing(rng):
+    """Under a tape, `training=False` gives the live math's gradients; a
+    function first traced for training then for inference works; XLA and
+    `inference_cache=False` use the live math."""
+    layer = _built_layer(5, 8, rng)
+    x = tf.constant(rng.normal(size=(6, 8)).astype("float32"))
+    upstream = tf.constant(rng.normal(size=(6, 5)).astype("float32"))
+
+    def grads(training):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x, training=training) * upstream)
+        return tape.gradient(loss, [x, layer.prototypes.value, layer.distance_scale.value])
+
+    for cached, live in zip(grads(False), grads(True), strict=True):
+        np.testing.assert_allclose(cached, live, rtol=1e-5, atol=1e-6)
+    assert bool(_cache_of(layer).filled.numpy())
+
+    fresh = _built_layer(5, 8, rng)
+    both = tf.function(lambda x, training: fresh(x, training=training))
+    both(x, True)
+    expected = ref_logits(x.numpy(), fresh.prototypes.numpy())
+    np.testing.assert_allclose(both(x, False), expected, rtol=1e-5, atol=1e-6)
+
+    jitted, off = _built_layer(5, 8, rng), _built_layer(5, 8, rng, inference_cache=False)
+    xla = tf.function(lambda x: jitted(x, training=False), jit_compile=True)
+    for layer, got in ((jitted, xla(x)), (off, off(x, training=False))):
+        expected = ref_logits(x.numpy(), layer.prototypes.numpy())
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        assert not bool(_cache_of(layer).filled.numpy())  # The live math.
+    with tf.distribute.OneDeviceStrategy("CPU:0").scope():
+        distributed = IsoMaxPlusLayer(5)
+        distributed.build((None, 8))
+    assert _cache_of(distributed) is None  # Replicas would skip it: not created.
+    np.testing.assert_allclose(
+        distributed(x, training=False),
+        ref_logits(x.numpy(), distributed.prototypes.numpy()),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    config = _built_layer(5, 8, rng, inference_cache=False).get_config()
+    assert IsoMaxPlusLayer.from_config(config).inference_cache is False
+    config.pop("inference_cache")  # As saved by earlier versions.
+    assert IsoMaxPlusLayer.from_config(config).inference_cache is True
 
 
 def test_inference_snapshot_matches_reference_and_ends_with_the_context(rng):
