@@ -19,6 +19,10 @@ A method check allocates a known 256 MiB tensor inside a `tf.function` and
 must read back about 256 MiB. On a GPU, TensorFlow's own allocator statistics
 (`tf.config.experimental.get_memory_info`) are used instead of the RSS.
 
+With `--inference`-style rows (always printed), the same heads run inference +
+score, and the memory the first steps keep is reported too: for IsoMax+ on
+TensorFlow that includes the inference cache (two `C x F` arrays).
+
 The naive implementation is measured at small B (its memory is linear in B)
 and the slope is extrapolated to B=256.
 
@@ -54,6 +58,7 @@ def _worker(argv):
     parser.add_argument("--features", type=int, required=True)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--inference", action="store_true")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -85,9 +90,14 @@ def _worker(argv):
 
     x = tf.constant(rng.normal(size=(batch, features)).astype("float32"))
     y = tf.constant(rng.integers(0, classes, size=batch).astype("int32"))
-    step, _ = head_step_fn(args.head, classes, features, train=True)
+    step, _ = head_step_fn(args.head, classes, features, train=not args.inference)
+    from _common import proc_status_kib
+
+    resident_before = proc_status_kib("VmRSS")
     step(x, y)
     step(x, y)
+    # What the first steps kept (tracing, and the IsoMax+ inference cache).
+    resident_growth = (proc_status_kib("VmRSS") - resident_before) * 1024
     times = []
     peaks = []
     for _ in range(args.repeats):
@@ -99,6 +109,7 @@ def _worker(argv):
         peaks.append(mem.peak_bytes)
     return {
         "peak_bytes": max(p for p in peaks) if None not in peaks else None,
+        "resident_growth_bytes": resident_growth,
         "seconds": float(np.median(times)),
         "method": mem.method,
         "device": "GPU" if gpu else "CPU",
@@ -124,12 +135,17 @@ def large_head_check(
             here, ["--head", "method_check", "--batch-size", 1, "--classes", 1, "--features", 1]
         ),
         "heads": {},
+        "inference": {},
         "naive": [],
     }
     common = ["--classes", classes, "--features", features, "--threads", threads]
     for head in ("dense", "isomax"):
         results["heads"][head] = run_worker(
             here, ["--head", head, "--batch-size", batch_size, *common]
+        )
+    for head in ("dense", "isomax"):
+        results["inference"][head] = run_worker(
+            here, ["--head", head, "--batch-size", batch_size, "--inference", *common]
         )
     for b in naive_batches:
         result = run_worker(here, ["--head", "naive", "--batch-size", b, *common])
@@ -201,6 +217,23 @@ def format_large_head(results):
             f"| naive, extrapolated to B={b} ({_mib(slope)} per example, "
             f"{slope / (c * f * 4):.1f} x C*F*4) | {_gib(results['naive_extrapolated_bytes'])} "
             f"| | |"
+        )
+    lines += [
+        "",
+        "Inference + score (`training=False`, as `predict`), the same B, C, F: memory kept "
+        "by the first two steps (RSS growth: tracing, and IsoMax+'s inference cache) and the "
+        "peak transient memory of the next step.",
+        "",
+        "| head | kept by the first steps | peak transient memory | time / step |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for head, r in results.get("inference", {}).items():
+        if "error" in r:
+            lines.append(f"| {names[head]} | failed: {r['error']} | | |")
+            continue
+        lines.append(
+            f"| {names[head]} | {_mib(r['resident_growth_bytes'])} | {_mib(r['peak_bytes'])} "
+            f"| {r['seconds']:.2f} s |"
         )
     shas = sorted({r["layers_sha1"] for r in results["heads"].values() if "layers_sha1" in r})
     lines += [

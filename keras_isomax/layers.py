@@ -184,17 +184,16 @@ class IsoMaxPlusLayer(keras.layers.Layer):
     accepted with a warning and ignored.
 
     Inference does not renormalise unchanged prototypes. On TensorFlow, calls
-    with `training=False` (what `predict`, `evaluate` and the exporters pass)
-    keep the normalised prototypes, in a `Dense` kernel's `(F, C)` order, with
-    a copy of the raw prototypes they came from; each call compares that copy
-    with the prototypes and recomputes on any difference, so no write
-    (`assign`, `fit`, a checkpoint restore) leaves it stale. The cache takes
-    two more `C x F` arrays at the first such call, is never saved, and is
-    bypassed under XLA and `tf.distribute`; `inference_cache=False` turns it
-    off. A custom training loop that calls the layer with `training=False`
-    under a `GradientTape` gets the live math's gradients, but refills the
-    cache after every update: pass `training=True` there. Exports freeze the
-    normalised prototypes instead (`inference_snapshot()`).
+    with `training=False` (what `predict` and `evaluate` pass) compare the
+    prototypes, element by element, with a copy of those the previous such
+    call saw: when they are unchanged, the call reads their normalised form,
+    kept in a `Dense` kernel's `(F, C)` order (computed once), and does a
+    `Dense` head's product; when they changed (`assign`, `fit`, a checkpoint
+    restore, a custom loop updating them between calls), it computes them as
+    in training. The cache takes up to two more `C x F` arrays, is never
+    saved, and is bypassed under XLA and `tf.distribute`;
+    `inference_cache=False` turns it off. Exports freeze the normalised
+    prototypes instead (`inference_snapshot()`).
 
     Args:
         num_classes: Number of classes `C` (> 0).
@@ -321,12 +320,9 @@ class IsoMaxPlusLayer(keras.layers.Layer):
             kernel, squared_norms = self._snapshot.variables
             distances = _distances(features, prototypes, squared_norms, kernel=kernel)
         elif self._uses_inference_cache(training):
-            kernel, squared_norms = self._inference_cache.lookup(prototypes)
-            distances = _distances(features, prototypes, squared_norms, kernel=kernel)
+            distances = self._inference_cache.distances(features, prototypes)
         else:
-            p_sq = _row_norms_squared(prototypes)  # (C,)
-            inverse_norm = ops.rsqrt(ops.maximum(p_sq, _NORM_EPSILON * _NORM_EPSILON))
-            distances = _distances(features, prototypes, p_sq, inverse_norm)
+            distances = _live_distances(features, prototypes)
         scale = ops.abs(ops.cast(self.distance_scale, self.compute_dtype))
         temperature = ops.cast(self.temperature, self.compute_dtype)
         # One (N, C) product: the scale, and NaN for rows with NaN or Inf.
@@ -427,30 +423,44 @@ class _Snapshot:
         self.variables = variables
 
 
-class _InferenceCache:
-    """The normalised prototypes of the TensorFlow inference calls, verified.
+def _live_distances(features, prototypes):
+    """`_distances` with the prototypes normalised in the same call."""
+    p_sq = _row_norms_squared(prototypes)  # (C,)
+    inverse_norm = ops.rsqrt(ops.maximum(p_sq, _NORM_EPSILON * _NORM_EPSILON))
+    return _distances(features, prototypes, p_sq, inverse_norm)
 
-    Holds the `(F, C)` kernel and `(C,)` squared norms of the normalised
-    prototypes together with the raw prototypes they were computed from. Each
-    lookup compares the current prototypes with that copy, element by element,
-    and recomputes on any difference, so no write (optimizer step, `assign`,
-    checkpoint restore, a raw `tf.Variable` op) can leave it stale: the check
-    reads the prototypes once, a `Dense` kernel's memory traffic, and spares
-    their norms and the slower `(C, F)`-ordered matrix product. A plain object,
-    so that neither Keras nor TensorFlow saves its variables with the layer.
+
+class _InferenceCache:
+    """The normalised prototypes of TensorFlow inference calls, verified.
+
+    Holds a copy of the prototypes seen by the last call (`source`) and, once
+    a call sees the same values again, the `(F, C)` kernel and `(C,)` squared
+    norms of the normalised prototypes. Each call compares the prototypes with
+    `source`, element by element (one read of each: a `Dense` kernel's memory
+    traffic), so no write (optimizer step, `assign`, checkpoint restore, a raw
+    `tf.Variable` op) can leave it stale:
+
+    - unchanged: the kernel (computed on the first such call) and a `Dense`
+      head's product, without the norms and the slower `(C, F)`-ordered
+      product;
+    - changed (training between calls, `training=False` under a tape in a
+      custom loop): the live math, and a copy of the new prototypes.
+
+    A plain object, so that neither Keras nor TensorFlow saves its variables.
     """
 
     def __init__(self, num_classes, feature_dim, dtype):
         import tensorflow as tf
 
         # Created with the layer's weights, uninitialised (`Empty`): pages are
-        # only taken when the first inference call writes them. Full shapes,
-        # because XLA cannot change a variable's shape.
+        # only taken when calls write them. Full shapes, because XLA cannot
+        # change a variable's shape. (Whatever `source` holds at first, the
+        # kernel is computed from the prototypes themselves.)
         def empty(*shape):
             return tf.raw_ops.Empty(shape=shape, dtype=dtype, init=False)
 
         with tf.init_scope():
-            self.filled = tf.Variable(False, trainable=False, name="cache_filled")
+            self.kernel_is_current = tf.Variable(False, trainable=False, name="cache_current")
             self.source = tf.Variable(
                 empty(num_classes, feature_dim), trainable=False, name="cache_source"
             )
@@ -461,30 +471,41 @@ class _InferenceCache:
                 empty(num_classes), trainable=False, name="cache_squared_norms"
             )
 
-    def lookup(self, prototypes):
-        """`(kernel, squared_norms)` of `prototypes` `(C, F)`; differentiable."""
+    def distances(self, features, prototypes):
+        """`_distances` of `features` `(N, F)` to `prototypes` `(C, F)`; differentiable."""
+        import tensorflow as tf
+
+        def unchanged():
+            kernel, squared_norms = self._normalized(prototypes)
+            return _distances(features, prototypes, squared_norms, kernel=kernel)
+
+        def changed():
+            with tf.control_dependencies([self.kernel_is_current.assign(False)]):
+                remembered = self.source.assign(prototypes)
+            with tf.control_dependencies([remembered]):
+                return _live_distances(features, prototypes)
+
+        same = tf.reduce_all(tf.equal(self.source.read_value(), prototypes))
+        return tf.cond(same, unchanged, changed)
+
+    def _normalized(self, prototypes):
         import tensorflow as tf
 
         @tf.custom_gradient
         def normalized(p):
-            def hit():
+            def current():
                 return self.kernel.read_value(), self.squared_norms.read_value()
 
-            def refresh():
+            def compute():
                 kernel, squared_norms = _normalized_kernel(p)
-                # The source last: a concurrent call that finds it equal to the
-                # prototypes also finds their kernel.
                 with tf.control_dependencies(
                     [self.kernel.assign(kernel), self.squared_norms.assign(squared_norms)]
                 ):
-                    written = [self.source.assign(p), self.filled.assign(True)]
-                with tf.control_dependencies(written):
+                    written = self.kernel_is_current.assign(True)
+                with tf.control_dependencies([written]):
                     return tf.identity(kernel), tf.identity(squared_norms)
 
-            fresh = tf.logical_and(
-                self.filled.read_value(), tf.reduce_all(tf.equal(self.source.read_value(), p))
-            )
-            outputs = tf.cond(fresh, hit, refresh)
+            outputs = tf.cond(self.kernel_is_current.read_value(), current, compute)
 
             def grad(d_kernel, d_squared_norms, variables=None):
                 with tf.GradientTape() as tape:

@@ -25,6 +25,10 @@ def _distances(layer, x, training=None):
     return -np.asarray(layer(x, training=training)) * temperature / scale
 
 
+def _cache_of(layer):
+    return layer._inference_cache  # White-box: the cache the layer keeps on TensorFlow.
+
+
 # ---------------------------------------------------------------- the formula
 
 
@@ -59,7 +63,8 @@ def test_prototypes_init_standard_normal_and_scale_one():
 def test_distance_precision_spec(rng, mode):
     """Relative error <= 1e-5 above 0.05 and absolute <= 1e-3 everywhere (float32),
     with the live weights, inside `inference_snapshot` (what exports trace) and
-    through the inference cache (`training=False`, twice: filled, then read)."""
+    through the inference cache (`training=False`: the first call remembers the
+    prototypes, the second computes their kernel, the third reads it)."""
     num_classes, feature_dim = 40, 256
     layer = _built_layer(num_classes, feature_dim, rng)
     pn = l2_normalize(layer.prototypes).numpy().astype(np.float64)
@@ -74,10 +79,13 @@ def test_distance_precision_spec(rng, mode):
     x = np.concatenate([near, rng.normal(size=(200, feature_dim))]).astype("float32")
     expected = ref_distances(x, layer.prototypes.numpy())
     with layer.inference_snapshot() if mode == "snapshot" else contextlib.nullcontext():
-        training = False if mode == "cache" else None
-        got = _distances(layer, x, training).astype(np.float64)
         if mode == "cache":
-            np.testing.assert_array_equal(_distances(layer, x, training), got)
+            _distances(layer, x, False)
+            got = _distances(layer, x, False).astype(np.float64)
+            np.testing.assert_array_equal(_distances(layer, x, False), got)
+            assert bool(_cache_of(layer).kernel_is_current.numpy())
+        else:
+            got = _distances(layer, x).astype(np.float64)
     abs_err = np.abs(got - expected)
     rel_err = abs_err / expected
     assert abs_err.max() <= 1e-3
@@ -413,10 +421,6 @@ def test_no_stale_prototypes_after_assign(rng):
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def _cache_of(layer):
-    return layer._inference_cache  # White-box: the cache the layer keeps on TensorFlow.
-
-
 def test_inference_cache_is_read_and_never_stale(rng, tmp_path):
     """`training=False` calls read the normalised prototypes kept by the last
     one; any write to the prototypes (Keras `assign`, a raw `tf.Variable` op, an
@@ -479,22 +483,38 @@ def test_inference_cache_gradients_and_tracing(rng):
             loss = tf.reduce_sum(layer(x, training=training) * upstream)
         return tape.gradient(loss, [x, layer.prototypes.value, layer.distance_scale.value])
 
-    for cached, live in zip(grads(False), grads(True), strict=True):
+    layer(x, training=False)  # Remembers the prototypes ...
+    for cached, live in zip(grads(False), grads(True), strict=True):  # ... whose kernel is used.
         np.testing.assert_allclose(cached, live, rtol=1e-5, atol=1e-6)
-    assert bool(_cache_of(layer).filled.numpy())
+    assert bool(_cache_of(layer).kernel_is_current.numpy())
+
+    # A custom loop passing training=False: the prototypes change between
+    # calls, so each call takes the live math (no kernel computed), exactly.
+    optimizer = keras.optimizers.SGD(0.1)
+    for _ in range(3):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x, training=False) * upstream)
+        variables = layer.trainable_variables
+        optimizer.apply(tape.gradient(loss, variables), variables)
+    assert not bool(_cache_of(layer).kernel_is_current.numpy())
+    scale = float(layer.distance_scale.numpy())
+    expected = ref_logits(x.numpy(), layer.prototypes.numpy(), scale=scale)
+    np.testing.assert_allclose(layer(x, training=False), expected, rtol=1e-5, atol=1e-6)
 
     fresh = _built_layer(5, 8, rng)
     both = tf.function(lambda x, training: fresh(x, training=training))
     both(x, True)
     expected = ref_logits(x.numpy(), fresh.prototypes.numpy())
-    np.testing.assert_allclose(both(x, False), expected, rtol=1e-5, atol=1e-6)
+    for _ in range(3):  # Live math and remember; compute the kernel; read it.
+        np.testing.assert_allclose(both(x, False), expected, rtol=1e-5, atol=1e-6)
+    assert bool(_cache_of(fresh).kernel_is_current.numpy())
 
     jitted, off = _built_layer(5, 8, rng), _built_layer(5, 8, rng, inference_cache=False)
     xla = tf.function(lambda x: jitted(x, training=False), jit_compile=True)
     for layer, got in ((jitted, xla(x)), (off, off(x, training=False))):
         expected = ref_logits(x.numpy(), layer.prototypes.numpy())
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-        assert not bool(_cache_of(layer).filled.numpy())  # The live math.
+        assert not bool(_cache_of(layer).kernel_is_current.numpy())  # The live math.
     with tf.distribute.OneDeviceStrategy("CPU:0").scope():
         distributed = IsoMaxPlusLayer(5)
         distributed.build((None, 8))
