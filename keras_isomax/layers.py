@@ -72,7 +72,9 @@ def _first_argmin(squared):
     return ops.argmax(ops.cast(squared <= smallest, "int32"), axis=-1)
 
 
-def _distances(features, prototypes, p_sq, inverse_norm=None, exact_nearest=True, kernel=None):
+def _distances(
+    features, prototypes, p_sq, inverse_norm=None, exact_nearest=True, kernel=None, x_sq=None
+):
     """Distances `(N, C)` between `features` `(N, F)` and the prototypes.
 
     With `inverse_norm` (the `(C,)` values `1 / max(||p||, eps)`), the
@@ -86,7 +88,8 @@ def _distances(features, prototypes, p_sq, inverse_norm=None, exact_nearest=True
     Rows with NaN or Inf are not guaranteed to be NaN here (callers multiply by
     a NaN guard).
     """
-    x_sq = ops.sum(ops.square(features), axis=-1, keepdims=True)  # (N, 1)
+    if x_sq is None:
+        x_sq = ops.sum(ops.square(features), axis=-1, keepdims=True)  # (N, 1)
     # (P @ x^T)^T rather than x @ P^T: TensorFlow's CPU kernel for a transposed
     # right operand is about 2x slower at large C (benchmarks/speed.py).
     if kernel is not None:
@@ -310,7 +313,10 @@ class IsoMaxPlusLayer(keras.layers.Layer):
         lead_shape = ops.shape(x)[:-1]
         if len(x.shape) != 2:
             x = ops.reshape(x, (-1, feature_dim))
-        features = l2_normalize(x)
+        # The normalised features and their squared norms (~1, 0 for a zero vector).
+        squared_norm = ops.sum(ops.square(x), axis=-1, keepdims=True)
+        inverse = ops.rsqrt(ops.maximum(squared_norm, _NORM_EPSILON * _NORM_EPSILON))
+        features, x_sq = x * inverse, squared_norm * ops.square(inverse)
         if self._snapshot is not None:
             if training:
                 raise ValueError(
@@ -318,11 +324,11 @@ class IsoMaxPlusLayer(keras.layers.Layer):
                     f"layer {self.name} cannot train inside it. Received: training={training!r}"
                 )
             kernel, squared_norms = self._snapshot.variables
-            distances = _distances(features, prototypes, squared_norms, kernel=kernel)
+            distances = _distances(features, prototypes, squared_norms, kernel=kernel, x_sq=x_sq)
         elif self._uses_inference_cache(training):
-            distances = self._inference_cache.distances(features, prototypes)
+            distances = self._inference_cache.distances(features, x_sq, prototypes)
         else:
-            distances = _live_distances(features, prototypes)
+            distances = _live_distances(features, x_sq, prototypes)
         scale = ops.abs(ops.cast(self.distance_scale, self.compute_dtype))
         temperature = ops.cast(self.temperature, self.compute_dtype)
         # One (N, C) product: the scale, and NaN for rows with NaN or Inf.
@@ -423,11 +429,11 @@ class _Snapshot:
         self.variables = variables
 
 
-def _live_distances(features, prototypes):
+def _live_distances(features, x_sq, prototypes):
     """`_distances` with the prototypes normalised in the same call."""
     p_sq = _row_norms_squared(prototypes)  # (C,)
     inverse_norm = ops.rsqrt(ops.maximum(p_sq, _NORM_EPSILON * _NORM_EPSILON))
-    return _distances(features, prototypes, p_sq, inverse_norm)
+    return _distances(features, prototypes, p_sq, inverse_norm, x_sq=x_sq)
 
 
 class _InferenceCache:
@@ -471,19 +477,20 @@ class _InferenceCache:
                 empty(num_classes), trainable=False, name="cache_squared_norms"
             )
 
-    def distances(self, features, prototypes):
-        """`_distances` of `features` `(N, F)` to `prototypes` `(C, F)`; differentiable."""
+    def distances(self, features, x_sq, prototypes):
+        """`_distances` of `features` `(N, F)` (squared norms `x_sq`) to `prototypes`
+        `(C, F)`; differentiable."""
         import tensorflow as tf
 
         def unchanged():
             kernel, squared_norms = self._normalized(prototypes)
-            return _distances(features, prototypes, squared_norms, kernel=kernel)
+            return _distances(features, prototypes, squared_norms, kernel=kernel, x_sq=x_sq)
 
         def changed():
             with tf.control_dependencies([self.kernel_is_current.assign(False)]):
                 remembered = self.source.assign(prototypes)
             with tf.control_dependencies([remembered]):
-                return _live_distances(features, prototypes)
+                return _live_distances(features, x_sq, prototypes)
 
         same = tf.reduce_all(tf.equal(self.source.read_value(), prototypes))
         return tf.cond(same, unchanged, changed)
