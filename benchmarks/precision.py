@@ -48,8 +48,12 @@ def main(argv=None):
     layer = IsoMaxPlusLayer(args.classes)
     layer.build((None, args.features))
     layer.prototypes.assign(p)
+    # |s| = T = 1. The inference path `predict` takes once the weights stop
+    # changing: the first training=False call remembers the prototypes, the
+    # second computes their normalised kernel, the third reads it.
+    for _ in range(2):
+        layer(x, training=False)
     methods = {
-        # |s| = T = 1; training=False: the inference path (`predict`, scores).
         "IsoMaxPlusLayer": -np.asarray(layer(x, training=False), np.float64),
         "expansion only": np.asarray(
             pairwise_distances(l2_normalize(x), l2_normalize(p), exact_nearest=False), np.float64
