@@ -276,12 +276,13 @@ def infer_fn(model, score_fn, jit):
     return infer
 
 
-def head_step_fn(kind, num_classes, feature_dim, train=True, jit=False):
+def head_step_fn(kind, num_classes, feature_dim, train=True, jit=False, call_training=True):
     """The head alone on features `x` `(B, F)`.
 
     Training: loss, gradients for the head's weights and for `x` (what the
-    backbone's backward pass would receive), SGD update of the head. Inference:
-    logits -> OOD score.
+    backbone's backward pass would receive), SGD update of the head; the head
+    is called with `training=call_training` (`False`: a custom loop keeping
+    layers in inference mode). Inference: logits -> OOD score.
 
     Returns:
         `(fn, layer)`; `fn(x, y)` runs one step.
@@ -304,7 +305,7 @@ def head_step_fn(kind, num_classes, feature_dim, train=True, jit=False):
     def step(x, y):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            loss = loss_fn(y, layer(x, training=True))
+            loss = loss_fn(y, layer(x, training=call_training))
         grads = tape.gradient(loss, [x, *layer.trainable_variables])
         opt.apply(grads[1:], layer.trainable_variables)
         return loss, tf.reduce_sum(grads[0])

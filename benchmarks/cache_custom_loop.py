@@ -5,7 +5,8 @@ loop that passes `training=False` under a `GradientTape` (for example to keep
 BatchNorm frozen) the prototypes change after every step, so every call takes
 the live math plus the cache's check and a copy of the prototypes. This
 measures that step against the same loop with `training=True` (head alone,
-features in, SGD with Nesterov momentum, one thread, CPU time, interleaved).
+features in, the benchmarks' SGD with Nesterov momentum, one thread, CPU time,
+interleaved).
 
     python benchmarks/cache_custom_loop.py [--configs 1000x2048,10000x2048] [--reps 7]
 """
@@ -21,39 +22,21 @@ _HERE = Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
-from _common import load_average, set_threads  # noqa: E402
+from _common import head_step_fn, load_average, set_threads  # noqa: E402
 
 
 def measure(num_classes, feature_dim, batch_size, reps):
     """Median CPU ms of one step with `training=True` and with `training=False`."""
-    import keras
     import numpy as np
     import tensorflow as tf
-
-    from keras_isomax import IsoMaxPlusLayer, IsoMaxPlusLoss
 
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(batch_size, feature_dim)).astype("float32"))
     y = tf.constant(rng.integers(0, num_classes, batch_size))
-    layer = IsoMaxPlusLayer(num_classes)
-    layer.build((None, feature_dim))
-    loss_fn = IsoMaxPlusLoss()
-    optimizer = keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True)
-    optimizer.build(layer.trainable_variables)
-
-    def make(training):
-        @tf.function
-        def step(x, y):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                loss = loss_fn(y, layer(x, training=training))
-            grads = tape.gradient(loss, [x, *layer.trainable_variables])
-            optimizer.apply(grads[1:], layer.trainable_variables)
-            return loss
-
-        return step
-
-    steps = {True: make(True), False: make(False)}
+    steps = {
+        training: head_step_fn("isomax", num_classes, feature_dim, call_training=training)[0]
+        for training in (True, False)
+    }
     for step in steps.values():
         step(x, y)
         step(x, y)
@@ -61,7 +44,7 @@ def measure(num_classes, feature_dim, batch_size, reps):
     for _ in range(reps):
         for training, step in steps.items():
             start = time.process_time()
-            step(x, y).numpy()
+            [np.asarray(t) for t in step(x, y)]
             times[training].append(time.process_time() - start)
     return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
 

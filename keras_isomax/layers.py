@@ -187,16 +187,18 @@ class IsoMaxPlusLayer(keras.layers.Layer):
     accepted with a warning and ignored.
 
     Inference does not renormalise unchanged prototypes. On TensorFlow, calls
-    with `training=False` (what `predict` and `evaluate` pass) compare the
-    prototypes, element by element, with a copy of those the previous such
-    call saw: when they are unchanged, the call reads their normalised form,
-    kept in a `Dense` kernel's `(F, C)` order (computed once), and does a
-    `Dense` head's product; when they changed (`assign`, `fit`, a checkpoint
-    restore, a custom loop updating them between calls), it computes them as
-    in training. The cache takes up to two more `C x F` arrays, is never
-    saved, and is bypassed under XLA and `tf.distribute`;
-    `inference_cache=False` turns it off. Exports freeze the normalised
-    prototypes instead (`inference_snapshot()`).
+    with `training=False` (what `predict` and `evaluate` pass) keep the
+    normalised prototypes, in a `Dense` kernel's `(F, C)` order, with a copy of
+    the prototypes they came from; each call compares that copy with the
+    prototypes, element by element, and recomputes on any difference, so no
+    write (`assign`, `fit`, a checkpoint restore) leaves it stale, and repeated
+    calls on the same weights give identical results. The cache takes two
+    more `C x F` arrays from the first such call, is never saved, and is
+    bypassed under XLA and `tf.distribute`; `inference_cache=False` turns it
+    off. (A custom training loop that calls the layer with `training=False`
+    under a `GradientTape` gets the right gradients but recomputes the cache
+    after every update: pass `training=True` there.) Exports freeze the
+    normalised prototypes instead (`inference_snapshot()`).
 
     Args:
         num_classes: Number of classes `C` (> 0).
@@ -439,34 +441,29 @@ def _live_distances(features, x_sq, prototypes):
 class _InferenceCache:
     """The normalised prototypes of TensorFlow inference calls, verified.
 
-    Holds a copy of the prototypes seen by the last call (`source`) and, once
-    a call sees the same values again, the `(F, C)` kernel and `(C,)` squared
-    norms of the normalised prototypes. Each call compares the prototypes with
-    `source`, element by element (one read of each: a `Dense` kernel's memory
-    traffic), so no write (optimizer step, `assign`, checkpoint restore, a raw
-    `tf.Variable` op) can leave it stale:
-
-    - unchanged: the kernel (computed on the first such call) and a `Dense`
-      head's product, without the norms and the slower `(C, F)`-ordered
-      product;
-    - changed (training between calls, `training=False` under a tape in a
-      custom loop): the live math, and a copy of the new prototypes.
-
-    A plain object, so that neither Keras nor TensorFlow saves its variables.
+    Holds the `(F, C)` kernel and `(C,)` squared norms of the normalised
+    prototypes together with a copy of the prototypes they were computed from
+    (`source`). Each call compares the prototypes with `source`, element by
+    element (one read of each: a `Dense` kernel's memory traffic), and
+    recomputes all three on any difference, so no write (optimizer step,
+    `assign`, checkpoint restore, a raw `tf.Variable` op) can leave it stale,
+    and every call computes the same way: repeated calls on the same weights
+    give identical results. A hit spares the norms and the slower
+    `(C, F)`-ordered product. A plain object, so that neither Keras nor
+    TensorFlow saves its variables.
     """
 
     def __init__(self, num_classes, feature_dim, dtype):
         import tensorflow as tf
 
         # Created with the layer's weights, uninitialised (`Empty`): pages are
-        # only taken when calls write them. Full shapes, because XLA cannot
-        # change a variable's shape. (Whatever `source` holds at first, the
-        # kernel is computed from the prototypes themselves.)
+        # only taken when the first call writes them. Full shapes, because XLA
+        # cannot change a variable's shape.
         def empty(*shape):
             return tf.raw_ops.Empty(shape=shape, dtype=dtype, init=False)
 
         with tf.init_scope():
-            self.kernel_is_current = tf.Variable(False, trainable=False, name="cache_current")
+            self.filled = tf.Variable(False, trainable=False, name="cache_filled")
             self.source = tf.Variable(
                 empty(num_classes, feature_dim), trainable=False, name="cache_source"
             )
@@ -480,39 +477,32 @@ class _InferenceCache:
     def distances(self, features, x_sq, prototypes):
         """`_distances` of `features` `(N, F)` (squared norms `x_sq`) to `prototypes`
         `(C, F)`; differentiable."""
-        import tensorflow as tf
-
-        def unchanged():
-            kernel, squared_norms = self._normalized(prototypes)
-            return _distances(features, prototypes, squared_norms, kernel=kernel, x_sq=x_sq)
-
-        def changed():
-            with tf.control_dependencies([self.kernel_is_current.assign(False)]):
-                remembered = self.source.assign(prototypes)
-            with tf.control_dependencies([remembered]):
-                return _live_distances(features, x_sq, prototypes)
-
-        same = tf.reduce_all(tf.equal(self.source.read_value(), prototypes))
-        return tf.cond(same, unchanged, changed)
+        kernel, squared_norms = self._normalized(prototypes)
+        return _distances(features, prototypes, squared_norms, kernel=kernel, x_sq=x_sq)
 
     def _normalized(self, prototypes):
         import tensorflow as tf
 
         @tf.custom_gradient
         def normalized(p):
-            def current():
+            def hit():
                 return self.kernel.read_value(), self.squared_norms.read_value()
 
-            def compute():
+            def refresh():
                 kernel, squared_norms = _normalized_kernel(p)
+                # The source last: a concurrent call that finds it equal to the
+                # prototypes also finds their kernel.
                 with tf.control_dependencies(
                     [self.kernel.assign(kernel), self.squared_norms.assign(squared_norms)]
                 ):
-                    written = self.kernel_is_current.assign(True)
-                with tf.control_dependencies([written]):
+                    written = [self.source.assign(p), self.filled.assign(True)]
+                with tf.control_dependencies(written):
                     return tf.identity(kernel), tf.identity(squared_norms)
 
-            outputs = tf.cond(self.kernel_is_current.read_value(), current, compute)
+            fresh = tf.logical_and(
+                self.filled.read_value(), tf.reduce_all(tf.equal(self.source.read_value(), p))
+            )
+            outputs = tf.cond(fresh, hit, refresh)
 
             def grad(d_kernel, d_squared_norms, variables=None):
                 with tf.GradientTape() as tape:

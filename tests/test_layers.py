@@ -63,8 +63,8 @@ def test_prototypes_init_standard_normal_and_scale_one():
 def test_distance_precision_spec(rng, mode):
     """Relative error <= 1e-5 above 0.05 and absolute <= 1e-3 everywhere (float32),
     with the live weights, inside `inference_snapshot` (what exports trace) and
-    through the inference cache (`training=False`: the first call remembers the
-    prototypes, the second computes their kernel, the third reads it)."""
+    through the inference cache (`training=False`: the first call fills it, the
+    next read it, with identical results)."""
     num_classes, feature_dim = 40, 256
     layer = _built_layer(num_classes, feature_dim, rng)
     pn = l2_normalize(layer.prototypes).numpy().astype(np.float64)
@@ -80,10 +80,9 @@ def test_distance_precision_spec(rng, mode):
     expected = ref_distances(x, layer.prototypes.numpy())
     with layer.inference_snapshot() if mode == "snapshot" else contextlib.nullcontext():
         if mode == "cache":
-            _distances(layer, x, False)
             got = _distances(layer, x, False).astype(np.float64)
+            assert bool(_cache_of(layer).filled.numpy())
             np.testing.assert_array_equal(_distances(layer, x, False), got)
-            assert bool(_cache_of(layer).kernel_is_current.numpy())
         else:
             got = _distances(layer, x).astype(np.float64)
     abs_err = np.abs(got - expected)
@@ -435,8 +434,11 @@ def test_inference_cache_is_read_and_never_stale(rng, tmp_path):
         features = model.layers[0](x).numpy()
         scale = float(head.distance_scale.numpy())
         expected = ref_logits(features, head.prototypes.numpy(), scale=scale)
+        first = model(x, training=False)  # Fills the cache after a write ...
         for got in (model(x, training=False), traced(x), model.predict(x, verbose=0)):
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        # ... and reading it gives the same numbers, bit for bit.
+        np.testing.assert_array_equal(model(x, training=False), first)
 
     check()
     cache = _cache_of(head)
@@ -483,20 +485,18 @@ def test_inference_cache_gradients_and_tracing(rng):
             loss = tf.reduce_sum(layer(x, training=training) * upstream)
         return tape.gradient(loss, [x, layer.prototypes.value, layer.distance_scale.value])
 
-    layer(x, training=False)  # Remembers the prototypes ...
-    for cached, live in zip(grads(False), grads(True), strict=True):  # ... whose kernel is used.
+    layer(x, training=False)  # Fills the cache, which the next call reads.
+    for cached, live in zip(grads(False), grads(True), strict=True):
         np.testing.assert_allclose(cached, live, rtol=1e-5, atol=1e-6)
-    assert bool(_cache_of(layer).kernel_is_current.numpy())
 
     # A custom loop passing training=False: the prototypes change between
-    # calls, so each call takes the live math (no kernel computed), exactly.
+    # calls, each call refills the cache, and the results stay exact.
     optimizer = keras.optimizers.SGD(0.1)
     for _ in range(3):
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(layer(x, training=False) * upstream)
         variables = layer.trainable_variables
         optimizer.apply(tape.gradient(loss, variables), variables)
-    assert not bool(_cache_of(layer).kernel_is_current.numpy())
     scale = float(layer.distance_scale.numpy())
     expected = ref_logits(x.numpy(), layer.prototypes.numpy(), scale=scale)
     np.testing.assert_allclose(layer(x, training=False), expected, rtol=1e-5, atol=1e-6)
@@ -505,16 +505,16 @@ def test_inference_cache_gradients_and_tracing(rng):
     both = tf.function(lambda x, training: fresh(x, training=training))
     both(x, True)
     expected = ref_logits(x.numpy(), fresh.prototypes.numpy())
-    for _ in range(3):  # Live math and remember; compute the kernel; read it.
+    for _ in range(2):  # Fills the cache, then reads it.
         np.testing.assert_allclose(both(x, False), expected, rtol=1e-5, atol=1e-6)
-    assert bool(_cache_of(fresh).kernel_is_current.numpy())
+    assert bool(_cache_of(fresh).filled.numpy())
 
     jitted, off = _built_layer(5, 8, rng), _built_layer(5, 8, rng, inference_cache=False)
     xla = tf.function(lambda x: jitted(x, training=False), jit_compile=True)
     for layer, got in ((jitted, xla(x)), (off, off(x, training=False))):
         expected = ref_logits(x.numpy(), layer.prototypes.numpy())
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-        assert not bool(_cache_of(layer).kernel_is_current.numpy())  # The live math.
+        assert not bool(_cache_of(layer).filled.numpy())  # The live math.
     with tf.distribute.OneDeviceStrategy("CPU:0").scope():
         distributed = IsoMaxPlusLayer(5)
         distributed.build((None, 8))
