@@ -2,11 +2,11 @@
 
 The layer's TensorFlow inference cache serves `training=False` calls. In a custom
 loop that passes `training=False` under a `GradientTape` (for example to keep
-BatchNorm frozen) the prototypes change after every step, so every call takes
-the live math plus the cache's check and a copy of the prototypes. This
-measures that step against the same loop with `training=True` (head alone,
-features in, the benchmarks' SGD with Nesterov momentum, one thread, CPU time,
-interleaved).
+BatchNorm frozen) the prototypes change after every step, so every call refills
+the cache (the check, the normalised `(F, C)` kernel, a copy of the prototypes)
+and its gradient goes through the cache's custom gradient. This measures that
+step against the same loop with `training=True` (head alone, features in, the
+benchmarks' SGD with Nesterov momentum, one thread, CPU time, interleaved).
 
     python benchmarks/cache_custom_loop.py [--configs 1000x2048,10000x2048] [--reps 7]
 """
