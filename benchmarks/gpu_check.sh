@@ -14,6 +14,8 @@
 #
 # Without a GPU visible to TensorFlow it runs `speed.py --quick` on the CPU
 # (a smoke test of the same code) and says so.
+# On a GPU machine with JAX and no TensorFlow, run benchmarks/gpu_check_jax.py
+# instead (the layer on Keras' JAX backend: TF32 precision and head speed).
 #
 # Usage (from anywhere):
 #   benchmarks/gpu_check.sh [extra speed.py arguments for the timing stage]
