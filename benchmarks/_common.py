@@ -8,9 +8,7 @@ in a process that must not load TensorFlow.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -166,22 +164,11 @@ def library_fingerprint():
 
 
 def reference_distances(x, prototypes, chunk=64):
-    """Float64 exact distances between L2-normalised rows (the benchmarks' oracle).
+    """Float64 exact distances between L2-normalised rows (the benchmarks' oracle):
+    `keras_isomax.testing.distances`, chunked over the rows of `x`."""
+    from keras_isomax import testing
 
-    The tests' oracle, `tests/reference.py`'s `distances` (one definition),
-    chunked over the rows of `x` so that large benchmark shapes fit in memory.
-    """
-    return _test_reference().distances(x, prototypes, chunk=chunk)
-
-
-@functools.cache
-def _test_reference():
-    """`tests/reference.py`, loaded by path under its own module name."""
-    path = ROOT / "tests" / "reference.py"
-    spec = importlib.util.spec_from_file_location("keras_isomax_tests_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return testing.distances(x, prototypes, chunk=chunk)
 
 
 # ----------------------------------------------------------------- heads

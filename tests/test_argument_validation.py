@@ -10,12 +10,12 @@ import math
 import keras
 import numpy as np
 import pytest
-from reference import isomax_loss, log_softmax
 
 from keras_isomax import IsoMaxPlusLayer, IsoMaxPlusLoss, isomax_plus_loss, scores
 from keras_isomax.calibration import calibrate_threshold
 from keras_isomax.detection_metrics import ood_metrics
 from keras_isomax.evaluation import evaluate_ood
+from keras_isomax.testing import isomax_loss, log_softmax
 
 FEATURES, CLASSES = 6, 3
 

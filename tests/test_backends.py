@@ -12,10 +12,10 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-import reference
 from sklearn.metrics import roc_auc_score
 
 import keras_isomax as ki
+from keras_isomax import testing as reference
 
 BACKEND = keras.backend.backend()
 

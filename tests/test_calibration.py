@@ -6,8 +6,6 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from reference import log_softmax
-from reference import logits as ref_logits
 from scipy.optimize import minimize_scalar
 
 from keras_isomax import IsoMaxPlusLayer
@@ -19,6 +17,8 @@ from keras_isomax.calibration import (
     predict_ood,
 )
 from keras_isomax.detection_metrics import expected_calibration_error
+from keras_isomax.testing import log_softmax
+from keras_isomax.testing import logits as ref_logits
 
 NUM_CLASSES, FEATURES = 4, 8
 

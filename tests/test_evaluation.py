@@ -6,11 +6,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from reference import log_softmax
 
 from keras_isomax import IsoMaxPlusLayer
 from keras_isomax.detection_metrics import ood_metrics
 from keras_isomax.evaluation import ROW_KEYS, OODEvaluation, evaluate_ood
+from keras_isomax.testing import log_softmax
 
 FEATURES, CLASSES = 6, 3
 

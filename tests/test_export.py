@@ -18,7 +18,8 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-import reference
+
+from keras_isomax import testing as reference
 
 tf = pytest.importorskip("tensorflow")
 

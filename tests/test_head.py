@@ -2,11 +2,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from reference import logits as ref_logits
-from reference import normalize as ref_normalize
 
 from keras_isomax import IsoMaxPlusLayer, IsoMaxPlusLoss
 from keras_isomax.head import replace_head
+from keras_isomax.testing import logits as ref_logits
+from keras_isomax.testing import normalize as ref_normalize
 
 NUM_CLASSES, FEATURES, INPUT_DIM = 4, 16, 10
 

@@ -5,11 +5,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from reference import distances as ref_distances
-from reference import logits as ref_logits
 
 from keras_isomax import IsoMaxPlusLayer, IsoMaxPlusLoss, OODScore, scores
 from keras_isomax.layers import l2_normalize, pairwise_distances
+from keras_isomax.testing import distances as ref_distances
+from keras_isomax.testing import logits as ref_logits
 
 
 def _built_layer(num_classes, feature_dim, rng, dtype=None, **kwargs):

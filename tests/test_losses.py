@@ -2,9 +2,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from reference import isomax_loss, log_softmax
 
 from keras_isomax import IsoMaxPlusLayer, IsoMaxPlusLoss, isomax_plus_loss
+from keras_isomax.testing import isomax_loss, log_softmax
 
 
 def _logits(rng, batch=9, num_classes=5):

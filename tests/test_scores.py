@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
-from reference import log_softmax
 
 from keras_isomax import scores
+from keras_isomax.testing import log_softmax
 
 
 def _ref(name, z):

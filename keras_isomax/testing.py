@@ -1,4 +1,14 @@
-"""Independent float64 NumPy implementations of the paper's formulas (test oracle)."""
+"""Independent float64 NumPy references of the IsoMax+ formulas (a test oracle).
+
+Plain NumPy, written from the paper's formulas (exact differences, no matrix-product
+expansion), for checking the library's float32 results in tests and benchmarks:
+
+>>> import numpy as np
+>>> from keras_isomax import testing
+>>> x, p = np.random.rand(4, 8), np.random.rand(3, 8)
+>>> testing.logits(x, p).shape
+(4, 3)
+"""
 
 import numpy as np
 
@@ -11,8 +21,7 @@ def normalize(v, eps=1e-12):
 def distances(x, prototypes, chunk=None):
     """Exact Euclidean distances between normalised rows, (..., C).
 
-    Exact differences, no `a^2 + b^2 - 2ab` expansion. The benchmarks use
-    this function too (`benchmarks/_common.py`), with `chunk` set: `x` is then
+    Exact differences, no `a^2 + b^2 - 2ab` expansion. With `chunk`, `x` is
     processed `chunk` rows (first axis) at a time, so memory stays at
     `chunk * C * F` floats; the values are the same.
     """
