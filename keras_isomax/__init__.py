@@ -11,13 +11,12 @@ from keras_isomax import detectors, scores
 from keras_isomax.calibration import (
     calibrate_temperature,
     calibrate_threshold,
-    find_isomax_layer,
     predict_ood,
 )
 from keras_isomax.detection_metrics import ood_metrics
 from keras_isomax.evaluation import evaluate_ood
 from keras_isomax.export import export_litert, export_onnx, export_saved_model
-from keras_isomax.head import replace_head
+from keras_isomax.head import find_isomax_layer, replace_head
 from keras_isomax.layers import IsoMaxPlusLayer
 from keras_isomax.losses import IsoMaxPlusLoss, isomax_plus_loss
 from keras_isomax.metrics import OODScore

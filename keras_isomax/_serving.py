@@ -23,9 +23,14 @@ exact, so that one graph serves TensorFlow, LiteRT and ONNX:
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import numpy as np
 from keras import ops
+
+from keras_isomax import _graph
+from keras_isomax.layers import IsoMaxPlusLayer
 
 NONFINITE_CLASS_ID = -1
 """`class_id` of an example whose input holds NaN or Inf."""
@@ -145,3 +150,14 @@ def apply_nonfinite_rule(nonfinite, score=None, is_ood=None, class_id=None, prob
     if probabilities is not None:
         out["probabilities"] = nan_where(nonfinite, probabilities)
     return out
+
+
+@contextlib.contextmanager
+def inference_snapshots(model):
+    """`IsoMaxPlusLayer.inference_snapshot` of every built IsoMax+ layer in `model`:
+    what the exporters trace under (graphs free of the layer's inference cache)."""
+    with contextlib.ExitStack() as stack:
+        for layer in _graph.all_layers(model):
+            if isinstance(layer, IsoMaxPlusLayer) and layer.built:
+                stack.enter_context(layer.inference_snapshot())
+        yield

@@ -22,18 +22,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from typing import Any
 
 import keras
 import numpy as np
 
-from keras_isomax import _inspect, _serving
+from keras_isomax import _checks, _runner, _serving
 from keras_isomax import detection_metrics as metrics_lib
 from keras_isomax import scores as scores_lib
-from keras_isomax._inspect import (  # noqa: F401  (public here, as before)
-    collect_outputs,
-    find_isomax_layer,
-    isomax_logits,
-)
 
 _TEMPERATURE_RANGE = (1e-4, 1e4)
 
@@ -41,7 +37,15 @@ _TEMPERATURE_RANGE = (1e-4, 1e4)
 # ------------------------------------------------------------- threshold
 
 
-def calibrate_threshold(model, in_val_data, tpr=0.95, *, batch_size=256, detector=None):
+def calibrate_threshold(
+    model: keras.Model,
+    in_val_data: Any,
+    tpr: float = 0.95,
+    *,
+    batch_size: int = 256,
+    detector: Any = None,
+    verbose: Any = "auto",
+) -> float:
     """Sets the layer's `ood_threshold` so that `tpr` of `in_val_data` is accepted.
 
     The threshold applies to the minimum distance score (the largest logit of
@@ -60,9 +64,13 @@ def calibrate_threshold(model, in_val_data, tpr=0.95, *, batch_size=256, detecto
         tpr: Target fraction of in-distribution inputs to accept, in `(0, 1]`.
             Defaults to `0.95`.
         batch_size: Batch size for arrays. Defaults to `256`.
-        detector: A fitted `keras_isomax.detectors.Detector`: its score is
-            calibrated and the threshold stored in its `threshold` variable
-            (the model needs no `IsoMaxPlusLayer`). Defaults to `None`.
+        detector: A fitted `keras_isomax.detectors.Detector` (or a logit
+            detector's name, e.g. `"energy"`): its score is calibrated and the
+            threshold stored in its `threshold` variable (the model needs no
+            `IsoMaxPlusLayer`: this is how a SoftMax model is calibrated).
+            Defaults to `None`.
+        verbose: `"auto"`, 0, 1 or 2, as in `keras.Model.predict`. Defaults
+            to `"auto"`.
 
     Returns:
         The threshold (a Python float), also stored in the layer (or detector).
@@ -83,15 +91,20 @@ def calibrate_threshold(model, in_val_data, tpr=0.95, *, batch_size=256, detecto
     >>> float(np.mean(scores >= t))
     0.9
     """
-    tpr = _inspect.check_tpr(tpr)
+    tpr = _checks.check_tpr(tpr)
+    _checks.check_int(batch_size, "batch_size", numpy=False)
     if detector is not None:
-        return _calibrate_detector(model, in_val_data, tpr, detector)
-    layer = find_isomax_layer(model)
-    data, flags, _ = _inspect.tap_nonfinite(in_val_data, "in_val_data")
-    logits, _ = isomax_logits(model, data, batch_size=batch_size, arg_name="in_val_data")
-    scores = np.asarray(logits).max(axis=-1)  # The minimum distance score.
-    if flags and len(np.concatenate(flags)) == len(scores):
-        scores = np.where(np.concatenate(flags), np.nan, scores)  # NaN/Inf inputs.
+        return _calibrate_detector(model, in_val_data, tpr, detector, verbose)
+    layer = _runner.check_isomax(model, "`calibrate_threshold` without `detector=`")
+    run = _runner.runner_for(model).collect(
+        in_val_data,
+        batch_size=batch_size,
+        arg_name="in_val_data",
+        verbose=verbose,
+        stage="calibrate_threshold",
+    )
+    scores = run.logits.max(axis=-1)  # The minimum distance score.
+    scores = np.where(run.nonfinite, np.nan, scores)  # NaN/Inf inputs.
     bad = np.isnan(scores)
     if bad.any():
         raise ValueError(
@@ -104,13 +117,13 @@ def calibrate_threshold(model, in_val_data, tpr=0.95, *, batch_size=256, detecto
     return float(layer.ood_threshold.numpy())
 
 
-def _calibrate_detector(model, in_val_data, tpr, detector):
+def _calibrate_detector(model, in_val_data, tpr, detector, verbose):
     from keras_isomax import detectors as detectors_lib
 
     detector = detectors_lib.get(detector)
-    if detector.input_kind == "logits" and not detector.state:
-        detector.fit(model)
-    scores, _ = detector.score_and_logits(in_val_data, model=model, arg_name="in_val_data")
+    scores, _ = detector.score_and_logits(
+        in_val_data, model=model, arg_name="in_val_data", verbose=verbose
+    )
     bad = np.isnan(scores)
     if bad.any():
         raise ValueError(
@@ -160,7 +173,14 @@ class TemperatureCalibration:
         )
 
 
-def calibrate_temperature(model, val_data, *, batch_size=256, num_bins=15):
+def calibrate_temperature(
+    model: keras.Model,
+    val_data: Any,
+    *,
+    batch_size: int = 256,
+    num_bins: int = 15,
+    verbose: Any = "auto",
+) -> TemperatureCalibration:
     """Fits the layer's `temperature` by minimising the NLL on `val_data`.
 
     IsoMax+ trains `softmax(entropic_scale * logits)` but, as in the paper,
@@ -183,6 +203,8 @@ def calibrate_temperature(model, val_data, *, batch_size=256, num_bins=15):
         batch_size: Batch size for arrays. Defaults to `256`.
         num_bins: Number of equal-width confidence bins of the expected
             calibration error. Defaults to `15`.
+        verbose: `"auto"`, 0, 1 or 2, as in `keras.Model.predict`. Defaults
+            to `"auto"`.
 
     Returns:
         A `TemperatureCalibration` with the new temperature and the NLL and
@@ -206,8 +228,18 @@ def calibrate_temperature(model, val_data, *, batch_size=256, num_bins=15):
     >>> bool(result.temperature < 1 and result.nll_after < result.nll_before)
     True
     """
-    layer = find_isomax_layer(model)
-    logits, labels = isomax_logits(model, val_data, batch_size=batch_size, arg_name="val_data")
+    layer = _runner.check_isomax(model, "`calibrate_temperature`", detector_hint=False)
+    _checks.check_int(batch_size, "batch_size", numpy=False)
+    run = _runner.runner_for(model).collect(
+        val_data,
+        batch_size=batch_size,
+        arg_name="val_data",
+        with_labels=True,
+        label_classes=layer.num_classes,
+        verbose=verbose,
+        stage="calibrate_temperature",
+    )
+    logits, labels = run.logits, run.labels
     if labels is None:
         raise ValueError(
             "`val_data` must hold labels: pass `(x, y)` or a dataset yielding "
@@ -310,18 +342,26 @@ def _fit_inverse_temperature(z, labels, iterations=200):
 
 
 def predict_ood(
-    model, x, *, threshold=None, score="minimum_distance", batch_size=256, detector=None
-):
+    model: keras.Model,
+    x: Any,
+    *,
+    threshold: float | None = None,
+    score: Any = "minimum_distance",
+    batch_size: int = 256,
+    detector: Any = None,
+    verbose: Any = "auto",
+) -> dict[str, np.ndarray]:
     """OOD score, decision and predicted class for every input.
 
     An input is accepted as in-distribution when `score >= threshold`, so
     `is_ood = not (score >= threshold)`: a NaN score counts as OOD.
 
     Args:
-        model: A Keras model. With `threshold=None` it must contain a
-            calibrated `IsoMaxPlusLayer` (see `calibrate_threshold`), whose
-            logits are scored. With an explicit `threshold` any classifier
-            returning logits works (e.g. a SoftMax model).
+        model: A Keras model. With `threshold=None` and no `detector` it must
+            contain a calibrated `IsoMaxPlusLayer` (see `calibrate_threshold`),
+            whose logits are scored. A SoftMax classifier works with a
+            calibrated `detector` or an explicit `threshold`: its pre-softmax
+            logits are scored.
         x: Inputs: an array, a tuple `(x, ...)` or a batched dataset.
         threshold: Decision threshold on `score`. Defaults to `None`, which
             uses the layer's calibrated `ood_threshold` (minimum distance score
@@ -332,6 +372,8 @@ def predict_ood(
         detector: A fitted `keras_isomax.detectors.Detector` whose score is
             used instead of `score`; `threshold=None` then uses the
             detector's calibrated `threshold`. Defaults to `None`.
+        verbose: `"auto"`, 0, 1 or 2, as in `keras.Model.predict`. Defaults
+            to `"auto"`.
 
     Returns:
         A dict of NumPy arrays of length `N`: `"score"` (float), `"is_ood"`
@@ -358,9 +400,10 @@ def predict_ood(
     ['class', 'is_ood', 'score']
     """
     if threshold is not None:
-        threshold = _inspect.parse_threshold(threshold)
+        threshold = _checks.parse_threshold(threshold)
+    _checks.check_int(batch_size, "batch_size", numpy=False)
     if detector is not None:
-        return _predict_with_detector(model, x, threshold, detector)
+        return _predict_with_detector(model, x, threshold, detector, verbose)
     score_fn = scores_lib.get(score)
     if threshold is None:
         if score_fn is not scores_lib.minimum_distance_score:
@@ -369,7 +412,7 @@ def predict_ood(
                 "score; pass `threshold=` for another score. "
                 f"Received: score={score!r}, threshold=None"
             )
-        layer = find_isomax_layer(model)
+        layer = _runner.check_isomax(model, "`predict_ood` without `threshold=` or `detector=`")
         if not layer.is_calibrated:
             raise ValueError(
                 f"IsoMaxPlusLayer '{layer.name}' has no calibrated `ood_threshold`; "
@@ -377,7 +420,10 @@ def predict_ood(
                 "`threshold=`. Received: threshold=None"
             )
         threshold = float(layer.ood_threshold.numpy())
-    logits, _, nonfinite = _inspect.any_logits(model, x, batch_size, "x", with_nonfinite=True)
+    run = _runner.runner_for(model).collect(
+        x, batch_size=batch_size, arg_name="x", verbose=verbose, stage="predict_ood"
+    )
+    logits, nonfinite = run.logits, run.nonfinite
     values = np.asarray(keras.ops.convert_to_numpy(score_fn(logits)))
     if values.shape != nonfinite.shape:
         raise ValueError(
@@ -397,7 +443,10 @@ def predict_ood(
     return {"score": out["score"], "is_ood": out["is_ood"], "class": out["class_id"]}
 
 
-def _predict_with_detector(model, x, threshold, detector):
+def _predict_with_detector(model, x, threshold, detector, verbose):
+    from keras_isomax import detectors as detectors_lib
+
+    detector = detectors_lib.get(detector)
     if threshold is None:
         if not detector.is_calibrated:
             raise ValueError(
@@ -406,7 +455,7 @@ def _predict_with_detector(model, x, threshold, detector):
                 "`threshold=`. Received: threshold=None"
             )
         threshold = float(keras.ops.convert_to_numpy(detector.threshold))
-    values, logits = detector.score_and_logits(x, model=model)
+    values, logits = detector.score_and_logits(x, model=model, verbose=verbose)
     # NaN scores come from inputs holding NaN/Inf (the detector's feature pass
     # applies the library's non-finite rule) or from non-finite features.
     nonfinite = np.isnan(values)

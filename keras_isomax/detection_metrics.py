@@ -11,7 +11,7 @@ import math
 import keras
 import numpy as np
 
-from keras_isomax import _inspect
+from keras_isomax import _checks
 
 # ------------------------------------------------------------------------------
 # Exact detection metrics (NumPy, float64): in-distribution is the positive class
@@ -152,7 +152,7 @@ def ood_metrics(in_scores, out_scores, tpr=0.95):
     >>> round(m["auroc"], 4)
     0.8333
     """
-    tpr = _inspect.check_tpr(tpr)
+    tpr = _checks.check_tpr(tpr)
     in_scores, out_scores = _check_pair(in_scores, out_scores)
     tp, fp, _ = _accept_counts(in_scores, out_scores)
     n_in, n_out = int(tp[-1]), int(fp[-1])
@@ -220,7 +220,7 @@ def threshold_at_tpr(in_scores, tpr=0.95, *, midpoint=False):
             is not in `(0, 1]`.
         TypeError: If `in_scores` is not real numbers.
     """
-    tpr = _inspect.check_tpr(tpr)
+    tpr = _checks.check_tpr(tpr)
     in_scores = _check_scores(in_scores, "in_scores")
     values, counts = np.unique(in_scores, return_counts=True)
     values, counts = values[::-1].astype(np.float64), counts[::-1]
@@ -263,7 +263,7 @@ def expected_calibration_error(probabilities, labels, num_bins=15):
     >>> round(expected_calibration_error(p, np.array([0, 1])), 4)
     0.35
     """
-    _inspect.check_int(num_bins, "num_bins")
+    _checks.check_int(num_bins, "num_bins")
     probs = np.asarray(keras.ops.convert_to_numpy(probabilities), dtype=np.float64)
     labels = np.asarray(keras.ops.convert_to_numpy(labels))
     if labels.ndim == 2 and labels.shape == probs.shape and probs.shape[-1] > 1:

@@ -35,13 +35,10 @@ import keras
 from keras import ops
 
 from keras_isomax import _serving
-from keras_isomax._inspect import (
-    check_exportable,
-    find_isomax_layer,
-    inference_snapshots,
-    input_shape_and_dtype,
-    parse_threshold,
-)
+from keras_isomax._checks import check_exportable, parse_threshold
+from keras_isomax._graph import input_shape_and_dtype
+from keras_isomax._serving import inference_snapshots
+from keras_isomax.head import find_isomax_layer
 
 OUTPUT_NAMES = ("score", "is_ood", "threshold", "class_id", "probabilities")
 

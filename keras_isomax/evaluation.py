@@ -12,13 +12,13 @@ call.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import keras
 import numpy as np
 
-from keras_isomax import _inspect, report
+from keras_isomax import _checks, _runner, report
 from keras_isomax import detection_metrics as metrics_lib
 from keras_isomax import scores as scores_lib
 from keras_isomax.detectors import Detector
@@ -158,21 +158,25 @@ def _score_list(score, arg_name="score"):
 
 
 def evaluate_ood(
-    model,
-    in_data,
-    ood_data,
-    score="minimum_distance",
+    model: Any,
+    in_data: Any,
+    ood_data: Mapping[str, Any],
+    score: Any = "minimum_distance",
     *,
-    batch_size=256,
-    tpr=0.95,
-):
+    batch_size: int = 256,
+    tpr: float = 0.95,
+    verbose: Any = "auto",
+) -> OODEvaluation:
     """Evaluates OOD detection of one or more models on named OOD sets.
 
-    Each model runs once over `in_data` and once over each OOD set. For a model
-    with an `IsoMaxPlusLayer` the layer's logits are scored (also when, say, a
-    `Softmax` follows it); any other model must return logits, which any score
-    of `keras_isomax.scores` accepts, so a SoftMax baseline is evaluated with
-    `score=["max_probability", "max_logit", "energy", "entropic"]`.
+    Each model runs once over `in_data` and once over each OOD set (once more
+    per distinct feature layer when feature detectors are scored). Scores see
+    the classifier's pre-softmax logits: the `IsoMaxPlusLayer`'s output (also
+    when, say, a `Softmax` follows it), or, for a SoftMax classifier, the
+    output of its final `Dense` before the softmax, so a SoftMax baseline is
+    evaluated with `score=["max_probability", "max_logit", "energy"]` whether
+    or not the model applies the softmax itself. The same logits feed the
+    logit detectors (`detectors.Energy()` and `score="energy"` agree).
 
     Labels are read in the same pass as the inputs, so a shuffling dataset is
     fine. In-distribution is the positive class of the metrics (see
@@ -194,6 +198,8 @@ def evaluate_ood(
         tpr: True positive rate of the `tnr_at_tpr`/`fpr_at_tpr` columns
             (and of their aliases `tnr_at_tpr95`/`fpr_at_tpr95`).
             Defaults to `0.95`.
+        verbose: `"auto"`, 0, 1 or 2, as in `keras.Model.predict` (one
+            stage per model and data set). Defaults to `"auto"`.
 
     Returns:
         An `OODEvaluation` (print it, iterate its dict rows, or get its raw
@@ -236,45 +242,48 @@ def evaluate_ood(
         shared = _score_list(score)
         score_lists = {name: shared for name in models}
 
+    _checks.check_int(batch_size, "batch_size", numpy=False)
+    data_sets = {"in_data": in_data}
+    data_sets.update({f"ood_data[{name!r}]": data for name, data in ood_data.items()})
+    names = dict(zip(data_sets, ["in_data", *ood_data], strict=True))
     rows, raw_scores, accuracy = [], {}, {}
     for model_name, net in models.items():
-        in_logits, labels, in_nonfinite = _inspect.any_logits(
-            net, in_data, batch_size, "in_data", with_labels=True, with_nonfinite=True
-        )
-        logit_scores = [(n, f) for n, f in score_lists[model_name] if not isinstance(f, Detector)]
-        if logit_scores:  # Detectors read the head's pre-softmax logits themselves.
-            _warn_if_probabilities(in_logits, model_name, logit_scores)
+        runner = _runner.runner_for(net)
+        runs = {
+            arg: runner.collect(
+                data,
+                batch_size=batch_size,
+                arg_name=arg,
+                with_labels=arg == "in_data",
+                label_classes=runner.num_classes,
+                verbose=verbose,
+                stage=f"evaluate_ood: {model_name}, {names[arg]}",
+            )
+            for arg, data in data_sets.items()
+        }
+        logits, labels = runs["in_data"].logits, runs["in_data"].labels
         if labels is None:
             acc = math.nan
         else:
-            _check_labels(labels, in_logits.shape[-1], model_name)
-            acc = float(np.mean(np.argmax(in_logits, axis=-1) == labels))
+            _check_labels(labels, logits.shape[-1], model_name)
+            acc = float(np.mean(np.argmax(logits, axis=-1) == labels))
         accuracy[model_name] = acc
-        ood_logits = {}
-        for name, data in ood_data.items():
-            logits, _, nonfinite = _inspect.any_logits(
-                net, data, batch_size, f"ood_data[{name!r}]", with_nonfinite=True
-            )
-            ood_logits[name] = (logits, nonfinite)
+        feature_runs = {}
         for score_name, score_fn in score_lists[model_name]:
-            if isinstance(score_fn, Detector):  # Scores features: one more pass over the data.
-                in_scores = _detector_values(score_fn, net, in_data, "in_data")
-                ood_scores = {
-                    name: _detector_values(score_fn, net, data, f"ood_data[{name!r}]")
-                    for name, data in ood_data.items()
-                }
+            if isinstance(score_fn, Detector):
+                values = _detector_scores(
+                    score_fn, net, data_sets, runs, feature_runs, batch_size, verbose, model_name
+                )
             else:
                 # A NaN/Inf input scores NaN whatever the backbone does with it;
                 # ood_metrics then names the data set.
-                in_scores = _score_values(score_fn, in_logits, in_nonfinite)
-                ood_scores = {
-                    name: _score_values(score_fn, logits, nonfinite)
-                    for name, (logits, nonfinite) in ood_logits.items()
-                }
+                values = {arg: _score_values(score_fn, run) for arg, run in runs.items()}
+            in_scores = values.pop("in_data")
+            ood_scores = {names[arg]: value for arg, value in values.items()}
             raw_scores[(model_name, score_name)] = (in_scores, ood_scores)
             for ood_name, out_scores in ood_scores.items():
                 try:
-                    values = metrics_lib.ood_metrics(in_scores, out_scores, tpr=tpr)
+                    metric_values = metrics_lib.ood_metrics(in_scores, out_scores, tpr=tpr)
                 except ValueError as error:
                     raise ValueError(
                         f"Model {model_name!r}, score {score_name!r}, OOD set {ood_name!r}: {error}"
@@ -285,7 +294,7 @@ def evaluate_ood(
                         "score": score_name,
                         "ood": ood_name,
                         "accuracy": acc,
-                        **values,
+                        **metric_values,
                         "n_in": int(in_scores.shape[0]),
                         "n_ood": int(out_scores.shape[0]),
                     }
@@ -310,22 +319,44 @@ def _model_dict(model):
     )
 
 
-def _detector_values(detector, model, data, arg_name):
-    if detector.input_kind == "logits" and not detector.state:
-        detector.fit(model)
-    values, _ = detector.score_and_logits(data, model=model, arg_name=arg_name)
-    return values.reshape(-1).astype(np.float64)
+def _detector_scores(detector, net, data_sets, runs, feature_runs, batch_size, verbose, name):
+    """A detector's scores on every data set; feature passes shared by detectors that
+    read the same features."""
+    detector.attach(net)  # Checks it was fitted on this model (or its feature width).
+    if detector.input_kind == "logits":
+        return {
+            arg: detector.score_features(
+                np.where(run.nonfinite[:, None], np.nan, run.logits), verbose=0
+            )
+            for arg, run in runs.items()
+        }
+    key = detector.features
+    if key not in feature_runs:
+        runner = _runner.runner_for(net, key, need_features=True)
+        feature_runs[key] = {
+            arg: runner.collect(
+                data,
+                batch_size=batch_size,
+                arg_name=arg,
+                verbose=verbose,
+                stage=f"evaluate_ood: {name}, features of {arg}",
+            ).features
+            for arg, data in data_sets.items()
+        }
+    return {
+        arg: detector.score_features(feats, verbose=0) for arg, feats in feature_runs[key].items()
+    }
 
 
-def _score_values(score_fn, logits, nonfinite):
-    values = np.asarray(keras.ops.convert_to_numpy(score_fn(logits)))
+def _score_values(score_fn, run):
+    values = np.asarray(keras.ops.convert_to_numpy(score_fn(run.logits)))
     values = values.reshape(-1).astype(np.float64)
-    if values.shape != nonfinite.shape:
+    if values.shape != run.nonfinite.shape:
         raise ValueError(
             f"A score must map logits (N, C) to one value per example, shape "
-            f"({len(nonfinite)},). Received: score output of shape {values.shape}"
+            f"({len(run.nonfinite)},). Received: score output of shape {values.shape}"
         )
-    return np.where(nonfinite, np.nan, values)
+    return np.where(run.nonfinite, np.nan, values)
 
 
 def _check_labels(labels, num_classes, model_name):
@@ -336,23 +367,4 @@ def _check_labels(labels, num_classes, model_name):
             f"The labels of `in_data` must be class ids in [0, {num_classes}) for model "
             f"{model_name!r} ({num_classes} classes); {int(bad.sum())} of {labels.size} "
             f"are not. Received: labels {np.unique(labels[bad])[:5].tolist()}"
-        )
-
-
-def _warn_if_probabilities(logits, model_name, score_list):
-    """Warns when a model seems to output softmax probabilities, not logits."""
-    if logits.ndim != 2 or logits.shape[-1] < 2:
-        return
-    if (
-        np.all(logits >= 0)
-        and np.all(logits <= 1)
-        and np.allclose(logits.sum(axis=-1), 1.0, atol=1e-3)
-    ):
-        names = [name for name, _ in score_list]
-        warnings.warn(
-            f"Model {model_name!r} seems to output probabilities (rows in [0, 1] "
-            f"summing to 1), but the scores {names} expect logits. Evaluate a "
-            "model without the final softmax (e.g. `Dense(C)` and a loss with "
-            "`from_logits=True`).",
-            stacklevel=3,
         )

@@ -22,9 +22,9 @@ import warnings
 
 import keras
 
-from keras_isomax import _inspect, _serving
-from keras_isomax._inspect import find_isomax_layer
+from keras_isomax import _checks, _graph, _serving
 from keras_isomax.edge import export_litert, export_onnx  # noqa: F401  (re-exported)
+from keras_isomax.head import find_isomax_layer
 
 SERVING_DEFAULT = "serving_default"
 SCORE = "score"
@@ -123,7 +123,7 @@ def export_saved_model(
             "`export_dir` must be a non-empty path (an empty one would write into the "
             f"working directory). Received: export_dir={export_dir!r}"
         )
-    _inspect.check_int(
+    _checks.check_int(
         version,
         "version",
         minimum=0,
@@ -152,7 +152,7 @@ def export_saved_model(
     # signatures (traced in `write_out`) capture them, so they are saved with
     # the model (once: not as a tracked Keras variable, whose checkpoint
     # would hold its value twice), and do a Dense head's product on them.
-    with _inspect.inference_snapshots(model):
+    with _serving.inference_snapshots(model):
         archive = keras.export.ExportArchive()
         archive.track(model)
         if detector is not None:
@@ -257,27 +257,12 @@ def _serving_functions(model, threshold=None, input_signature=None):
     return functions
 
 
-def serving_functions(model, threshold=None, input_signature=None):
-    """Deprecated: the functions behind the exported signatures (a testing aid).
-
-    Kept for one release; it will be removed. Wrap the model yourself, or
-    export and load the SavedModel.
-    """
-    warnings.warn(
-        "`keras_isomax.export.serving_functions` is deprecated (a testing aid, not "
-        "part of the API) and will be removed in the next release.",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return _serving_functions(model, threshold, input_signature)
-
-
 def _build_serving_functions(model, threshold, input_name, input_signature, detector=None):
     """Validates the arguments; returns the signature functions and input spec."""
     _check_backend()
     import tensorflow as tf
 
-    _inspect.check_exportable(model)
+    _checks.check_exportable(model)
     if not isinstance(input_name, str) or not input_name.isidentifier():
         raise ValueError(
             f"`input_name` must be a valid identifier string. Received: input_name={input_name!r}"
@@ -401,7 +386,7 @@ def _threshold_reader(layer, threshold):
             return tf.cast(tf.convert_to_tensor(variable), tf.float32)
 
         return read
-    value = _inspect.parse_threshold(threshold)
+    value = _checks.parse_threshold(threshold)
     return lambda: tf.constant(value, tf.float32)
 
 
@@ -414,7 +399,7 @@ def _check_output_is_isomax(model, layer):
             "The model must have exactly one output, the IsoMaxPlusLayer's "
             f"logits. Received: model '{model.name}' with {len(outputs)} outputs"
         )
-    producer = _inspect.producer(outputs[0])
+    producer = _graph.producer(outputs[0])
     if producer is not layer:
         name = getattr(producer, "name", repr(producer))
         raise ValueError(
@@ -429,7 +414,7 @@ def _check_output_is_isomax(model, layer):
 def _input_spec(model, input_name, input_signature):
     import tensorflow as tf
 
-    shape, dtype = _inspect.input_shape_and_dtype(model, input_signature, "export_saved_model")
+    shape, dtype = _graph.input_shape_and_dtype(model, input_signature, "export_saved_model")
     return tf.TensorSpec((None,) + shape[1:], tf.as_dtype(dtype), name=input_name)
 
 

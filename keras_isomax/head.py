@@ -1,4 +1,4 @@
-"""Turn a trained softmax classifier into an IsoMax+ model: `replace_head`."""
+"""The classifier head: `replace_head` (SoftMax -> IsoMax+) and `find_isomax_layer`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,59 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_isomax import _inspect
+from keras_isomax import _checks, _data, _graph
 from keras_isomax.layers import IsoMaxPlusLayer
 
 PROTOTYPE_INITS = ("auto", "dense", "class_means", "random")
+
+
+def find_isomax_layer(model: keras.layers.Layer) -> IsoMaxPlusLayer:
+    """Returns the single `IsoMaxPlusLayer` of a model.
+
+    Searches the model's layers recursively (nested models and layers that own
+    sublayers included); a layer shared between several places counts once.
+
+    Args:
+        model: A `keras.Model` (or any `keras.layers.Layer`), or an
+            `IsoMaxPlusLayer` itself (returned unchanged).
+
+    Returns:
+        The `IsoMaxPlusLayer`.
+
+    Raises:
+        TypeError: If `model` is not a Keras layer or model.
+        ValueError: If the model holds no `IsoMaxPlusLayer`, or more than one.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_isomax import IsoMaxPlusLayer
+    >>> from keras_isomax import find_isomax_layer
+    >>> model = keras.Sequential([keras.Input((4,)), IsoMaxPlusLayer(3, name="head")])
+    >>> find_isomax_layer(model).name
+    'head'
+    """
+    if isinstance(model, IsoMaxPlusLayer):
+        return model
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(
+            f"`model` must be a Keras model or layer. Received: model={type(model).__name__}"
+        )
+    found = [layer for layer in _graph.all_layers(model) if isinstance(layer, IsoMaxPlusLayer)]
+    if len(found) == 1:
+        return found[0]
+    name = getattr(model, "name", type(model).__name__)
+    if not found:
+        raise ValueError(
+            f"Model '{name}' has no `IsoMaxPlusLayer` (train with `IsoMaxPlusLayer` + "
+            "`IsoMaxPlusLoss`, or swap a SoftMax head with `replace_head`). "
+            f"Received: model={name!r}"
+        )
+    names = [layer.name for layer in found]
+    raise ValueError(
+        f"Model '{name}' has {len(found)} `IsoMaxPlusLayer`s ({names}); expected "
+        f"exactly one. Received: model={name!r}"
+    )
 
 
 def replace_head(
@@ -21,7 +70,6 @@ def replace_head(
     prototype_init="auto",
     init_data=None,
     share_weights=False,
-    exact_neighbors=None,
     batch_size=256,
     name="isomax_plus",
 ):
@@ -53,8 +101,6 @@ def replace_head(
         share_weights: Whether the new model reuses the original's backbone
             layers and variables (training one changes the other) instead of
             a copy. Defaults to `False`.
-        exact_neighbors: Deprecated and ignored (the layer always recomputes the
-            nearest prototype's distance exactly). Defaults to `None`.
         batch_size: Batch size for computing features of array `init_data`.
             Defaults to `256`.
         name: Name of the new `IsoMaxPlusLayer` (made unique if a backbone
@@ -96,16 +142,16 @@ def replace_head(
             f"`prototype_init` must be one of {PROTOTYPE_INITS}. "
             f"Received: prototype_init={prototype_init!r}"
         )
-    _inspect.check_int(num_classes, "num_classes", allow_none=True)
+    _checks.check_int(num_classes, "num_classes", allow_none=True)
     if prototype_init == "class_means" and init_data is None:
         raise ValueError(
             '`prototype_init="class_means"` needs labelled `init_data`. Received: init_data=None'
         )
-    _inspect.check_int(batch_size, "batch_size", numpy=False)
+    _checks.check_int(batch_size, "batch_size", numpy=False)
 
-    _inspect.find_classifier(model)  # Validate the original before paying for a copy.
+    _graph.find_classifier(model)  # Validate the original before paying for a copy.
     source = model if share_weights else _copy_model(model)
-    head = _inspect.find_classifier(source)
+    head = _graph.find_classifier(source)
 
     kernel = head.kernel  # (F, units), the direction each class logit grows.
     units = kernel.shape[1]
@@ -131,14 +177,6 @@ def replace_head(
     while head_name in layer_names:
         head_name = f"{name}_{suffix}"
         suffix += 1
-    if exact_neighbors is not None:
-        warnings.warn(
-            "`exact_neighbors` is deprecated and ignored: IsoMaxPlusLayer always "
-            "recomputes the nearest prototype's distance exactly. "
-            f"Received: exact_neighbors={exact_neighbors!r}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
     isomax = IsoMaxPlusLayer(num_classes, name=head_name)
 
     features = head.features
@@ -198,12 +236,12 @@ def _unique(name, taken):
 
 def _init_batches(init_data, batch_size):
     """Yields `(x, y)` batches from `(x, y)` arrays or an iterable of batches."""
-    if not _inspect.is_in_memory(init_data) and not isinstance(init_data, Iterable):
+    if not _data.is_in_memory(init_data) and not isinstance(init_data, Iterable):
         raise ValueError(
             "`init_data` must be a tuple `(x, y)` of arrays or an iterable of "
             f"`(x, y)` batches. Received: init_data={type(init_data).__name__}"
         )
-    for x, y in _inspect.iter_batches(init_data, "init_data", batch_size):
+    for x, y in _data.iter_batches(init_data, "init_data", batch_size):
         if y is None:
             raise ValueError(
                 "Each batch of `init_data` must be a tuple `(x, y, ...)`. "
@@ -222,7 +260,7 @@ def _class_means(feature_model, init_data, num_classes, feature_dim, batch_size,
                 '`prototype_init="class_means"` needs 2D features `(batch, F)`. '
                 f"Received: features of shape {features.shape}"
             )
-        labels = _inspect.class_ids(y, "init_data", num_classes)
+        labels = _data.class_ids(y, "init_data", num_classes)
         if len(labels) != len(features):
             raise ValueError(
                 "Each `init_data` batch needs one label per example. Received: "

@@ -8,8 +8,6 @@ release, with a `DeprecationWarning`.
 
 from __future__ import annotations
 
-import warnings
-
 import keras
 
 from keras_isomax import scores as scores_lib
@@ -58,26 +56,3 @@ class OODScore(keras.metrics.Mean):
 
     def get_config(self):
         return {**super().get_config(), "score": self.score}
-
-
-_MOVED = (
-    "OOD_METRIC_NAMES",
-    "expected_calibration_error",
-    "ood_metrics",
-    "roc_curve",
-    "threshold_at_tpr",
-)
-
-
-def __getattr__(name):
-    if name in _MOVED:
-        warnings.warn(
-            f"`keras_isomax.metrics.{name}` moved to `keras_isomax.detection_metrics.{name}`; "
-            "the old path will be removed in the next release.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        from keras_isomax import detection_metrics
-
-        return getattr(detection_metrics, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,12 +8,11 @@ import pytest
 import tensorflow as tf
 from scipy.optimize import minimize_scalar
 
-from keras_isomax import IsoMaxPlusLayer
+from keras_isomax import IsoMaxPlusLayer, find_isomax_layer
 from keras_isomax.calibration import (
     TemperatureCalibration,
     calibrate_temperature,
     calibrate_threshold,
-    find_isomax_layer,
     predict_ood,
 )
 from keras_isomax.detection_metrics import expected_calibration_error
@@ -292,7 +291,7 @@ def test_temperature_errors(rng):
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
         calibrate_temperature(model, (x, y + 1))
     plain = keras.Sequential([keras.Input((FEATURES,)), keras.layers.Dense(4)])
-    with pytest.raises(ValueError, match="no `IsoMaxPlusLayer`"):
+    with pytest.raises(ValueError, match="has none .*replace_head"):
         calibrate_temperature(plain, (x, y))
 
 
@@ -331,3 +330,39 @@ def test_calibration_survives_keras_save_and_load(rng, tmp_path):
     original, restored = predict_ood(model, x_test), predict_ood(loaded, x_test)
     for key in original:
         np.testing.assert_array_equal(original[key], restored[key])
+
+
+def test_softmax_models_with_a_detector_or_threshold(rng):
+    """A SoftMax classifier: predict_ood scores its pre-softmax logits; IsoMax+-only
+    calls say what to do instead."""
+    from keras_isomax import detectors
+
+    model = keras.Sequential(
+        [
+            keras.Input((FEATURES,)),
+            keras.layers.Dense(8, activation="tanh"),
+            keras.layers.Dense(4, activation="softmax", name="classifier"),
+        ],
+        name="softmax_model",
+    )
+    model.get_layer("classifier").bias.assign(rng.normal(size=4).astype("float32"))
+    x = rng.normal(size=(200, FEATURES)).astype("float32")
+    features = keras.Model(model.inputs, model.layers[0].output).predict(x, verbose=0)
+    dense = model.get_layer("classifier")
+    logits = features.astype(np.float64) @ dense.kernel.numpy() + dense.bias.numpy()
+    energy = np.log(np.exp(logits).sum(-1))
+    out = predict_ood(model, x, threshold=1.0, score="energy", verbose=0)
+    np.testing.assert_allclose(out["score"], energy, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out["is_ood"], ~(out["score"] >= 1.0))
+    np.testing.assert_array_equal(out["class"], logits.argmax(-1))
+    det = detectors.Energy()
+    t = calibrate_threshold(model, x, tpr=0.9, detector=det, verbose=0)
+    assert np.mean(energy >= t) == pytest.approx(0.9)
+    out = predict_ood(model, x, detector=det, verbose=0)
+    np.testing.assert_array_equal(out["is_ood"], ~(energy >= t))
+    for call in (
+        lambda: predict_ood(model, x, verbose=0),
+        lambda: calibrate_threshold(model, x, verbose=0),
+    ):
+        with pytest.raises(ValueError, match="has none.*replace_head.*`detector=`"):
+            call()

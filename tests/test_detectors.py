@@ -9,8 +9,6 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import test_export  # tests/ is on sys.path under pytest
-from test_export import c_program  # noqa: F401  (the C API program fixture)
 
 from keras_isomax import IsoMaxPlusLayer, detectors
 from keras_isomax.calibration import calibrate_threshold, predict_ood
@@ -38,6 +36,8 @@ def _models(seed=0):
         name="iso",
     )
     iso.get_layer("isomax").distance_scale.assign(3.0)
+    # A trained head has a bias: a zero one would hide a dropped bias.
+    soft.get_layer("classifier").bias.assign(np.linspace(-0.5, 0.7, C).astype("float32"))
     return {"soft": soft, "iso": iso}
 
 
@@ -251,6 +251,122 @@ def test_nan_input_scores_nan(setup):
     assert np.isnan(s[1]) and np.isfinite(s[[0, 2, 3]]).all()
 
 
+# ------------------------------------------------------- the features-only path
+
+
+def ref_class_means(z, y, q):
+    """Minus the distance to the nearest spherical class mean (float64)."""
+    zn, qn = _norm(z.astype(np.float64)), _norm(q.astype(np.float64))
+    means = _norm(np.stack([zn[y == c].mean(0) for c in range(C)]))
+    return -np.sqrt(((qn[:, None, :] - means[None]) ** 2).sum(-1)).min(1)
+
+
+@pytest.mark.parametrize("head", ["soft", "iso"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: detectors.KNN(k=6, chunk_size=150),
+        lambda: detectors.Mahalanobis(),
+        lambda: detectors.ClassMeans(),
+    ],
+)
+def test_fit_features_equals_fit_through_the_model(setup, head, make):
+    models, x, y, q = setup
+    model = models[head]
+    z, zq = _features(model, x), _features(model, q)
+    through_model = make().fit(model, (x, y))
+    on_features = make().fit_features(z, y)
+    for a, b in zip(through_model.weights, on_features.weights, strict=True):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.name)
+    np.testing.assert_allclose(
+        on_features.score_features(zq), through_model.score(q), rtol=1e-5, atol=1e-5
+    )
+    # A dataset of (features, labels) batches streams like arrays.
+    streamed = make().fit_features(_dataset(z, y, 64))
+    np.testing.assert_allclose(
+        streamed.score_features(tf.data.Dataset.from_tensor_slices(zq).batch(16)),
+        through_model.score(q),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("head", ["soft", "iso"])
+def test_vim_fit_features_with_the_head(setup, head):
+    models, x, y, q = setup
+    model = models[head]
+    w, b, normalize = _head(model)
+    through_model = detectors.ViM(5).fit(model, (x, y))
+    on_features = detectors.ViM(5).fit_features(
+        _features(model, x), kernel=w, bias=b, normalize=normalize
+    )
+    np.testing.assert_allclose(
+        on_features.score_features(_features(model, q)),
+        through_model.score(q),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    with pytest.raises(ValueError, match="Received: kernel=None"):
+        detectors.ViM(5).fit_features(_features(model, x))
+
+
+@pytest.mark.parametrize("head", ["soft", "iso"])
+def test_class_means_matches_reference_and_keeps_predictions(setup, head):
+    models, x, y, q = setup
+    model = models[head]
+    before = model.predict(q, verbose=0)
+    det = detectors.ClassMeans().fit(model, (x, y))
+    want = ref_class_means(_features(model, x), y, _features(model, q))
+    np.testing.assert_allclose(det.score(q), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(model.predict(q, verbose=0), before)
+    # Near a class mean, the exact difference keeps float32 relative accuracy.
+    means = det.means.numpy()
+    near = (means[:2] + 1e-4 * np.random.default_rng(0).normal(size=(2, F))).astype("float32")
+    got = det.score_features(near)
+    np.testing.assert_allclose(got, ref_class_means(_features(model, x), y, near), rtol=1e-4)
+    assert (got < 0).all()
+
+
+def test_class_means_equals_replace_head_at_zero_epochs(setup):
+    from keras_isomax import replace_head
+
+    models, x, y, q = setup
+    swapped = replace_head(models["soft"], init_data=(x, y))
+    det = detectors.ClassMeans().fit(models["soft"], (x, y))
+    np.testing.assert_allclose(
+        det.score(q), swapped.predict(q, verbose=0).max(1), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_features_fitted_detector_attaches_by_feature_width(setup, tmp_path):
+    models, x, y, q = setup
+    model = models["soft"]
+    det = detectors.Mahalanobis().fit_features(_features(model, x), y)
+    with pytest.raises(ValueError, match="not bound to a model"):
+        det.score(q)
+    assert det.attach(model) is det
+    np.testing.assert_allclose(
+        det.score(q), detectors.Mahalanobis().fit(model, (x, y)).score(q), rtol=1e-5, atol=1e-4
+    )
+    narrow = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(F - 2), keras.layers.Dense(C)], name="narrow"
+    )
+    with pytest.raises(ValueError, match=f"fitted on {F} features.*gives {F - 2}"):
+        det.attach(narrow)
+    calibrate_threshold(model, x, detector=det)
+    out = predict_ood(model, q, detector=det)
+    np.testing.assert_array_equal(out["is_ood"], ~(det.score(q) >= float(det.threshold.numpy())))
+    with pytest.raises(ValueError, match="fitted on 12 features. Received: features of width 3"):
+        det.score_features(np.ones((2, 3), "float32"))
+
+
+def test_knn_fit_features_matches_reference_and_pytorch_ood_convention(setup):
+    models, x, y, q = setup
+    z, zq = _features(models["iso"], x), _features(models["iso"], q)
+    det = detectors.KNN(k=50).fit_features(z)
+    np.testing.assert_allclose(det.score_features(zq), ref_knn(z, zq, 50), rtol=1e-5, atol=2e-5)
+
+
 # ---------------------------------------------------------- integration
 
 
@@ -371,7 +487,7 @@ def test_parity_with_pytorch_ood(setup, head, tmp_path):
     )
 
 
-def test_c_api_runs_detector_export(setup, c_program, tmp_path):  # noqa: F811
+def test_c_api_runs_detector_export(setup, c_program, tmp_path):
     """A chunked KNN served through TensorFlow's C API (the way TF Serving loads it)."""
     from keras_isomax.export import export_saved_model
 
@@ -380,7 +496,7 @@ def test_c_api_runs_detector_export(setup, c_program, tmp_path):  # noqa: F811
     det = detectors.KNN(k=5, chunk_size=128).fit(model, (x, y))
     calibrate_threshold(model, x, detector=det)
     path = export_saved_model(model, str(tmp_path / "knn"), detector=det)
-    code, outputs, log = test_export.run_c_program(c_program, path, "score", q, tmp_path)
+    code, outputs, log = c_program(path, "score", q, tmp_path)
     assert code == 0, log
     np.testing.assert_allclose(outputs["score"], det.score(q), rtol=0, atol=1e-5)
     np.testing.assert_array_equal(

@@ -145,12 +145,98 @@ def test_without_labels_accuracy_is_nan(rng):
     assert "n/a" in str(result)
 
 
-def test_probability_outputs_warn(rng):
+def _softmax_variants(softmax):
+    """The same classifier three ways: logits, Dense(softmax), Dense + Softmax layer."""
+    dense = softmax.layers[-1]
+    hidden = softmax.layers[0]
+    variants = {"logits": softmax}
+    for name, layers in (
+        ("dense_softmax", [keras.layers.Dense(CLASSES, activation="softmax")]),
+        ("softmax_layer", [keras.layers.Dense(CLASSES), keras.layers.Softmax()]),
+    ):
+        model = keras.Sequential(
+            [keras.Input((FEATURES,)), keras.layers.Dense(12, activation="tanh"), *layers],
+            name=name,
+        )
+        model.layers[0].set_weights(hidden.get_weights())
+        model.layers[1].set_weights(dense.get_weights())
+        variants[name] = model
+    return variants
+
+
+def test_softmax_output_models_are_scored_on_their_pre_softmax_logits(rng):
+    import warnings
+
+    from keras_isomax import detectors
+
     _, softmax = _models(rng)
-    probs = keras.Sequential([softmax, keras.layers.Softmax(name="probs_out")])
+    x, y, ood = _data(rng)
+    names = ["max_probability", "max_logit", "energy", "entropic"]
+    logits = {k: softmax.predict(v, verbose=0) for k, v in {"in": x, **ood}.items()}
+    for name, model in _softmax_variants(softmax).items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # No "probabilities" or "retrain" warning.
+            result = evaluate_ood(model, (x, y), ood, score=names, verbose=0)
+            as_detectors = evaluate_ood(
+                model,
+                (x, y),
+                ood,
+                score=[detectors.get(n, name=f"{n}_det") for n in names],
+                verbose=0,
+            )
+        for row in result:
+            _check_row(row, logits["in"], logits[row["ood"]], row["score"], row["accuracy"])
+            twin = as_detectors.filter(score=f"{row['score']}_det", ood=row["ood"])[0]
+            assert twin["auroc"] == pytest.approx(row["auroc"], abs=1e-9), (name, row["score"])
+
+
+def test_models_without_a_readable_head_warn_when_they_output_probabilities(rng):
+    _, softmax = _models(rng)
+
+    class Wrapped(keras.Model):  # Subclassed: no graph to find the head in.
+        def __init__(self):
+            super().__init__(name="wrapped")
+            self.inner = softmax
+
+        def call(self, inputs):
+            return keras.ops.softmax(self.inner(inputs))
+
     x, y, ood = _data(rng)
     with pytest.warns(UserWarning, match="seems to output probabilities"):
-        evaluate_ood(probs, (x, y), ood, score="max_probability")
+        evaluate_ood(Wrapped(), (x, y), ood, score="max_probability", verbose=0)
+
+
+def test_verbose(rng, capsys):
+    isomax, _ = _models(rng)
+    x, y, ood = _data(rng)
+    evaluate_ood(isomax, (x, y), ood, verbose=0)
+    assert capsys.readouterr().out == ""
+    evaluate_ood(isomax, (x, y), ood, verbose=2)  # One line per stage.
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 + len(ood)
+    assert lines[0].startswith("evaluate_ood: isomax, in_data: 400 examples")
+    assert lines[1].startswith("evaluate_ood: isomax, uniform: 150 examples")
+    evaluate_ood(isomax, (x, y), ood, verbose=1)  # A progress bar per stage.
+    out = capsys.readouterr().out
+    assert out.count("evaluate_ood: isomax") == 1 + len(ood) and "━" in out
+    with pytest.raises(ValueError, match="Received: verbose='loud'"):
+        evaluate_ood(isomax, (x, y), ood, verbose="loud")
+
+
+def test_repeated_calls_do_not_retrace(rng, caplog):
+    from keras_isomax import calibrate_threshold, detectors
+
+    isomax, softmax = _models(rng)
+    x, y, ood = _data(rng)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(64)
+    with caplog.at_level("WARNING"):
+        for _ in range(4):
+            det = detectors.KNN(k=5).fit(softmax, dataset, verbose=0)
+            det.score(x, verbose=0)
+            detectors.Mahalanobis().fit(softmax, (x, y), verbose=0)
+            calibrate_threshold(isomax, dataset, verbose=0)
+            evaluate_ood(isomax, dataset, ood, verbose=0)
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]
 
 
 def test_errors(rng):

@@ -34,8 +34,6 @@ from keras_isomax.export import (  # noqa: E402
 FEATURES = 6
 CLASSES = 4
 INPUT_NAME = "inputs"
-TF_DIR = os.path.dirname(tf.__file__)
-C_SOURCE = os.path.join(os.path.dirname(__file__), "c_api", "run_signature.c")
 ATOL = 1e-6
 
 
@@ -105,20 +103,6 @@ def call_signature(loaded, name, x):
     return {k: v.numpy() for k, v in fn(**{INPUT_NAME: tf.constant(x)}).items()}
 
 
-def signature_tensor_names(saved_model_dir, signature):
-    """Input and output tensor names of a SignatureDef, from saved_model.pb."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    proto = saved_model_pb2.SavedModel()
-    with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
-        proto.ParseFromString(f.read())
-    (meta_graph,) = [m for m in proto.meta_graphs if "serve" in m.meta_info_def.tags]
-    sig = meta_graph.signature_def[signature]
-    inputs = {k: v.name for k, v in sig.inputs.items()}
-    outputs = {k: v.name for k, v in sig.outputs.items()}
-    return inputs, outputs
-
-
 # --------------------------------------------------------------------------
 # Fixtures: one export per module
 # --------------------------------------------------------------------------
@@ -144,59 +128,6 @@ def exported(tmp_path_factory):
         "path": path,
         "loaded": loaded,
     }
-
-
-@pytest.fixture(scope="module")
-def c_program(tmp_path_factory):
-    """Builds tests/c_api/run_signature.c against the C API of the TF wheel."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("gcc not found: cannot build the TensorFlow C API check")
-    header = os.path.join(TF_DIR, "include", "tensorflow", "c", "c_api.h")
-    if not os.path.exists(header):
-        pytest.skip(f"TensorFlow C API header not in the tensorflow wheel: {header}")
-    for library in ("libtensorflow_cc.so.2", "libtensorflow_framework.so.2"):
-        if not os.path.exists(os.path.join(TF_DIR, library)):
-            pytest.skip(f"{library} not in the tensorflow wheel ({TF_DIR})")
-    out = str(tmp_path_factory.mktemp("c_api") / "run_signature")
-    command = [gcc, "-O1", "-Wall", C_SOURCE, "-I", os.path.join(TF_DIR, "include")]
-    command += ["-L", TF_DIR, "-l:libtensorflow_cc.so.2"]
-    command += ["-l:libtensorflow_framework.so.2", f"-Wl,-rpath,{TF_DIR}"]
-    if shutil.which("ld.gold"):
-        # GNU ld needs ~45 s to link against the 1 GB libtensorflow_cc; gold ~7 s.
-        command.append("-fuse-ld=gold")
-    result = subprocess.run(command + ["-o", out], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return out
-
-
-def run_c_program(program, saved_model_dir, signature, x, tmp_path, dtype=None):
-    """Runs a signature through the C API; returns (returncode, outputs, stderr)."""
-    inputs, outputs = signature_tensor_names(saved_model_dir, signature)
-    x = np.ascontiguousarray(x)
-    data = tmp_path / f"{signature}_input.bin"
-    x.tofile(data)
-    names = sorted(outputs)
-    command = [
-        program,
-        saved_model_dir,
-        inputs[INPUT_NAME],
-        dtype or x.dtype.name,
-        str(data),
-        ",".join(str(d) for d in x.shape),
-    ] + [outputs[n] for n in names]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
-    parsed = {}
-    lines = result.stdout.splitlines()
-    by_tensor = {outputs[n]: n for n in names}
-    for i, line in enumerate(lines):
-        if line.startswith("output "):
-            _, tensor, _, ndims, *dims = line.split()
-            assert int(ndims) == len(dims)
-            values = np.array([float(v) for v in lines[i + 1].split()])
-            parsed[by_tensor[tensor]] = values.reshape([int(d) for d in dims])
-    return result.returncode, parsed, result.stdout + result.stderr
 
 
 # --------------------------------------------------------------------------
@@ -389,9 +320,7 @@ def test_fresh_process_without_keras(exported, tmp_path):
 
 
 def test_c_api_runs_score_signature(exported, c_program, tmp_path):
-    code, outputs, log = run_c_program(
-        c_program, exported["path"], "score", exported["x"], tmp_path
-    )
+    code, outputs, log = c_program(exported["path"], "score", exported["x"], tmp_path)
     assert code == 0, log
     assert "tag serve" in log
     python = call_signature(exported["loaded"], "score", exported["x"])
@@ -407,7 +336,7 @@ def test_c_api_runs_score_signature(exported, c_program, tmp_path):
 
 def test_c_api_runs_serving_default(exported, c_program, tmp_path):
     x = exported["x"][:5]
-    code, outputs, log = run_c_program(c_program, exported["path"], "serving_default", x, tmp_path)
+    code, outputs, log = c_program(exported["path"], "serving_default", x, tmp_path)
     assert code == 0, log
     outputs["class_id"] = outputs["class_id"].astype(np.int64)
     expected = {k: v[:5] for k, v in exported["expected"].items()}
@@ -416,10 +345,10 @@ def test_c_api_runs_serving_default(exported, c_program, tmp_path):
 
 def test_c_api_reports_wrong_shape_and_dtype(exported, c_program, tmp_path):
     x = exported["x"][:4]
-    code, _, log = run_c_program(c_program, exported["path"], "score", x[:, :-1], tmp_path)
+    code, _, log = c_program(exported["path"], "score", x[:, :-1], tmp_path)
     assert code == 1, log
     assert "error: 3 " in log and "is not compatible with expected shape" in log, log
-    code, _, log = run_c_program(c_program, exported["path"], "score", x.astype(np.int32), tmp_path)
+    code, _, log = c_program(exported["path"], "score", x.astype(np.int32), tmp_path)
     assert code == 1, log
     assert "error: 3 " in log and "float" in log and "int32" in log, log
 
@@ -767,7 +696,7 @@ def test_jit_compile_export(exported, xla_export):
 
 
 def test_c_api_runs_xla_export(exported, xla_export, c_program, tmp_path):
-    code, outputs, log = run_c_program(c_program, xla_export, "score", exported["x"], tmp_path)
+    code, outputs, log = c_program(xla_export, "score", exported["x"], tmp_path)
     assert code == 0, log
     outputs["is_ood"] = outputs["is_ood"].astype(bool)
     outputs["class_id"] = outputs["class_id"].astype(np.int64)

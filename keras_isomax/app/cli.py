@@ -102,7 +102,7 @@ def _image_shape(model):
 
 
 def _has_isomax(model):
-    from keras_isomax.calibration import find_isomax_layer
+    from keras_isomax import find_isomax_layer
 
     try:
         find_isomax_layer(model)

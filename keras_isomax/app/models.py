@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import keras
 
-from keras_isomax import _inspect
+from keras_isomax import _checks
 from keras_isomax.layers import IsoMaxPlusLayer
 
 HEADS = ("isomax", "softmax")
@@ -40,8 +40,8 @@ def example_cnn_layers(width=32, features=128):
     >>> model.output_shape
     (None, 10)
     """
-    _inspect.check_int(width, "width")
-    _inspect.check_int(features, "features")
+    _checks.check_int(width, "width")
+    _checks.check_int(features, "features")
     return [
         keras.layers.Conv2D(width, 3, activation="relu"),
         keras.layers.MaxPooling2D(),

@@ -1,0 +1,606 @@
+"""The `Detector` base class: a Keras layer that scores features or logits."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_isomax import _checks, _data, _runner, _serving
+
+
+class FitContext:
+    """What a detector's fit knows besides the data.
+
+    Attributes:
+        feature_dim: Width of the features, or `None` (read from the data).
+        num_classes: The classifier's number of classes, or `None`.
+        runner: The model runner when fitted on a model (`fit`), else `None`.
+    """
+
+    def __init__(self, feature_dim=None, num_classes=None, runner=None):
+        self.feature_dim = feature_dim
+        self.num_classes = num_classes
+        self.runner = runner
+
+
+class Detector(keras.layers.Layer):
+    """Base class of the OOD detectors: a layer that scores features or logits.
+
+    A detector is fitted on in-distribution data, either through a model
+    (`fit(model, data)`: the features are the input of the classifier head)
+    or on precomputed features (`fit_features(features, labels)`); it then
+    scores inputs (`score(x)`) or features (`score_features(z)`), higher
+    meaning more in-distribution. Its fitted state and its calibrated
+    `threshold` are Keras variables, so `save`/`load` and the exporters carry
+    them.
+
+    Subclasses implement `_fit(stream, context)` (host-side fitting from
+    `(features, labels)` NumPy batches) and `call` (keras.ops scoring of a
+    batch of features, or of logits when `input_kind == "logits"`).
+
+    Args:
+        features: Name of the layer whose output is used as features, or
+            `None` for the input of the classifier head. Defaults to `None`.
+        batch_size: Batch size for array data in `fit` and `score`. Defaults
+            to `256`.
+        state: Shapes of the fitted state, written by `fit` (set only when
+            restoring from a config). Defaults to `None`.
+        model_fingerprint: Identity of the classifier head it was fitted on,
+            written by `fit` and checked by `attach`. Defaults to `None`.
+        **kwargs: Passed to `keras.layers.Layer`.
+    """
+
+    input_kind = "features"
+    needs_labels = False
+
+    def __init__(
+        self,
+        features: str | None = None,
+        batch_size: int = 256,
+        state: dict | None = None,
+        model_fingerprint: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if features is not None and not isinstance(features, str):
+            raise TypeError(
+                f"`features` must be a layer name or None. Received: features={features!r}"
+            )
+        _checks.check_int(batch_size, "batch_size", numpy=False)
+        self.features = features
+        self.batch_size = batch_size
+        self.state = dict(state) if state else None  # Shapes of the fitted state.
+        self.model_fingerprint = model_fingerprint
+        self._runner = None
+        self.threshold = self.add_weight(
+            name="threshold",
+            shape=(),
+            initializer=keras.initializers.Constant(math.nan),
+            trainable=False,
+            dtype="float32",
+        )
+
+    # ------------------------------------------------------------------ state
+
+    def _state_specs(self, state):
+        """`{name: (shape, dtype)}` of the fitted variables for `state`."""
+        return {}
+
+    def _make_state(self, state):
+        self.state = dict(state)
+        for name, (shape, dtype) in self._state_specs(self.state).items():
+            existing = getattr(self, name, None)
+            if isinstance(existing, keras.Variable):
+                if tuple(existing.shape) != tuple(shape):
+                    raise ValueError(
+                        f"This {type(self).__name__} was fitted with state {name} of shape "
+                        f"{tuple(existing.shape)}; refitting needs shape {tuple(shape)}. Create a "
+                        f"new detector instead. Received: data giving shape {tuple(shape)}"
+                    )
+                continue
+            setattr(
+                self,
+                name,
+                self.add_weight(
+                    name=name, shape=shape, initializer="zeros", trainable=False, dtype=dtype
+                ),
+            )
+
+    def build(self, input_shape):
+        if self.state and self._state_specs(self.state):
+            self._make_state(self.state)  # A reloaded detector: variables, then weights.
+        self.built = True
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether the detector holds fitted state."""
+        return self.state is not None or self.input_kind == "logits"
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether `threshold` holds a calibrated (finite) value."""
+        return math.isfinite(float(ops.convert_to_numpy(self.threshold)))
+
+    @property
+    def feature_dim(self) -> int | None:
+        """The width of the features (logits for logit detectors) it scores, once fitted."""
+        if not self.state:
+            return None
+        return self.state.get("feature_dim") or self.state.get("num_classes")
+
+    # ---------------------------------------------------------------- fitting
+
+    def fit(self, model: keras.Model, data: Any = None, *, verbose: Any = "auto") -> Detector:
+        """Fits the detector on in-distribution data in one streaming pass.
+
+        The features are the input of the model's classifier head (its
+        `IsoMaxPlusLayer`, or the final `Dense` of a SoftMax model), or the
+        output of the layer named by `features`.
+
+        Args:
+            model: The trained classifier (`keras.Model`).
+            data: `(x, y)` arrays, or a batched `tf.data.Dataset` (or other
+                iterable) of `(x, y)` batches. Labels are needed by
+                `Mahalanobis` and `ClassMeans` only. Logit detectors need no
+                data. Defaults to `None`.
+            verbose: `"auto"`, 0, 1 or 2, as in `keras.Model.predict`.
+                Defaults to `"auto"`.
+
+        Returns:
+            The detector itself.
+
+        Raises:
+            ValueError: If the data is empty, has non-finite features or
+                misses labels or classes, or the detector's arguments do not
+                fit the data (see each detector).
+        """
+        runner = self._model_runner(model)
+        if data is None:
+            raise ValueError(
+                f"{type(self).__name__}.fit needs in-distribution data. Received: data=None"
+            )
+        batches = runner.batches(
+            data,
+            batch_size=self.batch_size,
+            arg_name="data",
+            with_labels=self.needs_labels,
+            label_classes=self._label_classes(runner.num_classes),
+            verbose=verbose,
+            stage=f"{type(self).__name__}.fit",
+        )
+        stream = ((batch.features, batch.labels) for batch in batches)
+        context = FitContext(runner.feature_dim, runner.num_classes, runner)
+        self._fit(self._checked(stream, "data"), context)
+        self.model_fingerprint = runner.fingerprint()
+        self._runner = runner
+        self.built = True  # The state variables exist now (export needs a built layer).
+        return self
+
+    def fit_features(self, features: Any, labels: Any = None, *, verbose: Any = "auto") -> Detector:
+        """Fits the detector on precomputed features (no model pass).
+
+        Gives the state `fit(model, data)` gives when `features` are the
+        model's features of `data`. Bind the fitted detector to a model with
+        `attach(model)` to calibrate or export it with that model.
+
+        Args:
+            features: Features `(N, F)` (an array), or a batched
+                `tf.data.Dataset` / iterable yielding feature batches or
+                `(features, labels)` batches.
+            labels: Class ids `(N,)` or one-hot rows, for array `features`
+                (needed by `Mahalanobis` and `ClassMeans`). Defaults to `None`.
+            verbose: `"auto"`, 0, 1 or 2. Defaults to `"auto"`.
+
+        Returns:
+            The detector itself.
+
+        Raises:
+            ValueError: As `fit`.
+        """
+        stream = self._feature_stream(features, labels, "features", verbose, "fit_features")
+        self._fit(self._checked(stream, "features"), FitContext(num_classes=self._num_classes()))
+        self.model_fingerprint = None
+        self._runner = None
+        self.built = True
+        return self
+
+    def _fit(self, stream, context):
+        """Fits the state from `(features, labels)` NumPy batches (each detector defines it)."""
+        raise TypeError(
+            "`Detector` is the base class; fit one of its subclasses (KNN, Mahalanobis, ViM, "
+            f"ClassMeans, ...). Received: detector of type {type(self).__name__}"
+        )
+
+    def _num_classes(self):
+        """The classes the detector was told (`num_classes=`), if any."""
+        return getattr(self, "num_classes", None)
+
+    def _label_classes(self, model_classes):
+        return self._num_classes() or model_classes
+
+    def _checked(self, stream, arg_name):
+        """The stream with the checks every fit needs (labels present, finite features)."""
+        for feats, labels in stream:
+            if self.needs_labels and labels is None:
+                raise ValueError(
+                    f"`{arg_name}` must hold labels `(x, y)` for {type(self).__name__}. "
+                    f"Received: {arg_name} without labels"
+                )
+            bad = ~np.isfinite(feats).all(axis=1)
+            if bad.any():
+                raise ValueError(
+                    f"{int(bad.sum())} examples of `{arg_name}` have non-finite features (NaN "
+                    f"or Inf inputs?); remove them before fitting. "
+                    f"Received: {arg_name} with non-finite features"
+                )
+            yield feats, labels
+
+    def _feature_stream(self, features, labels, arg_name, verbose, what):
+        """`(features (B, F) float32, labels or None)` batches of precomputed features."""
+        if labels is not None and not _data.is_in_memory(features):
+            raise ValueError(
+                "`labels` goes with array `features`; a dataset yields `(features, labels)` "
+                f"batches itself. Received: labels with {arg_name} of type "
+                f"{type(features).__name__}"
+            )
+        data = features if labels is None else (features, labels)
+        progress = _runner.Progress(
+            f"{type(self).__name__}.{what}",
+            _runner.num_batches(data, self.batch_size),
+            verbose,
+        )
+        with progress:
+            for x, y in _data.iter_batches(data, arg_name, self.batch_size):
+                feats = np.asarray(ops.convert_to_numpy(x), np.float32)
+                if feats.ndim < 2:
+                    raise ValueError(
+                        f"`{arg_name}` must be feature batches `(N, F)`. "
+                        f"Received: {arg_name} batch of shape {feats.shape}"
+                    )
+                feats = feats.reshape(len(feats), -1)
+                expected = self.feature_dim if self.is_fitted and what != "fit_features" else None
+                if expected is not None and feats.shape[1] != expected:
+                    raise ValueError(
+                        f"{type(self).__name__} was fitted on {expected} features. "
+                        f"Received: {arg_name} of width {feats.shape[1]}"
+                    )
+                ids = None
+                if y is not None:
+                    ids = _data.class_ids(y, "labels", self._num_classes())
+                    if len(ids) != len(feats):
+                        raise ValueError(
+                            f"`labels` must hold one label per row of `{arg_name}`. Received: "
+                            f"{len(feats)} rows and {len(ids)} labels"
+                        )
+                progress.add(len(feats))
+                yield feats, ids
+
+    # ---------------------------------------------------------------- binding
+
+    def _model_runner(self, model):
+        return _runner.runner_for(model, self.features, need_features=True)
+
+    def attach(self, model: keras.Model) -> Detector:
+        """Binds a fitted (e.g. reloaded, or `fit_features`-fitted) detector to a model.
+
+        A detector fitted with `fit(model, ...)` must be attached to that
+        model's classifier head (same weights); one fitted on features needs
+        a model whose features have the width it was fitted on.
+
+        Args:
+            model: The classifier.
+
+        Returns:
+            The detector itself.
+
+        Raises:
+            ValueError: If the detector is not fitted, or the model's head or
+                feature width differs from what it was fitted on.
+        """
+        self._check_fitted()
+        runner = self._model_runner(model)
+        if self.model_fingerprint is not None:
+            fingerprint = runner.fingerprint()
+            if fingerprint != self.model_fingerprint:
+                raise ValueError(
+                    f"This {type(self).__name__} was fitted on a different model (head "
+                    f"{self.model_fingerprint!r}); fit it on this one. "
+                    f"Received: model={model.name!r} with head {fingerprint!r}"
+                )
+        else:
+            width = self._runner_width(runner)
+            if self.feature_dim is not None and width != self.feature_dim:
+                raise ValueError(
+                    f"This {type(self).__name__} was fitted on {self.feature_dim} features; "
+                    f"model {model.name!r} gives {width}. "
+                    f"Received: model={model.name!r} with feature width {width}"
+                )
+        self._runner = runner
+        return self
+
+    def _runner_width(self, runner):
+        return runner.feature_dim
+
+    def _check_fitted(self):
+        if not self.is_fitted:
+            raise ValueError(
+                f"{type(self).__name__} is not fitted; call `.fit(model, data)` or "
+                f"`.fit_features(features)` first. Received: detector={self.name!r}"
+            )
+
+    def _bound(self, model):
+        self._check_fitted()
+        if model is not None and (self._runner is None or self._runner.model is not model):
+            self.attach(model)
+        if self._runner is None or self._runner.model is None:
+            raise ValueError(
+                f"{type(self).__name__} {self.name!r} is not bound to a model (reloaded, or "
+                "fitted on features?); call `.attach(model)` or pass `model=`. "
+                "Received: model=None"
+            )
+        return self._runner
+
+    def bind_for_export(self, model: keras.Model, threshold: Any = None) -> int:
+        """Binds the detector to `model` and checks it has a threshold to export.
+
+        Args:
+            model: The classifier the detector was fitted on.
+            threshold: The explicit threshold the export uses, or `None` for
+                the detector's calibrated `threshold`. Defaults to `None`.
+
+        Returns:
+            The number of classes of the model's logits.
+
+        Raises:
+            ValueError: If the detector is not fitted, was fitted on another
+                model, or has no calibrated threshold and `threshold` is `None`.
+        """
+        self.attach(model)  # Raises if not fitted or fitted on another model.
+        if threshold is None and not self.is_calibrated:
+            raise ValueError(
+                f"Detector {self.name!r} has no calibrated threshold. Call "
+                "`calibrate_threshold(model, in_val_data, detector=det)` before exporting, "
+                "or pass `threshold=` explicitly. Received: threshold=None"
+            )
+        return self._runner.num_classes
+
+    # ---------------------------------------------------------------- scoring
+
+    def score(self, x: Any, model: keras.Model | None = None, *, verbose: Any = "auto"):
+        """Scores inputs: higher means more in-distribution.
+
+        Args:
+            x: Inputs: an array, a tuple `(x, ...)` or a batched dataset.
+            model: The classifier, if the detector is not bound to it yet
+                (after `load` or `fit_features`). Defaults to `None`.
+            verbose: `"auto"`, 0, 1 or 2. Defaults to `"auto"`.
+
+        Returns:
+            A float64 NumPy array `(N,)`. Inputs holding NaN or Inf score NaN.
+
+        Raises:
+            ValueError: If the detector is not fitted or is used with another
+                model than the one it was fitted on.
+        """
+        return self.score_and_logits(x, model, verbose=verbose)[0]
+
+    def score_and_logits(self, x, model=None, arg_name="x", *, verbose=0):
+        """`(scores (N,), logits (N, C))` as NumPy arrays, one pass over `x`."""
+        runner = self._bound(model)
+        values, all_logits = [], []
+        for batch in runner.batches(
+            x,
+            batch_size=self.batch_size,
+            arg_name=arg_name,
+            verbose=verbose,
+            stage=f"{type(self).__name__}.score",
+        ):
+            values.append(self._score_batch(batch))
+            all_logits.append(batch.logits)
+        if not values or sum(len(v) for v in values) == 0:
+            raise ValueError(f"`{arg_name}` holds no examples. Received: empty {arg_name}")
+        return np.concatenate(values), np.concatenate(all_logits)
+
+    def _score_batch(self, batch):
+        return self._score_array(batch.features)
+
+    def score_features(self, features: Any, *, verbose: Any = "auto"):
+        """Scores precomputed features (logits for the logit detectors).
+
+        Gives the scores `score(x)` gives for inputs whose features are
+        `features`.
+
+        Args:
+            features: Features `(N, F)`, or a batched dataset / iterable of them.
+            verbose: `"auto"`, 0, 1 or 2. Defaults to `"auto"`.
+
+        Returns:
+            A float64 NumPy array `(N,)`; rows with NaN or Inf score NaN.
+        """
+        self._check_fitted()
+        values = [
+            self._score_array(feats)
+            for feats, _ in self._feature_stream(
+                features, None, "features", verbose, "score_features"
+            )
+        ]
+        if not values or sum(len(v) for v in values) == 0:
+            raise ValueError("`features` holds no examples. Received: empty features")
+        return np.concatenate(values)
+
+    def _score_array(self, feats):
+        """Scores a NumPy batch on the host; `call` is the traceable twin."""
+        out = self(ops.convert_to_tensor(np.asarray(feats, np.float32)))
+        return np.asarray(ops.convert_to_numpy(out), np.float64).reshape(-1)
+
+    def score_inputs(self, inputs, model=None):
+        """`(score, logits)` of a batch of model inputs, as tensors (traceable)."""
+        runner = self._bound(model)
+        feats, logits = runner.symbolic(inputs)
+        return self(logits if self.input_kind == "logits" else feats), logits
+
+    def _nan_rows(self, feats, score):
+        # The library's non-finite rule in its converter-friendly form (no
+        # `isfinite`, no float `where`: the LiteRT/ONNX exports trace this).
+        return _serving.nan_where(_serving.nonfinite_rows(feats), score)
+
+    # ----------------------------------------------------------------- saving
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "features": self.features,
+            "batch_size": self.batch_size,
+            "state": self.state,
+            "model_fingerprint": self.model_fingerprint,
+        }
+
+    def save(self, filepath: str | os.PathLike, overwrite: bool = True) -> None:
+        """Writes the fitted detector (state, threshold, config) to a `.keras` file.
+
+        The file is written next to `filepath` first and moved into place when
+        complete, so a failure part-way leaves an existing file intact.
+
+        Args:
+            filepath: Path ending in `.keras`.
+            overwrite: Whether to replace an existing file. Defaults to `True`.
+
+        Raises:
+            ValueError: If the path does not end in `.keras` or the detector is
+                not fitted.
+            FileExistsError: If the file exists and `overwrite` is `False`.
+        """
+        filepath = os.fspath(filepath)
+        if not filepath.endswith(".keras"):
+            raise ValueError(f"`filepath` must end in `.keras`. Received: filepath={filepath!r}")
+        if os.path.exists(filepath) and not overwrite:
+            raise FileExistsError(
+                f"{filepath!r} exists; pass overwrite=True to replace it. Received: overwrite=False"
+            )
+        size = self._input_size()
+        inputs = keras.Input((size,), dtype="float32")
+        wrapper = keras.Model(inputs, self(inputs), name=f"{self.name}_detector")
+        directory = os.path.dirname(os.path.abspath(filepath))
+        fd, staging = tempfile.mkstemp(prefix=".keras-isomax-", suffix=".keras", dir=directory)
+        os.close(fd)
+        try:
+            wrapper.save(staging)
+            os.replace(staging, filepath)
+        finally:
+            if os.path.exists(staging):
+                os.remove(staging)  # Only the staging file this call created.
+
+    def _input_size(self):
+        if not self.state:
+            raise ValueError(
+                f"Only a fitted detector can be saved. Received: detector={self.name!r}"
+            )
+        return self.feature_dim
+
+
+class Reservoir:
+    """A seeded uniform sample of at most `size` rows of a stream (algorithm R).
+
+    The draws depend only on the row order, not on how the stream is batched.
+    """
+
+    def __init__(self, size, seed):
+        self.size = size
+        self.rng = np.random.default_rng(seed)
+        self.rows = None
+        self.seen = 0
+
+    def add(self, batch):
+        n = len(batch)
+        if n == 0:
+            return
+        if self.rows is None:
+            self.rows = np.empty((self.size, batch.shape[1]), np.float32)
+        fill = max(0, min(n, self.size - self.seen))
+        if fill:
+            self.rows[self.seen : self.seen + fill] = batch[:fill]
+        rest = n - fill
+        if rest:
+            index = self.seen + fill + np.arange(rest)  # Global row numbers.
+            slots = np.floor(self.rng.random(rest) * (index + 1)).astype(np.int64)
+            keep = slots < self.size
+            slots, rows = slots[keep], batch[fill:][keep]
+            # Later rows win when two draw the same slot, as in the sequential algorithm.
+            _, last = np.unique(slots[::-1], return_index=True)
+            last = len(slots) - 1 - last
+            self.rows[slots[last]] = rows[last]
+        self.seen += n
+
+    def sample(self):
+        return self.rows[: min(self.seen, self.size)]
+
+
+class ClassStats:
+    """Per-class counts and float64 sums of feature rows, streamed batch by batch.
+
+    Args:
+        num_classes: Number of classes, or `None` to grow with the largest
+            label seen.
+        normalize: Whether each row is L2-normalised before it is summed.
+        second_moment: Whether to also accumulate the cross-product matrix
+            `sum (z - shift)^T (z - shift)` about `shift`, the mean of the
+            first batch (no cancellation for features far from the origin).
+    """
+
+    def __init__(self, num_classes=None, *, normalize=False, second_moment=False):
+        self.num_classes = num_classes
+        self.normalize = normalize
+        self.second_moment = second_moment
+        self.sums = self.counts = self.cross = self.shift = None
+        self.total = 0
+
+    def update(self, feats, labels, arg_name="data"):
+        if len(feats) == 0:
+            return
+        labels = np.asarray(labels, np.int64)
+        bad = (labels < 0) | (labels >= self.num_classes if self.num_classes is not None else False)
+        if bad.any():
+            upper = self.num_classes if self.num_classes is not None else "C"
+            raise ValueError(
+                f"Labels of `{arg_name}` must be class ids in [0, {upper}). "
+                f"Received: labels {np.unique(labels[bad])[:5].tolist()}"
+            )
+        z = feats.astype(np.float64)
+        if self.normalize:
+            z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        width = max(int(labels.max()) + 1, self.num_classes or 0)
+        if self.sums is None:
+            self.sums = np.zeros((width, z.shape[1]), np.float64)
+            self.counts = np.zeros(width, np.int64)
+            if self.second_moment:
+                self.shift = z.mean(axis=0)
+                self.cross = np.zeros((z.shape[1], z.shape[1]), np.float64)
+        elif width > len(self.sums):
+            grow = width - len(self.sums)
+            self.sums = np.concatenate([self.sums, np.zeros((grow, self.sums.shape[1]))])
+            self.counts = np.concatenate([self.counts, np.zeros(grow, np.int64)])
+        if self.second_moment:
+            z = z - self.shift
+            self.cross += z.T @ z
+        np.add.at(self.sums, labels, z)
+        self.counts += np.bincount(labels, minlength=len(self.counts))
+        self.total += len(z)
+
+    def check_complete(self, detector_name, arg_name="data"):
+        """Raises unless every class has examples (and there are examples at all)."""
+        if self.total == 0:
+            raise ValueError(f"`{arg_name}` holds no examples. Received: empty {arg_name}")
+        missing = np.flatnonzero(self.counts == 0)
+        if missing.size:
+            raise ValueError(
+                f"{detector_name} needs examples of every class; {missing.size} of "
+                f"{len(self.counts)} classes have none. "
+                f"Received: {arg_name} without classes {missing[:10].tolist()}"
+            )

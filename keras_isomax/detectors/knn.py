@@ -1,0 +1,176 @@
+"""KNN detector: distance to the k-th nearest training feature (Sun et al., 2022)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_isomax import _checks
+from keras_isomax.detectors.base import Detector, Reservoir
+from keras_isomax.layers import l2_normalize
+
+
+@keras.saving.register_keras_serializable(package="keras_isomax")
+class KNN(Detector):
+    """Distance to the k-th nearest training feature, on L2-normalised features.
+
+    The bank of normalised training features is kept as float32 (optionally a
+    seeded uniform subset of `max_bank` rows), in variables of `chunk_size`
+    rows each, filled while streaming (fitting holds one bank plus one chunk).
+    Scoring searches it chunk by chunk by one matrix product and a running
+    top-k, so memory is `O(batch_size * (chunk_size + k))` on top of the bank,
+    whatever its size.
+
+    Args:
+        k: Which nearest neighbour. Defaults to `50`.
+        max_bank: Keep at most this many training features (a seeded uniform
+            random subset of the stream), or `None` for all. Defaults to `None`.
+        seed: Seed of the subset. Defaults to `0`.
+        chunk_size: Bank rows per variable and per matrix product when
+            scoring. Defaults to `32768`.
+        **kwargs: `features`, `batch_size` and `keras.layers.Layer` arguments.
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> from keras_isomax import detectors
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+    ...                           keras.layers.Dense(3, activation="softmax")])
+    >>> x = np.random.default_rng(0).normal(size=(200, 4)).astype("float32")
+    >>> det = detectors.KNN(k=5).fit(model, (x, np.zeros(200)), verbose=0)
+    >>> det.score(x[:3], verbose=0).shape
+    (3,)
+    """
+
+    def __init__(
+        self,
+        k: int = 50,
+        max_bank: int | None = None,
+        seed: int = 0,
+        chunk_size: int = 32768,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        _checks.check_int(k, "k")
+        _checks.check_int(max_bank, "max_bank", allow_none=True)
+        _checks.check_int(chunk_size, "chunk_size", numpy=False)
+        self.k = int(k)
+        self.max_bank = None if max_bank is None else int(max_bank)
+        self.seed = seed
+        self.chunk_size = chunk_size
+
+    def _state_specs(self, state):
+        n, f, rows = state["bank_size"], state["feature_dim"], state["chunk_rows"]
+        return {
+            f"bank_{i}": ((min(rows, n - start), f), "float32")
+            for i, start in enumerate(range(0, n, rows))
+        }
+
+    @property
+    def bank(self):
+        """The whole bank `(bank_size, F)` as one tensor (for inspection)."""
+        return ops.concatenate(self._bank_chunks(), axis=0)
+
+    def _bank_chunks(self):
+        return [getattr(self, name) for name in self._state_specs(self.state)]
+
+    def _store_chunk(self, index, rows):
+        """Creates (or, when refitting, reuses) variable `bank_{index}`: memory ~ one bank."""
+        name = f"bank_{index}"
+        existing = getattr(self, name, None)
+        if isinstance(existing, keras.Variable):
+            if tuple(existing.shape) != rows.shape:
+                raise ValueError(
+                    f"This KNN was fitted on a bank of another size; create a new detector to "
+                    f"refit. Received: data giving bank chunk of shape {rows.shape}"
+                )
+            existing.assign(rows)
+            return
+        variable = self.add_weight(
+            name=name, shape=rows.shape, initializer="zeros", trainable=False, dtype="float32"
+        )
+        variable.assign(rows)
+        setattr(self, name, variable)
+
+    def _fit(self, stream, context):
+        rows = self.chunk_size
+        reservoir = None if self.max_bank is None else Reservoir(self.max_bank, self.seed)
+        buffer, filled, stored, total = None, 0, 0, 0
+        feature_dim = None
+        for feats, _ in stream:
+            feature_dim = feats.shape[1]
+            normed = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+            normed = normed.astype(np.float32)
+            total += len(normed)
+            if reservoir is not None:
+                reservoir.add(normed)
+                continue
+            if buffer is None:
+                buffer = np.empty((rows, normed.shape[1]), np.float32)
+            while len(normed):
+                take = min(rows - filled, len(normed))
+                buffer[filled : filled + take] = normed[:take]
+                filled, normed = filled + take, normed[take:]
+                if filled == rows:  # A full chunk becomes a variable right away.
+                    self._store_chunk(stored, buffer)
+                    stored, filled = stored + 1, 0
+        if total == 0:
+            raise ValueError("`data` holds no examples. Received: empty data")
+        size = total if reservoir is None else min(total, self.max_bank)
+        if self.k > size:
+            raise ValueError(
+                f"`k` must not exceed the number of bank features ({size}). Received: k={self.k}"
+            )
+        if reservoir is not None:
+            sample = reservoir.sample()
+            for index, start in enumerate(range(0, size, rows)):
+                self._store_chunk(index, sample[start : start + rows])
+        elif filled:
+            self._store_chunk(stored, buffer[:filled].copy())
+        self._make_state({"bank_size": size, "feature_dim": feature_dim, "chunk_rows": rows})
+
+    def _score_array(self, feats):
+        # NumPy BLAS on the host: ~3x faster than TF's CPU matmul measured here (AMD EPYC);
+        # same arithmetic as `call` (float32 product, k-th largest cosine, sqrt(2 - 2 cos)).
+        feats = np.asarray(feats, np.float32).reshape(-1, self.state["feature_dim"])
+        norms = np.sqrt(np.sum(feats * feats, axis=1, keepdims=True))
+        query = feats / np.maximum(norms, np.float32(1e-12))
+        top = None
+        for variable in self._bank_chunks():
+            block = ops.convert_to_numpy(variable)  # A copy of one chunk at a time (bounded).
+            sims = query @ block.T
+            merged = sims if top is None else np.concatenate([top, sims], axis=1)
+            width = merged.shape[1]
+            top = (
+                merged
+                if width <= self.k
+                else np.partition(merged, width - self.k, axis=1)[:, width - self.k :]
+            )
+        kth = top.min(axis=1).astype(np.float64)
+        score = -np.sqrt(np.maximum(2.0 - 2.0 * kth, 0.0))
+        score[~np.isfinite(feats).all(axis=1)] = np.nan
+        return score
+
+    def call(self, inputs):
+        feats = ops.cast(ops.reshape(inputs, (-1, self.state["feature_dim"])), "float32")
+        query = l2_normalize(feats)
+        top = None
+        for block in self._bank_chunks():  # Memory: batch x chunk similarities at a time.
+            sims = ops.matmul(query, ops.transpose(block))
+            merged = sims if top is None else ops.concatenate([top, sims], axis=1)
+            top = merged if merged.shape[1] < self.k else ops.top_k(merged, self.k)[0]
+        kth = ops.min(top, axis=1)  # The k-th largest cosine similarity.
+        score = -ops.sqrt(ops.maximum(2.0 - 2.0 * kth, 0.0))
+        return self._nan_rows(feats, score)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "k": self.k,
+            "max_bank": self.max_bank,
+            "seed": self.seed,
+            "chunk_size": self.chunk_size,
+        }

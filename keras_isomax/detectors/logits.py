@@ -1,0 +1,112 @@
+"""Logit detectors: the scores of `keras_isomax.scores` as detectors (nothing to fit)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_isomax import _runner
+from keras_isomax import scores as scores_lib
+from keras_isomax.detectors.base import Detector
+
+
+class LogitDetector(Detector):
+    """A score of `keras_isomax.scores` on the classifier's logits, as a detector.
+
+    The logits are the pre-softmax logits: the `IsoMaxPlusLayer`'s output, or
+    the pre-activation output of a SoftMax model's final `Dense`. There is
+    nothing to fit: `fit(model)` binds the detector to a model (for
+    `calibrate_threshold(..., detector=det)` and the exporters);
+    `score_features(logits)` scores logits directly.
+    """
+
+    input_kind = "logits"
+    score_name: str = ""
+
+    def _model_runner(self, model):
+        return _runner.runner_for(model)
+
+    def _runner_width(self, runner):
+        return runner.num_classes
+
+    def fit(self, model: keras.Model, data: Any = None, *, verbose: Any = "auto") -> Detector:
+        """Binds the detector to `model` (no fitting needed; `data` is ignored)."""
+        runner = self._model_runner(model)
+        if runner.num_classes is None:
+            raise ValueError(
+                "Logit detectors need a model with an `IsoMaxPlusLayer` or ending in a "
+                f"`Dense` classifier. Received: model={model.name!r}"
+            )
+        self.state = {"num_classes": runner.num_classes}
+        self.model_fingerprint = None
+        self._runner = runner
+        self.built = True
+        return self
+
+    def fit_features(self, features: Any = None, labels: Any = None, *, verbose: Any = "auto"):
+        """Nothing to fit: returns the detector (`score_features` takes logits)."""
+        return self
+
+    def attach(self, model: keras.Model) -> Detector:
+        if not self.state:
+            return self.fit(model)
+        return super().attach(model)
+
+    def _score_batch(self, batch):
+        values = self._score_array(batch.logits)
+        # NaN where the input held NaN/Inf, even when the backbone turned it into
+        # finite logits (the library's non-finite rule).
+        return np.where(batch.nonfinite, np.nan, values)
+
+    def _score_array(self, logits):
+        logits = np.asarray(logits, np.float32)
+        values = np.asarray(ops.convert_to_numpy(self.call(logits)), np.float64).reshape(-1)
+        return np.where(np.isfinite(logits).all(axis=1), values, np.nan)
+
+    def call(self, inputs):
+        return scores_lib.get(self.score_name)(ops.cast(inputs, "float32"))
+
+    def _input_size(self):
+        if not self.state:
+            raise ValueError(
+                f"Bind the detector with `.fit(model)` before saving. Received: detector={self.name!r}"
+            )
+        return self.state["num_classes"]
+
+
+@keras.saving.register_keras_serializable(package="keras_isomax")
+class MinimumDistance(LogitDetector):
+    """The minimum distance score (the largest logit of an IsoMax+ head) as a detector."""
+
+    score_name = "minimum_distance"
+
+
+@keras.saving.register_keras_serializable(package="keras_isomax")
+class Entropic(LogitDetector):
+    """The entropic score (negative entropy of `softmax(logits)`) as a detector."""
+
+    score_name = "entropic"
+
+
+@keras.saving.register_keras_serializable(package="keras_isomax")
+class MaxProbability(LogitDetector):
+    """The maximum softmax probability as a detector."""
+
+    score_name = "max_probability"
+
+
+@keras.saving.register_keras_serializable(package="keras_isomax")
+class MaxLogit(LogitDetector):
+    """The maximum logit as a detector."""
+
+    score_name = "max_logit"
+
+
+@keras.saving.register_keras_serializable(package="keras_isomax")
+class Energy(LogitDetector):
+    """The energy score (`logsumexp` of the logits) as a detector."""
+
+    score_name = "energy"

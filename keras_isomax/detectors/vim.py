@@ -1,0 +1,187 @@
+"""ViM detector: virtual-logit matching (Wang et al., 2022)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_isomax import _checks
+from keras_isomax.detectors.base import Detector, Reservoir
+from keras_isomax.layers import l2_normalize
+
+
+@keras.saving.register_keras_serializable(package="keras_isomax")
+class ViM(Detector):
+    """Virtual-logit matching on the classifier's linear head.
+
+    With `W`, `b` the linear head, `u = -pinv(W^T) b` its origin and `R` the
+    orthogonal complement of the top `dim` principal directions of the
+    training features about `u`: `score(z) = logsumexp(z W + b) - alpha * ||(z - u) R||`,
+    with `alpha` = mean max-logit / mean residual norm on the training data.
+    For a `Dense` head `W`, `b` are its kernel and bias; for an
+    `IsoMaxPlusLayer` the equivalent linear head on L2-normalised features
+    (`W = (|s| / T) * normalised prototypes`, `b = 0`). The second moment is
+    accumulated in float64 in one pass; `alpha`'s mean residual norm is taken
+    over a seeded uniform sample of at most `alpha_samples` training rows
+    (exact when the data has fewer).
+
+    Args:
+        dim: Dimension of the principal subspace, `1 <= dim < F`.
+        alpha_samples: Rows kept to compute `alpha`. Defaults to `50000`.
+        seed: Seed of that sample. Defaults to `0`.
+        **kwargs: `features`, `batch_size` and `keras.layers.Layer` arguments.
+
+    `fit_features(z, kernel=W, bias=b)` fits on precomputed features; the head
+    is then given explicitly (`normalize=True` for an IsoMax+ head's
+    equivalent head on normalised features).
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_isomax import detectors
+    >>> rng = np.random.default_rng(0)
+    >>> z, w = rng.normal(size=(300, 8)), rng.normal(size=(8, 3))
+    >>> det = detectors.ViM(dim=4).fit_features(z, kernel=w, bias=np.zeros(3), verbose=0)
+    >>> det.score_features(z[:2], verbose=0).shape
+    (2,)
+    """
+
+    def __init__(self, dim: int, alpha_samples: int = 50000, seed: int = 0, **kwargs: Any):
+        super().__init__(**kwargs)
+        _checks.check_int(dim, "dim")
+        _checks.check_int(alpha_samples, "alpha_samples", numpy=False)
+        self.dim = int(dim)
+        self.alpha_samples = alpha_samples
+        self.seed = seed
+        self._head = None
+
+    def _state_specs(self, state):
+        f, c = state["feature_dim"], state["num_classes"]
+        return {
+            "kernel": ((f, c), "float32"),
+            "bias": ((c,), "float32"),
+            "origin": ((f,), "float32"),
+            "null_space": ((f, f - self.dim), "float32"),
+            "alpha": ((), "float32"),
+        }
+
+    def fit_features(
+        self,
+        features: Any,
+        labels: Any = None,
+        *,
+        kernel: Any = None,
+        bias: Any = None,
+        normalize: bool = False,
+        verbose: Any = "auto",
+    ) -> ViM:
+        """Fits on precomputed features with an explicit linear head.
+
+        Args:
+            features: Features `(N, F)` or a batched dataset of them.
+            labels: Ignored (ViM needs none). Defaults to `None`.
+            kernel: The head's weight `(F, C)` (a `Dense` kernel).
+            bias: The head's bias `(C,)`. Defaults to `None` (zeros).
+            normalize: Whether the head acts on L2-normalised features (an
+                IsoMax+ head's equivalent). Defaults to `False`.
+            verbose: `"auto"`, 0, 1 or 2. Defaults to `"auto"`.
+
+        Returns:
+            The detector itself.
+        """
+        if kernel is None:
+            raise ValueError(
+                "ViM.fit_features needs the classifier's linear head: pass `kernel=` (F, C) "
+                "and `bias=` (C,). Received: kernel=None"
+            )
+        kernel = np.asarray(ops.convert_to_numpy(kernel), np.float64)
+        if kernel.ndim != 2:
+            raise ValueError(
+                f"`kernel` must be a matrix (F, C). Received: kernel of shape {kernel.shape}"
+            )
+        bias = (
+            np.zeros(kernel.shape[1])
+            if bias is None
+            else np.asarray(ops.convert_to_numpy(bias), np.float64).reshape(-1)
+        )
+        if bias.shape != (kernel.shape[1],):
+            raise ValueError(
+                f"`bias` must have one value per column of `kernel` ({kernel.shape[1]}). "
+                f"Received: bias of shape {bias.shape}"
+            )
+        self._head = (kernel, bias, bool(normalize))
+        try:
+            return super().fit_features(features, None, verbose=verbose)
+        finally:
+            self._head = None
+
+    def _fit(self, stream, context):
+        if context.runner is not None:
+            if self.features is not None:
+                raise ValueError(
+                    "ViM needs the input of the classifier head as features (its W and b act "
+                    f"on them). Received: features={self.features!r}"
+                )
+            kernel, bias, normalize = context.runner.linear_head()
+        else:
+            kernel, bias, normalize = self._head
+        f, c = kernel.shape
+        if self.dim >= f:
+            raise ValueError(
+                f"`dim` must be smaller than the feature dimension {f}. Received: dim={self.dim}"
+            )
+        origin = -(np.linalg.pinv(kernel.T) @ bias)
+        moment = np.zeros((f, f), np.float64)
+        reservoir = Reservoir(self.alpha_samples, self.seed)
+        max_logit_sum, total = 0.0, 0
+        for feats, _ in stream:
+            if feats.shape[1] != f:
+                raise ValueError(
+                    f"The features have {feats.shape[1]} columns but the head's kernel has "
+                    f"{f} rows. Received: features of width {feats.shape[1]}"
+                )
+            z = feats.astype(np.float64)
+            if normalize:
+                z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+            max_logit_sum += float((z @ kernel + bias).max(axis=1).sum())
+            z = z - origin
+            moment += z.T @ z
+            reservoir.add(z.astype(np.float32))
+            total += len(z)
+        if total == 0:
+            raise ValueError("`data` holds no examples. Received: empty data")
+        _, eigenvectors = np.linalg.eigh(moment / total)
+        null_space = eigenvectors[:, : f - self.dim]
+        residual = np.linalg.norm(reservoir.sample().astype(np.float64) @ null_space, axis=1)
+        alpha = (max_logit_sum / total) / residual.mean()
+        if not np.isfinite(alpha):
+            raise ValueError(
+                "ViM's alpha is not finite (all training features inside the principal "
+                f"subspace?). Received: dim={self.dim}"
+            )
+        self._make_state({"feature_dim": f, "num_classes": c, "normalize": normalize})
+        self.kernel.assign(kernel.astype(np.float32))
+        self.bias.assign(bias.astype(np.float32))
+        self.origin.assign(origin.astype(np.float32))
+        self.null_space.assign(null_space.astype(np.float32))
+        self.alpha.assign(np.float32(alpha))
+
+    def call(self, inputs):
+        feats = ops.cast(ops.reshape(inputs, (-1, self.state["feature_dim"])), "float32")
+        z = l2_normalize(feats) if self.state["normalize"] else feats
+        logits = ops.matmul(z, self.kernel) + self.bias
+        residual = ops.matmul(z - self.origin, self.null_space)
+        norm = ops.sqrt(ops.sum(residual * residual, axis=1))
+        score = ops.logsumexp(logits, axis=1) - self.alpha * norm
+        return self._nan_rows(feats, score)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "dim": self.dim,
+            "alpha_samples": self.alpha_samples,
+            "seed": self.seed,
+        }
