@@ -107,16 +107,7 @@ class OODEvaluation(Sequence):
         return report.to_string(self.rows, columns, digits)
 
     def to_markdown(self, columns=None, digits=2):
-        """The table as GitHub Markdown, metrics in percent.
-
-        Args:
-            columns: Keys to show. Defaults to `None` (all but
-                `tnr_at_tpr`, `fpr_at_tpr` and `fpr_at_tpr95`).
-            digits: Decimals of the percentages. Defaults to `2`.
-
-        Returns:
-            The Markdown table as a string.
-        """
+        """The table of `to_string` (same arguments) as GitHub Markdown."""
         return report.to_markdown(self.rows, columns, digits)
 
     def plot_score_histograms(self, path, model=None, score=None, **kwargs):

@@ -69,19 +69,7 @@ def to_string(rows, columns=None, digits=2):
 
 
 def to_markdown(rows, columns=None, digits=2):
-    """The evaluation rows as a GitHub Markdown table, metrics in percent.
-
-    Args:
-        rows: Dict rows with the keys `ROW_KEYS`.
-        columns: Keys to show. Defaults to `None` (all but
-            `tnr_at_tpr`, `fpr_at_tpr` and `fpr_at_tpr95`).
-        digits: Decimals of the percentages. Defaults to `2`.
-
-    Returns:
-        The Markdown table as a string.
-
-    Raises:
-        ValueError: If a column is not one of `ROW_KEYS`.
+    """`to_string`'s table (same arguments) as GitHub Markdown.
 
     Example:
 

@@ -244,6 +244,10 @@ class Detector(keras.layers.Layer):
 
     def _feature_stream(self, features, labels, arg_name, verbose, what):
         """`(features (B, F) float32, labels or None)` batches of precomputed features."""
+        if isinstance(features, list):
+            features = np.asarray(features, np.float32)
+        if isinstance(labels, list):
+            labels = np.asarray(labels)
         if labels is not None and not _data.is_in_memory(features):
             raise ValueError(
                 "`labels` goes with array `features`; a dataset yields `(features, labels)` "

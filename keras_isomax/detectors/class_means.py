@@ -27,19 +27,19 @@ class ClassMeans(Detector):
     vectors.
 
     Args:
-        num_classes: Number of classes; `None` takes the classifier's (or,
-            with `fit_features`, the largest label + 1). Defaults to `None`.
+        num_classes: How many class means; every class needs examples.
+            Defaults to `None`: the classifier's classes (`fit`), or the
+            largest label + 1 (`fit_features`).
         **kwargs: `features`, `batch_size` and `keras.layers.Layer` arguments.
 
     Example:
 
     >>> import numpy as np
     >>> from keras_isomax import detectors
-    >>> rng = np.random.default_rng(0)
-    >>> z, y = rng.normal(size=(300, 8)), rng.integers(0, 3, 300)
-    >>> det = detectors.ClassMeans().fit_features(z, y, verbose=0)
-    >>> bool((det.score_features(z, verbose=0) <= 0).all())
-    True
+    >>> z = np.array([[1.0, 0.0], [2.0, 0.1], [0.0, 1.0], [0.1, 3.0]])
+    >>> det = detectors.ClassMeans().fit_features(z, [0, 0, 1, 1], verbose=0)
+    >>> det.score_features([[5.0, 0.1], [-1.0, -1.0]], verbose=0).round(3)
+    array([-0.005, -1.854])
     """
 
     needs_labels = True

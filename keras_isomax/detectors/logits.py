@@ -77,36 +77,43 @@ class LogitDetector(Detector):
         return self.state["num_classes"]
 
 
-@keras.saving.register_keras_serializable(package="keras_isomax")
 class MinimumDistance(LogitDetector):
-    """The minimum distance score (the largest logit of an IsoMax+ head) as a detector."""
+    """The minimum distance score as a detector: `max_c logits[c]`.
+
+    On an IsoMax+ head the largest logit is minus the (scaled) distance to the
+    nearest prototype, the paper's score; see `scores.minimum_distance_score`.
+    """
 
     score_name = "minimum_distance"
 
 
-@keras.saving.register_keras_serializable(package="keras_isomax")
 class Entropic(LogitDetector):
-    """The entropic score (negative entropy of `softmax(logits)`) as a detector."""
+    """The entropic score as a detector: `sum_c p_c log p_c`, `p = softmax(logits)`."""
 
     score_name = "entropic"
 
 
-@keras.saving.register_keras_serializable(package="keras_isomax")
 class MaxProbability(LogitDetector):
-    """The maximum softmax probability as a detector."""
+    """The maximum softmax probability (Hendrycks & Gimpel, 2017) as a detector:
+    `max_c softmax(logits)[c]`."""
 
     score_name = "max_probability"
 
 
-@keras.saving.register_keras_serializable(package="keras_isomax")
 class MaxLogit(LogitDetector):
-    """The maximum logit as a detector."""
+    """The maximum logit as a detector: `max_c logits[c]` (on any head)."""
 
     score_name = "max_logit"
 
 
-@keras.saving.register_keras_serializable(package="keras_isomax")
 class Energy(LogitDetector):
-    """The energy score (`logsumexp` of the logits) as a detector."""
+    """The energy score (Liu et al., 2020) as a detector: `logsumexp_c logits[c]`.
+
+    Higher for more in-distribution inputs (minus the free energy at temperature 1).
+    """
 
     score_name = "energy"
+
+
+for _detector in (MinimumDistance, Entropic, MaxProbability, MaxLogit, Energy):
+    keras.saving.register_keras_serializable(package="keras_isomax")(_detector)
