@@ -86,7 +86,7 @@ def calibrate_threshold(
     >>> from keras_isomax.calibration import calibrate_threshold
     >>> model = keras.Sequential([keras.Input((4,)), IsoMaxPlusLayer(3)])
     >>> x = np.random.default_rng(0).normal(size=(1000, 4)).astype("float32")
-    >>> t = calibrate_threshold(model, x, tpr=0.9)
+    >>> t = calibrate_threshold(model, x, tpr=0.9, verbose=0)
     >>> scores = model.predict(x, verbose=0).max(axis=-1)
     >>> float(np.mean(scores >= t))
     0.9
@@ -224,7 +224,7 @@ def calibrate_temperature(
     >>> rng = np.random.default_rng(0)
     >>> y = rng.integers(0, 3, 300)
     >>> x = (prototypes[y] + 0.3 * rng.normal(size=(300, 4))).astype("float32")
-    >>> result = calibrate_temperature(model, (x, y))
+    >>> result = calibrate_temperature(model, (x, y), verbose=0)
     >>> bool(result.temperature < 1 and result.nll_after < result.nll_before)
     True
     """
@@ -394,8 +394,8 @@ def predict_ood(
     >>> from keras_isomax.calibration import calibrate_threshold, predict_ood
     >>> model = keras.Sequential([keras.Input((4,)), IsoMaxPlusLayer(3)])
     >>> x = np.random.default_rng(0).normal(size=(100, 4)).astype("float32")
-    >>> _ = calibrate_threshold(model, x)
-    >>> out = predict_ood(model, x[:5])
+    >>> _ = calibrate_threshold(model, x, verbose=0)
+    >>> out = predict_ood(model, x[:5], verbose=0)
     >>> sorted(out)
     ['class', 'is_ood', 'score']
     """

@@ -211,7 +211,7 @@ def evaluate_ood(
     >>> rng = np.random.default_rng(0)
     >>> x, y = rng.normal(size=(200, 4)).astype("float32"), rng.integers(0, 3, 200)
     >>> noise = rng.uniform(size=(100, 4)).astype("float32")
-    >>> result = evaluate_ood(model, (x, y), {"noise": noise})
+    >>> result = evaluate_ood(model, (x, y), {"noise": noise}, verbose=0)
     >>> sorted(result[0])[:3]
     ['accuracy', 'aupr_in', 'aupr_out']
     """

@@ -73,6 +73,7 @@ def to_markdown(rows, columns=None, digits=2):
 
     Example:
 
+    >>> from keras_isomax.report import to_markdown
     >>> row = {"model": "m", "score": "s", "ood": "noise", "auroc": 0.9512}
     >>> print(to_markdown([row], columns=["model", "ood", "auroc"]))
     | model | OOD set | AUROC |

@@ -358,14 +358,3 @@ def test_tpr_keys_and_their_95_aliases_hold_the_value_at_the_tpr_passed(tpr):
     assert m["fpr_at_tpr"] == pytest.approx(1.0 - tnr, abs=1e-12)
     assert m["tnr_at_tpr95"] == m["tnr_at_tpr"]
     assert m["fpr_at_tpr95"] == m["fpr_at_tpr"]
-
-
-def test_old_metrics_paths_warn_and_give_the_same_functions():
-    import keras_isomax.detection_metrics as detection_metrics
-    import keras_isomax.metrics as old
-
-    for name in ("ood_metrics", "roc_curve", "threshold_at_tpr", "expected_calibration_error"):
-        with pytest.warns(DeprecationWarning, match=f"detection_metrics.{name}"):
-            assert getattr(old, name) is getattr(detection_metrics, name)
-    with pytest.raises(AttributeError):
-        old.no_such_name  # noqa: B018
