@@ -92,8 +92,22 @@ def iter_batches(data, arg_name, batch_size=None):
                 None if y is None else y[rows],
             )
         return
+    convert = keras.backend.backend() != "tensorflow"
     for element in iter_elements(data, arg_name):
-        yield split_element(element, arg_name)
+        x, y = split_element(element, arg_name)
+        if convert:  # A `tf.data.Dataset` feeding a JAX or PyTorch model.
+            x, y = _from_tensorflow(x), _from_tensorflow(y)
+        yield x, y
+
+
+def _from_tensorflow(structure):
+    """TensorFlow tensors in `structure` as NumPy arrays (other leaves unchanged)."""
+    if structure is None:
+        return None
+    return keras.tree.map_structure(
+        lambda leaf: leaf.numpy() if type(leaf).__module__.startswith("tensorflow") else leaf,
+        structure,
+    )
 
 
 def class_ids(y, arg_name, num_classes=None):

@@ -440,7 +440,11 @@ def predict_ood(
         class_id=np.argmax(logits, axis=-1).astype(np.int64),
     )
     out = {key: np.asarray(keras.ops.convert_to_numpy(value)) for key, value in out.items()}
-    return {"score": out["score"], "is_ood": out["is_ood"], "class": out["class_id"]}
+    return {
+        "score": out["score"],
+        "is_ood": out["is_ood"].astype(bool),
+        "class": out["class_id"].astype(np.int64),
+    }
 
 
 def _predict_with_detector(model, x, threshold, detector, verbose):

@@ -107,36 +107,47 @@ def _signature_tensor_names(saved_model_dir, signature):
     return inputs, outputs
 
 
-# Test files whose tests run on every Keras backend (the others still use TF
-# tensors in the tests themselves, e.g. `.numpy()`, or TF-only features:
-# SavedModel export, tf.distribute, tf.data/TFDS, the CLI). Tests inside them
-# that need TensorFlow skip themselves on other backends.
-BACKEND_NEUTRAL_FILES = {
-    "test_backends.py",  # layer, loss, scores, metric, calibration, evaluation, head, .keras
-    "test_detection_metrics.py",
-    "test_metrics.py",
-    "test_edge_export.py",
+# Test files of TensorFlow-only features (SavedModel export and serving,
+# tf.distribute, TFDS data, the CLI and demo, which export SavedModels). Every
+# other test file tests a backend-neutral feature and runs on TensorFlow, JAX
+# and PyTorch (`make test`); a test inside it that needs TensorFlow itself is
+# marked `tensorflow_only` and skips on the other backends.
+TENSORFLOW_ONLY_FILES = {
+    "test_app_models.py",
+    "test_cli.py",
+    "test_cli_errors.py",
+    "test_data.py",
+    "test_distribute.py",
+    "test_export.py",
+    "test_export_staging.py",
+    "test_nonfinite_inputs.py",
+    "test_quality_protocol.py",
+    "test_serving_load.py",
 }
 
+BACKEND = keras.backend.backend()
 
-if keras.backend.backend() != "tensorflow":
+if BACKEND != "tensorflow":
     # Not even imported: those modules import TensorFlow-only parts at the top.
-    collect_ignore = sorted(
-        name
-        for name in os.listdir(os.path.dirname(__file__))
-        if name.startswith("test_") and name.endswith(".py") and name not in BACKEND_NEUTRAL_FILES
-    )
+    collect_ignore = sorted(TENSORFLOW_ONLY_FILES)
 
 
 def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason=f"needs the TensorFlow backend (running on {BACKEND})")
     for item in items:
-        if item.path.name in BACKEND_NEUTRAL_FILES:
+        if item.path.name not in TENSORFLOW_ONLY_FILES:
             item.add_marker(pytest.mark.backend_neutral)
+        if BACKEND != "tensorflow" and item.get_closest_marker("tensorflow_only"):
+            item.add_marker(skip)
 
 
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",
-        "backend_neutral: runs on every Keras backend (make test runs these again "
-        "with KERAS_BACKEND=jax and KERAS_BACKEND=torch)",
+        "backend_neutral: in a file of backend-neutral tests (they run on every Keras "
+        "backend: make test runs them again with KERAS_BACKEND=jax and =torch)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "tensorflow_only: needs the TensorFlow backend itself (skipped on JAX and PyTorch)",
     )
