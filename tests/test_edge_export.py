@@ -299,30 +299,39 @@ def test_cli_exports_a_detector(rng, tmp_path, capsys, fmt):
     assert np.mean(~out["is_ood"]) == pytest.approx(0.95, abs=0.01)
 
 
-class _NaNBelow(keras.layers.Layer):
-    """NaN features for a finite input whose first value is below -10 (else unchanged)."""
+class _Pathological(keras.layers.Layer):
+    """Finite inputs, non-finite features: NaN everywhere when the first value is
+    below -10, +Inf as the last feature when it is above 240 (else unchanged: the
+    added `exp` underflows to exactly 0)."""
 
     def call(self, x):
-        return x + 0.0 * keras.ops.log(x[:, :1] + 10.0)
+        x = x + 0.0 * keras.ops.log(x[:, :1] + 10.0)
+        return keras.ops.concatenate([x[:, :4], x[:, 4:] + keras.ops.exp(x[:, 4:] - 150.0)], -1)
 
 
 def _tie_model():
     """Integer weights and inputs: every logit is an exact integer in every runtime,
-    so ties are real ties; columns 4 and 5 repeat columns 1 and 0."""
+    so ties are real ties; columns 4 and 5 repeat columns 1 and 0. An infinite last
+    feature gives +-Inf logits, and NaN (0 * Inf) in columns 1 and 4."""
     inputs = keras.Input((5,))
     dense = keras.layers.Dense(6, name="logits")
-    model = keras.Model(inputs, dense(_NaNBelow()(inputs)))
+    model = keras.Model(inputs, dense(_Pathological()(inputs)))
     kernel = np.random.default_rng(11).integers(-2, 3, size=(5, 6)).astype("float32")
+    kernel[4] = [1, 0, -1, 2, 0, 1]
     kernel[:, 4], kernel[:, 5] = kernel[:, 1], kernel[:, 0]
     dense.set_weights([kernel, np.zeros(6, "float32")])
     return model, kernel
 
 
 def _expected_class_ids(x, kernel):
-    """Float64 reference: the first index of the maximum; -1 for NaN/Inf inputs and NaN rows."""
+    """Float64 reference: the first index of the maximum; -1 for NaN/Inf inputs and rows
+    holding NaN logits."""
+    features = x.astype(np.float64)
+    features[x[:, 0] < -10] = np.nan
+    features[x[:, 4] > 240, 4] = np.inf
     with np.errstate(invalid="ignore"):
-        logits = x.astype(np.float64) @ kernel.astype(np.float64)
-    bad = ~np.isfinite(x).all(-1) | (x[:, 0] < -10) | np.isnan(logits).any(-1)
+        logits = np.stack([np.sum(features * kernel[:, j], -1) for j in range(6)], -1)
+    bad = ~np.isfinite(x).all(-1) | np.isnan(logits).any(-1)
     return np.where(bad, -1, np.argmax(np.where(np.isnan(logits), -np.inf, logits), -1))
 
 
@@ -335,11 +344,13 @@ def test_formats_serve_the_same_class_ids_and_decisions(rng, tmp_path):
     model, kernel = _tie_model()
     x = rng.integers(-3, 4, size=(64, 5)).astype("float32")
     x[5, 0] = x[9, 0] = -20.0  # Finite inputs, NaN logits.
+    x[13, 4] = 300.0  # Finite input; logits +-Inf, and NaN in columns 1 and 4 only.
     x[7, 2], x[11, 4] = np.nan, -np.inf
     det = detectors.MaxLogit().fit(model)
     logits = keras.ops.convert_to_numpy(model(x))
+    assert np.isnan(logits[13]).sum() == 2 and np.isinf(logits[13]).sum() == 4
     expected = _expected_class_ids(x, kernel)
-    assert set(expected[[5, 7, 9, 11]]) == {-1}
+    assert set(expected[[5, 7, 9, 11, 13]]) == {-1}
     # Columns 4 and 5 tie with 1 and 0 in every row: the maximum is often there,
     # and the first index (0 or 1) must win.
     assert {0, 1} <= set(expected) and not {4, 5} & set(expected)
@@ -354,10 +365,12 @@ def test_formats_serve_the_same_class_ids_and_decisions(rng, tmp_path):
         path = export_saved_model(model, tmp_path / "sm", threshold, detector=det)
         outputs["saved_model"] = tf.saved_model.load(path).signatures["score"](inputs=x)
     score = np.where(expected >= 0, np.max(logits, -1), np.nan)
+    # Row 13's score is the runtime's max over a row holding NaN: NaN or +Inf.
+    rows = np.arange(len(x)) != 13
     for name, out in outputs.items():
         out = {key: keras.ops.convert_to_numpy(out[key]) for key in SCORE_OUTPUTS}
         np.testing.assert_array_equal(out["class_id"], expected, err_msg=name)
-        np.testing.assert_array_equal(out["score"], score, err_msg=name)  # Exact integers.
-        np.testing.assert_array_equal(out["is_ood"], ~(score >= threshold), err_msg=name)
+        np.testing.assert_array_equal(out["score"][rows], score[rows], err_msg=name)  # Exact.
+        np.testing.assert_array_equal(out["is_ood"][rows], ~(score >= threshold)[rows], name)
         np.testing.assert_array_equal(out["threshold"], np.full(len(x), threshold), err_msg=name)
     assert 0 < np.sum(~(score >= threshold)) < len(x)
