@@ -21,10 +21,12 @@
  *
  * Load mode: with RUN_SIGNATURE_BATCHES=FILE in the environment (int32 batch
  * sizes, one per request, summing to the input's first dimension), the input
- * rows are split into those requests, which RUN_SIGNATURE_THREADS threads
- * (default 8) run at once on the one session, request r on thread
- * r % THREADS. The outputs are printed as above, each the concatenation of
- * the requests' outputs in request order.
+ * rows are split into those requests, which run on one thread, then on
+ * RUN_SIGNATURE_THREADS threads (default 8) at once on the same session,
+ * request r on thread r % THREADS. A line "load: R requests on T threads, A
+ * answered, D differ from one thread" compares the two runs byte for byte;
+ * the concurrent run's outputs are printed as above, each the concatenation
+ * of the requests' outputs in request order.
  *
  * Build (see tests/test_export.py):
  *   gcc run_signature.c -I$TF/include -L$TF -l:libtensorflow_cc.so.2 \
@@ -171,7 +173,55 @@ static void *run_requests(void *arg) {
   return NULL;
 }
 
-/* Runs the requests of RUN_SIGNATURE_BATCHES; prints the outputs. */
+/* Runs every request on `num_threads` threads; their outputs go to `results`.
+ * Returns the number of requests answered, or -1 after an error. */
+static int run_all(Load *l, int num_threads, TF_Tensor **results) {
+  l->num_threads = num_threads;
+  l->results = results;
+  pthread_t *threads = calloc((size_t)num_threads, sizeof(pthread_t));
+  Worker *workers = calloc((size_t)num_threads, sizeof(Worker));
+  int started = 0;
+  for (; started < num_threads; ++started) {
+    workers[started].load = l;
+    workers[started].thread = started;
+    workers[started].code = TF_OK;
+    if (pthread_create(&threads[started], NULL, run_requests,
+                       &workers[started]) != 0) {
+      fprintf(stderr, "error: cannot start thread %d\n", started);
+      break;
+    }
+  }
+  int done = started == num_threads ? 0 : -1;
+  for (int t = 0; t < started; ++t) {
+    pthread_join(threads[t], NULL);
+    if (workers[t].code != TF_OK) {
+      fprintf(stderr, "error: %d thread %d, %s\n", (int)workers[t].code, t,
+              workers[t].message);
+      done = -1;
+    } else if (done >= 0) {
+      done += workers[t].done;
+    }
+  }
+  free(threads);
+  free(workers);
+  return done;
+}
+
+/* Whether two tensors have the same dtype, shape and bytes. */
+static int same_tensor(TF_Tensor *a, TF_Tensor *b) {
+  if (TF_TensorType(a) != TF_TensorType(b) || TF_NumDims(a) != TF_NumDims(b) ||
+      TF_TensorByteSize(a) != TF_TensorByteSize(b)) {
+    return 0;
+  }
+  for (int d = 0; d < TF_NumDims(a); ++d) {
+    if (TF_Dim(a, d) != TF_Dim(b, d)) return 0;
+  }
+  return memcmp(TF_TensorData(a), TF_TensorData(b), TF_TensorByteSize(a)) == 0;
+}
+
+/* Runs the requests of RUN_SIGNATURE_BATCHES on one thread, then on
+ * `l->num_threads` at once; compares the answers byte for byte and prints
+ * the concurrent run's outputs. */
 static int run_load(Load *l, const char *batches_file, char **names) {
   FILE *f = fopen(batches_file, "rb");
   if (f == NULL) {
@@ -203,44 +253,38 @@ static int run_load(Load *l, const char *batches_file, char **names) {
   }
   l->batches = batches;
   l->first_row = first_row;
-  l->results = calloc((size_t)l->num_requests * (size_t)l->num_outputs,
-                      sizeof(TF_Tensor *));
-  pthread_t *threads = calloc((size_t)l->num_threads, sizeof(pthread_t));
-  Worker *workers = calloc((size_t)l->num_threads, sizeof(Worker));
-  for (int t = 0; t < l->num_threads; ++t) {
-    workers[t].load = l;
-    workers[t].thread = t;
-    workers[t].code = TF_OK;
-    if (pthread_create(&threads[t], NULL, run_requests, &workers[t]) != 0) {
-      fprintf(stderr, "error: cannot start thread %d\n", t);
-      return 1;
+  size_t count = (size_t)l->num_requests * (size_t)l->num_outputs;
+  TF_Tensor **sequential = calloc(count, sizeof(TF_Tensor *));
+  TF_Tensor **concurrent = calloc(count, sizeof(TF_Tensor *));
+  int num_threads = l->num_threads;
+  if (run_all(l, 1, sequential) < 0) return 1;
+  int done = run_all(l, num_threads, concurrent);
+  if (done < 0) return 1;
+  int differ = 0;
+  for (int r = 0; r < l->num_requests; ++r) {
+    for (int i = 0; i < l->num_outputs; ++i) {
+      size_t k = (size_t)r * l->num_outputs + i;
+      if (concurrent[k] == NULL || !same_tensor(concurrent[k], sequential[k])) {
+        differ++;
+        break;
+      }
     }
   }
-  int done = 0, failed = 0;
-  for (int t = 0; t < l->num_threads; ++t) {
-    pthread_join(threads[t], NULL);
-    done += workers[t].done;
-    if (workers[t].code != TF_OK) {
-      fprintf(stderr, "error: %d thread %d, %s\n", (int)workers[t].code, t,
-              workers[t].message);
-      failed = 1;
-    }
-  }
-  printf("load: %d requests on %d threads, %d answered\n", l->num_requests,
-         l->num_threads, done);
-  if (failed) return 1;
+  printf("load: %d requests on %d threads, %d answered, %d differ from one thread\n",
+         l->num_requests, num_threads, done, differ);
   for (int i = 0; i < l->num_outputs; ++i) {
-    print_header(names[i], l->results[i], l->dims[0]);
+    print_header(names[i], concurrent[i], l->dims[0]);
     for (int r = 0; r < l->num_requests; ++r) {
-      TF_Tensor *t = l->results[(size_t)r * l->num_outputs + i];
-      print_values(t, r == 0);
-      TF_DeleteTensor(t);
+      print_values(concurrent[(size_t)r * l->num_outputs + i], r == 0);
     }
     printf("\n");
   }
-  free(threads);
-  free(workers);
-  free(l->results);
+  for (size_t k = 0; k < count; ++k) {
+    if (sequential[k]) TF_DeleteTensor(sequential[k]);
+    if (concurrent[k]) TF_DeleteTensor(concurrent[k]);
+  }
+  free(sequential);
+  free(concurrent);
   free(first_row);
   free(batches);
   return 0;
