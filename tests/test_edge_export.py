@@ -145,6 +145,17 @@ def test_existing_file_is_kept(rng, tmp_path):
     assert target.read_bytes() == b"not mine"
 
 
+def test_layers_after_the_isomax_layer_are_refused(tmp_path):
+    inputs = keras.Input((4,))
+    logits = IsoMaxPlusLayer(3, name="isomax")(inputs)
+    model = keras.Model(inputs, keras.layers.Softmax(name="softmax")(logits))
+    exporters = [export_onnx] + ([export_litert] if BACKEND == "tensorflow" else [])
+    for export in exporters:
+        with pytest.raises(ValueError, match="must be the logits.*'softmax'"):
+            export(model, tmp_path / "m", threshold=-1.0)
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="backend-independent: checked once")
 def test_a_file_that_appears_while_writing_is_kept(rng, tmp_path, monkeypatch):
     """With overwrite=False the staged file never replaces one that appeared meanwhile."""
