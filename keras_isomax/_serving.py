@@ -1,4 +1,4 @@
-"""The non-finite input rule shared by every serving path (backend-neutral).
+"""The per-row rules of every serving path: non-finite inputs, class ids (backend-neutral).
 
 A backbone may turn a NaN or Inf input into finite features (for example
 oneDNN's ReLU maps NaN to 0 on some CPUs), and the input would then get a
@@ -7,10 +7,10 @@ an example whose input holds any NaN or Inf gets `score` NaN, `is_ood` True,
 `class_id` -1 (`NONFINITE_CLASS_ID`) and NaN `probabilities`, whatever the
 model computed for it.
 
-This module is the one implementation of that rule, used by the SavedModel
-signatures (`export.py`), `predict_ood` and the LiteRT/ONNX exports
-(`edge.py`). It is written with `keras.ops` in a form every converter keeps
-exact, so that one graph serves TensorFlow, LiteRT and ONNX:
+This module is the one implementation of that rule and of the class id rule
+(`class_ids`), used by the exports (through `_served_outputs`), `predict_ood`
+and the detectors. It is written with `keras.ops` in a form every converter
+keeps exact, so that one graph serves TensorFlow, LiteRT and ONNX:
 
 - no `isfinite`/`isnan` (no LiteRT builtin): an element is finite iff
   `|x| <= max(dtype)`, a comparison that is False for NaN and +-Inf;
@@ -18,7 +18,10 @@ exact, so that one graph serves TensorFlow, LiteRT and ONNX:
   `LogicalNot(LessEqual(a, b))` into `Greater(a, b)`, which is False for
   NaN): the per-row flag is cast to a 0/1 float and compared with 0.5;
 - no float `where` (tf2onnx lowers it to `c * a + (1 - c) * b`, which turns
-  every row NaN when one is): NaN is added as `sqrt(-1)`, `+0` elsewhere.
+  every row NaN when one is): NaN is added as `sqrt(-1)`, `+0` elsewhere;
+- no `argmax` (Keras' TensorFlow `argmax` bitcasts floats, which LiteRT and
+  ONNX lack, and TensorFlow leaves the index on ties unspecified): the first
+  index of the maximum is found with comparisons and an integer `max`.
 """
 
 from __future__ import annotations
@@ -119,6 +122,33 @@ def decide(score, threshold):
         A boolean tensor `(B,)`.
     """
     return ops.cast(score >= threshold, "float32") < 0.5
+
+
+def class_ids(logits):
+    """The class of each row: the first index of its maximum, -1 if it holds NaN.
+
+    Exact under every converter (comparisons, integer products and an integer
+    `max` reduction only): on ties the lowest index wins, and a row with a NaN
+    logit (which has no maximum) gets `NONFINITE_CLASS_ID`, whether or not the
+    runtime's `max` propagates NaN.
+
+    Args:
+        logits: Float `(B, C)`, with a static `C`.
+
+    Returns:
+        An int64 tensor `(B,)` (int32 on JAX without `jax_enable_x64`).
+    """
+    logits = ops.convert_to_tensor(logits)
+    num_classes = logits.shape[-1]
+    top = ops.max(logits, axis=-1, keepdims=True)
+    at_top = ops.cast(logits >= top, "int32")
+    # Every element compares with the maximum unless it (or the maximum) is NaN.
+    compared = at_top + ops.cast(logits < top, "int32")
+    ordered = ops.cast(ops.all(compared > 0, axis=-1), "int32")
+    # C - i at each maximum i, 0 elsewhere: the largest is the first maximum's.
+    weights = ops.arange(num_classes, 0, -1, dtype="int32")
+    first = num_classes - ops.max(at_top * weights, axis=-1)
+    return ops.cast(ordered * (first - NONFINITE_CLASS_ID) + NONFINITE_CLASS_ID, "int64")
 
 
 def apply_nonfinite_rule(nonfinite, score=None, is_ood=None, class_id=None, probabilities=None):

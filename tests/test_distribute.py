@@ -417,33 +417,30 @@ def test_train_step_compiles_with_xla(single_run):
 
 
 def test_export_functions_compile_with_xla(single_run):
-    """The exported signatures' functions compile with XLA, with a static batch
+    """What the exported signatures compute compiles with XLA, with a static batch
     (as on TPUs: no host ops, static shapes) and with a dynamic one."""
-    from keras_isomax.export import _serving_functions
+    from keras_isomax.export import serving_function
 
     _, _, model = single_run
     x, _ = worker.make_data()
     x = x[: worker.GLOBAL_BATCH]
     logits = model.predict(x, verbose=0)
-    functions = _serving_functions(model, threshold=-0.5)
-    assert set(functions) == {"serving_default", "score"}
-    for name, fn in functions.items():
-        want = fn(tf.constant(x))
-        for batch in (worker.GLOBAL_BATCH, None):
-            spec = [tf.TensorSpec((batch, worker.NUM_FEATURES), tf.float32)]
-            xla = tf.function(fn, jit_compile=True, input_signature=spec)
-            got = xla(tf.constant(x))
-            assert set(got) == set(want)
-            for key in got:
-                np.testing.assert_allclose(got[key], want[key], atol=TOL, err_msg=f"{name}/{key}")
-            assert "HloModule" in xla.experimental_get_compiler_ir(x)(stage="hlo")
-            if batch is not None:
-                _check_graph_for_tpu(xla.get_concrete_function())
-        if "score" in got:
-            np.testing.assert_allclose(got["score"], logits.max(-1), atol=TOL)
-            np.testing.assert_array_equal(got["is_ood"], logits.max(-1) < -0.5)
-        if "logits" in got:
-            np.testing.assert_allclose(got["logits"], logits, atol=TOL)
+
+    fn = serving_function(model, threshold=-0.5)
+    want = fn(tf.constant(x))
+    for batch in (worker.GLOBAL_BATCH, None):
+        spec = [tf.TensorSpec((batch, worker.NUM_FEATURES), tf.float32)]
+        xla = tf.function(fn, jit_compile=True, input_signature=spec)
+        got = xla(tf.constant(x))
+        assert set(got) == set(want)
+        for key in got:
+            np.testing.assert_allclose(got[key], want[key], atol=TOL, err_msg=key)
+        assert "HloModule" in xla.experimental_get_compiler_ir(x)(stage="hlo")
+        if batch is not None:
+            _check_graph_for_tpu(xla.get_concrete_function())
+    np.testing.assert_allclose(got["score"], logits.max(-1), atol=TOL)
+    np.testing.assert_array_equal(got["is_ood"], logits.max(-1) < -0.5)
+    np.testing.assert_allclose(got["logits"], logits, atol=TOL)
 
 
 def test_mixed_bfloat16_trains_with_xla(single_run):

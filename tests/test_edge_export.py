@@ -145,6 +145,34 @@ def test_existing_file_is_kept(rng, tmp_path):
     assert target.read_bytes() == b"not mine"
 
 
+def test_layers_after_the_isomax_layer_are_refused(tmp_path):
+    inputs = keras.Input((4,))
+    logits = IsoMaxPlusLayer(3, name="isomax")(inputs)
+    model = keras.Model(inputs, keras.layers.Softmax(name="softmax")(logits))
+    exporters = [export_onnx] + ([export_litert] if BACKEND == "tensorflow" else [])
+    for export in exporters:
+        with pytest.raises(ValueError, match="must be the logits.*'softmax'"):
+            export(model, tmp_path / "m", threshold=-1.0)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="backend-independent: checked once")
+def test_a_file_that_appears_while_writing_is_kept(rng, tmp_path, monkeypatch):
+    """With overwrite=False the staged file never replaces one that appeared meanwhile."""
+    model, target = _model(rng), tmp_path / "model.onnx"
+    real_export = keras.Model.export
+
+    def export(self, filepath, *args, **kwargs):
+        target.write_bytes(b"written meanwhile")
+        return real_export(self, filepath, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "export", export)
+    with pytest.raises(FileExistsError, match="overwrite=False"):
+        export_onnx(model, target, threshold=-1.0)
+    assert target.read_bytes() == b"written meanwhile"
+    assert os.listdir(tmp_path) == ["model.onnx"]  # Nothing staged is left.
+
+
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="checks the error on other backends")
 def test_litert_on_other_backends_says_what_to_do(rng, tmp_path):
     with pytest.raises(RuntimeError, match="export_onnx"):
@@ -280,3 +308,80 @@ def test_cli_exports_a_detector(rng, tmp_path, capsys, fmt):
     out = (_run_onnx if fmt == "onnx" else _run_litert)(str(target), x)
     # Calibrated at TPR 0.95 on these 200 test images (same seeded subset): 95% accepted.
     assert np.mean(~out["is_ood"]) == pytest.approx(0.95, abs=0.01)
+
+
+class _Pathological(keras.layers.Layer):
+    """Finite inputs, non-finite features: NaN everywhere when the first value is
+    below -10, +Inf as the last feature when it is above 240 (else unchanged: the
+    added `exp` underflows to exactly 0)."""
+
+    def call(self, x):
+        x = x + 0.0 * keras.ops.log(x[:, :1] + 10.0)
+        return keras.ops.concatenate([x[:, :4], x[:, 4:] + keras.ops.exp(x[:, 4:] - 150.0)], -1)
+
+
+def _tie_model():
+    """Integer weights and inputs: every logit is an exact integer in every runtime,
+    so ties are real ties; columns 4 and 5 repeat columns 1 and 0. An infinite last
+    feature gives +-Inf logits, and NaN (0 * Inf) in columns 1 and 4."""
+    inputs = keras.Input((5,))
+    dense = keras.layers.Dense(6, name="logits")
+    model = keras.Model(inputs, dense(_Pathological()(inputs)))
+    kernel = np.random.default_rng(11).integers(-2, 3, size=(5, 6)).astype("float32")
+    kernel[4] = [1, 0, -1, 2, 0, 1]
+    kernel[:, 4], kernel[:, 5] = kernel[:, 1], kernel[:, 0]
+    dense.set_weights([kernel, np.zeros(6, "float32")])
+    return model, kernel
+
+
+def _expected_class_ids(x, kernel):
+    """Float64 reference: the first index of the maximum; -1 for NaN/Inf inputs and rows
+    holding NaN logits."""
+    features = x.astype(np.float64)
+    features[x[:, 0] < -10] = np.nan
+    features[x[:, 4] > 240, 4] = np.inf
+    with np.errstate(invalid="ignore"):
+        logits = np.stack([np.sum(features * kernel[:, j], -1) for j in range(6)], -1)
+    bad = ~np.isfinite(x).all(-1) | np.isnan(logits).any(-1)
+    return np.where(bad, -1, np.argmax(np.where(np.isnan(logits), -np.inf, logits), -1))
+
+
+def test_formats_serve_the_same_class_ids_and_decisions(rng, tmp_path):
+    """SavedModel, LiteRT, ONNX and `serving_function` give the same outputs on exact ties,
+    non-finite inputs and NaN logits from finite inputs: one definition, kept exact."""
+    from keras_isomax import detectors
+    from keras_isomax.export import SCORE_OUTPUTS, export_saved_model, serving_function
+
+    model, kernel = _tie_model()
+    x = rng.integers(-3, 4, size=(64, 5)).astype("float32")
+    x[5, 0] = x[9, 0] = -20.0  # Finite inputs, NaN logits.
+    x[13, 4] = 300.0  # Finite input; logits +-Inf, and NaN in columns 1 and 4 only.
+    x[7, 2], x[11, 4] = np.nan, -np.inf
+    det = detectors.MaxLogit().fit(model)
+    logits = keras.ops.convert_to_numpy(model(x))
+    assert np.isnan(logits[13]).sum() == 2 and np.isinf(logits[13]).sum() == 4
+    expected = _expected_class_ids(x, kernel)
+    assert set(expected[[5, 7, 9, 11, 13]]) == {-1}
+    # Columns 4 and 5 tie with 1 and 0 in every row: the maximum is often there,
+    # and the first index (0 or 1) must win.
+    assert {0, 1} <= set(expected) and not {4, 5} & set(expected)
+    threshold = 1.5  # Between integer scores: both decisions occur.
+    outputs = {"in-process": serving_function(model, threshold, detector=det)(x)}
+    outputs["onnx"] = _run_onnx(export_onnx(model, tmp_path / "m.onnx", threshold, detector=det), x)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        path = export_litert(model, tmp_path / "m.tflite", threshold, detector=det)
+        outputs["litert"] = _run_litert(path, x)
+        path = export_saved_model(model, tmp_path / "sm", threshold, detector=det)
+        outputs["saved_model"] = tf.saved_model.load(path).signatures["score"](inputs=x)
+    score = np.where(expected >= 0, np.max(logits, -1), np.nan)
+    # Row 13's score is the runtime's max over a row holding NaN: NaN or +Inf.
+    rows = np.arange(len(x)) != 13
+    for name, out in outputs.items():
+        out = {key: keras.ops.convert_to_numpy(out[key]) for key in SCORE_OUTPUTS}
+        np.testing.assert_array_equal(out["class_id"], expected, err_msg=name)
+        np.testing.assert_array_equal(out["score"][rows], score[rows], err_msg=name)  # Exact.
+        np.testing.assert_array_equal(out["is_ood"][rows], ~(score >= threshold)[rows], name)
+        np.testing.assert_array_equal(out["threshold"], np.full(len(x), threshold), err_msg=name)
+    assert 0 < np.sum(~(score >= threshold)) < len(x)

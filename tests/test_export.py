@@ -27,8 +27,8 @@ from keras_isomax import IsoMaxPlusLayer  # noqa: E402
 from keras_isomax.export import (  # noqa: E402
     SCORE_OUTPUTS,
     SERVING_DEFAULT_OUTPUTS,
-    _serving_functions,
     export_saved_model,
+    serving_function,
 )
 
 FEATURES = 6
@@ -101,6 +101,18 @@ def assert_outputs_match(outputs, expected, names, atol=ATOL):
 def call_signature(loaded, name, x):
     fn = loaded.signatures[name]
     return {k: v.numpy() for k, v in fn(**{INPUT_NAME: tf.constant(x)}).items()}
+
+
+def numpy_outputs(outputs, names):
+    return {name: keras.ops.convert_to_numpy(outputs[name]) for name in names}
+
+
+def assert_refused(model, tmp_path, error, match, **kwargs):
+    """`export_saved_model` raises `error` and writes nothing."""
+    target = tmp_path / "refused"
+    with pytest.raises(error, match=match):
+        export_saved_model(model, target, **kwargs)
+    assert not target.exists()
 
 
 # --------------------------------------------------------------------------
@@ -216,6 +228,15 @@ def test_loaded_signatures_match_keras(exported, batch):
     assert_outputs_match(score, expected, SCORE_OUTPUTS)
     # Logits equal the Keras model's own output (not only the reference).
     np.testing.assert_allclose(default["logits"], exported["logits"][:batch], atol=ATOL)
+
+
+def test_empty_batch(exported):
+    for signature, names in (
+        ("serving_default", SERVING_DEFAULT_OUTPUTS),
+        ("score", SCORE_OUTPUTS),
+    ):
+        out = call_signature(exported["loaded"], signature, np.zeros((0, FEATURES), "float32"))
+        assert set(out) == set(names) and all(len(value) == 0 for value in out.values())
 
 
 def test_calibrated_threshold_splits_the_batch(exported):
@@ -465,13 +486,20 @@ def test_uncalibrated_model_needs_an_explicit_threshold(tmp_path):
 
 @pytest.mark.parametrize(
     "threshold, error",
-    [(float("nan"), ValueError), ("0.5", TypeError), (True, TypeError), ([0.1], TypeError)],
-    ids=["nan", "str", "bool", "list"],
+    [
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),  # LiteRT would serve it as the largest float.
+        ("0.5", TypeError),
+        (True, TypeError),
+        ([0.1], TypeError),
+    ],
+    ids=["nan", "inf", "str", "bool", "list"],
 )
-def test_invalid_threshold(threshold, error):
+def test_invalid_threshold(threshold, error, tmp_path):
     model = make_model(seed=5)
+    assert_refused(model, tmp_path, error, "Received: threshold=", threshold=threshold)
     with pytest.raises(error, match="Received: threshold="):
-        _serving_functions(model, threshold=threshold)
+        serving_function(model, threshold)
 
 
 # --------------------------------------------------------------------------
@@ -511,54 +539,47 @@ def test_invalid_input_name(exported, input_name, tmp_path):
         export_saved_model(exported["model"], tmp_path, input_name=input_name)
 
 
-def test_not_a_model():
-    with pytest.raises(TypeError, match="Received: model=IsoMaxPlusLayer"):
-        _serving_functions(IsoMaxPlusLayer(3))
+def test_not_a_model(tmp_path):
+    assert_refused(IsoMaxPlusLayer(3), tmp_path, TypeError, "Received: model=IsoMaxPlusLayer")
 
 
-def test_model_without_isomax_layer():
+def test_model_without_isomax_layer(tmp_path):
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Dense(3)(inputs), name="plain")
-    with pytest.raises(ValueError, match="has no `IsoMaxPlusLayer`"):
-        _serving_functions(model, threshold=0.0)
+    assert_refused(model, tmp_path, ValueError, "has no `IsoMaxPlusLayer`", threshold=0.0)
 
 
-def test_model_with_two_isomax_layers():
+def test_model_with_two_isomax_layers(tmp_path):
     inputs = keras.Input((4,))
     a = IsoMaxPlusLayer(3)(inputs)
     b = IsoMaxPlusLayer(3)(keras.layers.Dense(4)(inputs))
     model = keras.Model(inputs, keras.layers.Add()([a, b]))
-    with pytest.raises(ValueError, match="has 2 `IsoMaxPlusLayer`s"):
-        _serving_functions(model, threshold=0.0)
+    assert_refused(model, tmp_path, ValueError, "has 2 `IsoMaxPlusLayer`s", threshold=0.0)
 
 
-def test_model_with_two_outputs():
+def test_model_with_two_outputs(tmp_path):
     inputs = keras.Input((4,))
     features = keras.layers.Dense(5)(inputs)
     model = keras.Model(inputs, [IsoMaxPlusLayer(3)(features), features])
-    with pytest.raises(ValueError, match="exactly one output"):
-        _serving_functions(model, threshold=0.0)
+    assert_refused(model, tmp_path, ValueError, "exactly one output", threshold=0.0)
 
 
-def test_model_output_after_isomax_layer():
+def test_model_output_after_isomax_layer(tmp_path):
     inputs = keras.Input((4,))
     logits = IsoMaxPlusLayer(3, name="isomax")(inputs)
     model = keras.Model(inputs, keras.layers.Softmax(name="softmax")(logits))
-    with pytest.raises(ValueError, match="must be the logits.*'softmax'"):
-        _serving_functions(model, threshold=0.0)
+    assert_refused(model, tmp_path, ValueError, "must be the logits.*'softmax'", threshold=0.0)
 
 
-def test_model_with_two_inputs():
+def test_model_with_two_inputs(tmp_path):
     a, b = keras.Input((2,)), keras.Input((2,))
-    logits = IsoMaxPlusLayer(3)(keras.layers.Concatenate()([a, b]))
-    with pytest.raises(ValueError, match="exactly one input"):
-        _serving_functions(keras.Model([a, b], logits), threshold=0.0)
+    model = keras.Model([a, b], IsoMaxPlusLayer(3)(keras.layers.Concatenate()([a, b])))
+    assert_refused(model, tmp_path, ValueError, "exactly one input", threshold=0.0)
 
 
-def test_unbuilt_model():
+def test_unbuilt_model(tmp_path):
     model = keras.Sequential([keras.layers.Dense(4), IsoMaxPlusLayer(3)])
-    with pytest.raises(ValueError, match="must be built"):
-        _serving_functions(model, threshold=0.0)
+    assert_refused(model, tmp_path, ValueError, "must be built", threshold=0.0)
 
 
 def test_nested_head_is_found():
@@ -566,11 +587,10 @@ def test_nested_head_is_found():
     inputs = keras.Input((4,))
     head = keras.Sequential([keras.layers.Dense(5), IsoMaxPlusLayer(3)], name="head")
     model = keras.Model(inputs, head(keras.layers.Dense(6)(inputs)))
-    fns = _serving_functions(model, threshold=-0.5)
     x = np.random.default_rng(0).normal(size=(3, 4)).astype("float32")
-    out = fns["score"](tf.constant(x))
+    out = numpy_outputs(serving_function(model, threshold=-0.5)(x), SCORE_OUTPUTS)
     expected = reference_outputs(keras.ops.convert_to_numpy(model(x)), np.float32(-0.5))
-    assert_outputs_match({k: v.numpy() for k, v in out.items()}, expected, SCORE_OUTPUTS)
+    assert_outputs_match(out, expected, SCORE_OUTPUTS)
 
 
 # --------------------------------------------------------------------------
@@ -611,8 +631,7 @@ def test_subclassed_model_needs_input_signature(tmp_path):
     model = SubclassedClassifier()
     x = np.random.default_rng(7).normal(size=(4, 3)).astype("float32")
     model(x)
-    with pytest.raises(ValueError, match="input_signature"):
-        _serving_functions(model, threshold=-0.5)
+    assert_refused(model, tmp_path, ValueError, "input_signature", threshold=-0.5)
     path = export_saved_model(
         model,
         tmp_path / "sub",
@@ -630,14 +649,15 @@ class SoftmaxAfterIsoMax(SubclassedClassifier):
         return keras.ops.softmax(super().call(inputs))[:, :2]
 
 
-def test_subclassed_model_output_is_checked_at_trace_time():
+def test_subclassed_model_output_is_checked_at_trace_time(tmp_path):
     model = SoftmaxAfterIsoMax()
     model(np.zeros((2, 3), np.float32))
-    fns = _serving_functions(
-        model, threshold=-0.5, input_signature=tf.TensorSpec((None, 3), tf.float32)
-    )
-    with pytest.raises(ValueError, match=r"\(batch, 3\) logits"):
-        fns["score"](tf.zeros((2, 3)))
+    spec = tf.TensorSpec((None, 3), tf.float32)
+    match = r"\(batch, 3\) logits"
+    assert_refused(model, tmp_path, ValueError, match, threshold=-0.5, input_signature=spec)
+    assert os.listdir(tmp_path) == []  # No staging directory either.
+    with pytest.raises(ValueError, match=match):
+        serving_function(model, threshold=-0.5)(np.zeros((2, 3), np.float32))
 
 
 def test_model_trained_under_mirrored_strategy(tmp_path):
@@ -703,15 +723,45 @@ def test_c_api_runs_xla_export(exported, xla_export, c_program, tmp_path):
     assert_outputs_match(outputs, exported["expected"], SCORE_OUTPUTS)
 
 
-def test_serving_functions_compile_with_xla(exported):
-    """The hook for TPU readiness: the signature functions compile with XLA."""
-    fns = _serving_functions(exported["model"])
+def test_serving_function_compiles_with_xla(exported):
+    """The check for TPU readiness: what the signatures compute compiles with XLA."""
+    model = exported["model"]
     x = tf.constant(exported["x"])
-    lowered = tf.function(fns["serving_default"], jit_compile=True)
-    assert "HloModule" in lowered.experimental_get_compiler_ir(x)(stage="hlo")
-    compiled = tf.function(fns["score"], jit_compile=True)
-    out = {k: v.numpy() for k, v in compiled(x).items()}
-    assert_outputs_match(out, exported["expected"], SCORE_OUTPUTS)
+    compiled = tf.function(serving_function(model), jit_compile=True)
+    assert "HloModule" in compiled.experimental_get_compiler_ir(x)(stage="hlo")
+    out = numpy_outputs(compiled(x), SCORE_OUTPUTS + SERVING_DEFAULT_OUTPUTS)
+    assert_outputs_match(out, exported["expected"], set(SCORE_OUTPUTS + SERVING_DEFAULT_OUTPUTS))
+
+
+def test_serving_function_equals_the_saved_model(exported):
+    """`serving_function` in-process gives what both signatures serve."""
+    x = exported["x"].copy()
+    x[4, 1] = np.inf
+    got = numpy_outputs(serving_function(exported["model"])(x), SCORE_OUTPUTS + ("logits",))
+    for signature, names in (
+        ("serving_default", SERVING_DEFAULT_OUTPUTS),
+        ("score", SCORE_OUTPUTS),
+    ):
+        served = call_signature(exported["loaded"], signature, x)
+        assert set(served) == set(names)
+        for name in names:
+            np.testing.assert_allclose(got[name], served[name], rtol=0, atol=ATOL, err_msg=name)
+    assert got["class_id"][4] == -1 and got["is_ood"][4]
+
+
+def test_serving_function_reads_the_calibrated_threshold_on_every_call(exported):
+    model, x = exported["model"], exported["x"]
+    layer = model.get_layer("isomax")
+    serve = serving_function(model)
+    old = float(layer.ood_threshold.numpy())
+    try:
+        layer.ood_threshold.assign(1.0)  # Above every score: all OOD.
+        out = numpy_outputs(serve(x), ("threshold", "is_ood"))
+    finally:
+        layer.ood_threshold.assign(old)
+    np.testing.assert_array_equal(out["threshold"], np.ones(len(x), "float32"))
+    assert out["is_ood"].all()
+    np.testing.assert_array_equal(serve(x)["is_ood"].numpy(), exported["expected"]["is_ood"])
 
 
 # --------------------------------------------------------------------------
@@ -770,16 +820,3 @@ def test_export_and_serve_example_runs(tmp_path, capsys):
     assert "score signature" in printed and "flagged OOD" in printed
     diff = float(re.search(r"Keras logits\|: (\S+)", printed).group(1))
     assert diff <= ATOL
-
-
-def test_public_serving_functions_is_a_deprecated_alias():
-    from keras_isomax.export import serving_functions
-
-    model = make_model(seed=7)
-    x = np.random.default_rng(8).normal(size=(5, FEATURES)).astype("float32")
-    with pytest.warns(DeprecationWarning, match="serving_functions"):
-        fns = serving_functions(model, threshold=-0.5)
-    expected = _serving_functions(model, threshold=-0.5)["score"](tf.constant(x))
-    got = fns["score"](tf.constant(x))
-    for key in SCORE_OUTPUTS:
-        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(expected[key]))

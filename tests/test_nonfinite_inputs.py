@@ -5,17 +5,15 @@ oneDNN's ReLU does on some CPUs, so every test holds on every CPU: the model
 itself gives such an example a finite, ordinary score.
 """
 
-import math
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_isomax import IsoMaxPlusLayer, _serving
+from keras_isomax import IsoMaxPlusLayer
 from keras_isomax.calibration import calibrate_threshold, predict_ood
 from keras_isomax.evaluation import evaluate_ood
-from keras_isomax.export import _serving_functions, export_saved_model
+from keras_isomax.export import export_saved_model, serving_function
 
 FEATURES, CLASSES = 6, 3
 
@@ -58,6 +56,28 @@ def test_the_backbone_really_swallows_nan(rng):
     assert np.all(np.isfinite(logits))
 
 
+class _Features(keras.layers.Layer):
+    """Any input -> finite float32 features in [-1, 1], shape (B, F): hides NaN/Inf."""
+
+    def call(self, x):
+        x = keras.ops.cast(x, "float32")
+        x = keras.ops.where(keras.ops.isfinite(x), keras.ops.tanh(x), keras.ops.zeros_like(x))
+        return keras.ops.reshape(x, (-1, int(np.prod(x.shape[1:]))))
+
+
+# IsoMax+ scores are >= -2 (distance scale 1, temperature 1): every finite
+# input is in-distribution, so `is_ood` is exactly the non-finite rule.
+BELOW_EVERY_SCORE = -3.0
+
+
+def _flagged(x, dtype):
+    """(is_ood, class_id, score) served for `x` by a model taking `x`'s shape and dtype."""
+    inputs = keras.Input(x.shape[1:], dtype=dtype)
+    model = keras.Model(inputs, IsoMaxPlusLayer(CLASSES)(_Features()(inputs)))
+    out = serving_function(model, BELOW_EVERY_SCORE)(x)
+    return tuple(keras.ops.convert_to_numpy(out[key]) for key in ("is_ood", "class_id", "score"))
+
+
 @pytest.mark.parametrize(
     "x, expected",
     [
@@ -66,33 +86,24 @@ def test_the_backbone_really_swallows_nan(rng):
         (np.array([[[0.0, -np.inf]], [[1.0, 2.0]]], "float64"), [True, False]),
         (np.array([1.0, np.nan, 3.0], "float32"), [False, True, False]),
         (np.array([[1, 2], [3, 4]], "int32"), [False, False]),
-        (np.zeros((0, 5), "float32"), []),
     ],
-    ids=["rank2", "rank4-fp16", "rank3-f64", "rank1", "int", "empty"],
+    ids=["rank2", "rank4-fp16", "rank3-f64", "rank1", "int"],
 )
-def test_nonfinite_rows(x, expected):
-    got = keras.ops.convert_to_numpy(_serving.nonfinite_rows(x))
-    np.testing.assert_array_equal(got, np.array(expected, bool).reshape(-1))
+def test_nonfinite_rows_of_any_rank_and_dtype(x, expected):
+    is_ood, class_id, score = _flagged(x, x.dtype.name)
+    expected = np.array(expected, bool).reshape(-1)
+    np.testing.assert_array_equal(is_ood, expected)
+    np.testing.assert_array_equal(class_id == -1, expected)
+    np.testing.assert_array_equal(np.isnan(score), expected)
 
 
-def test_nonfinite_rows_of_strings_are_false():
-    got = _serving.nonfinite_rows(tf.constant([["a"], ["nan"]]))
-    np.testing.assert_array_equal(got.numpy(), [False, False])
-
-
-def test_apply_nonfinite_rule():
-    bad = np.array([False, True, False])
-    out = _serving.apply_nonfinite_rule(
-        bad,
-        score=np.array([-1.0, -2.0, -3.0], "float32"),
-        is_ood=np.array([False, False, True]),
-        class_id=np.array([2, 1, 0], "int64"),
-    )
-    out = {k: keras.ops.convert_to_numpy(v) for k, v in out.items()}
-    assert out["score"][0] == -1.0 and math.isnan(out["score"][1]) and out["score"][2] == -3.0
-    np.testing.assert_array_equal(out["is_ood"], [False, True, True])
-    np.testing.assert_array_equal(out["class_id"], [2, -1, 0])
-    assert out["class_id"].dtype == np.int64
+def test_string_inputs_are_never_nonfinite():
+    inputs = keras.Input((1,), dtype="string")
+    ids = keras.layers.StringLookup(vocabulary=["a", "nan"])(inputs)
+    model = keras.Model(inputs, IsoMaxPlusLayer(CLASSES)(keras.layers.Embedding(3, 4)(ids)[:, 0]))
+    out = serving_function(model, BELOW_EVERY_SCORE)(tf.constant([["a"], ["nan"], ["inf"]]))
+    np.testing.assert_array_equal(out["is_ood"].numpy(), [False, False, False])
+    assert np.all(out["class_id"].numpy() >= 0)
 
 
 def _check_rule(out, logits, threshold, class_key):
@@ -108,16 +119,24 @@ def _check_rule(out, logits, threshold, class_key):
     np.testing.assert_array_equal(np.asarray(out[class_key])[good], logits[good].argmax(-1))
 
 
-def test_serving_functions_and_saved_model(rng, tmp_path):
+def test_serving_function_and_saved_model(rng, tmp_path):
     model = _model(rng)
     x = _batch(rng)
     logits = keras.ops.convert_to_numpy(model(x)).astype(np.float64)
     # A threshold inside the finite rows' scores (so both decisions occur).
     threshold = float(np.median(logits.max(-1)))
-    fns = _serving_functions(model, threshold=threshold)
-    _check_rule(fns["score"](tf.constant(x)), logits, threshold, "class_id")
-    default = fns["serving_default"](tf.constant(x))
-    np.testing.assert_array_equal(default["class_id"].numpy()[BAD], -1)
+    serve = serving_function(model, threshold)
+    out = serve(x)
+    _check_rule({k: v.numpy() for k, v in out.items()}, logits, threshold, "class_id")
+    assert np.isnan(out["probabilities"].numpy()[BAD]).all()
+    assert out["class_id"].dtype == tf.int64
+    # The finite rows are untouched, to the bit, by the broken rows beside them.
+    good = [i for i in range(len(x)) if i not in BAD]
+    clean = x.copy()
+    clean[BAD] = 0.0
+    beside = serve(clean)
+    for key in ("score", "probabilities", "logits"):
+        np.testing.assert_array_equal(out[key].numpy()[good], beside[key].numpy()[good], key)
 
     path = export_saved_model(model, tmp_path / "m", threshold=threshold, version=1)
     loaded = tf.saved_model.load(path)
@@ -206,18 +225,14 @@ def test_detector_paths_apply_the_rule(rng, tmp_path, name):
     assert np.all(np.isnan(out["probabilities"][BAD]))
 
 
-def test_rule_is_converter_friendly_and_exact(rng):
-    """The shared helpers: exact finite rows, NaN rows, NaN scores OOD, any float dtype."""
-    for dtype in ("float16", "float32", "float64"):
-        x = rng.normal(size=(5, 3)).astype(dtype)
-        x[0, 0] = np.finfo(dtype).max  # Finite, at the edge of the range.
-        x[2, 1], x[3, 2] = np.nan, -np.inf
-        np.testing.assert_array_equal(
-            keras.ops.convert_to_numpy(_serving.finite_rows(x)), [1, 1, 0, 0, 1]
-        )
-    values = rng.normal(size=(4, 3)).astype("float32")
-    got = keras.ops.convert_to_numpy(_serving.nan_where(np.array([0, 1, 0, 1], bool), values))
-    np.testing.assert_array_equal(got[[0, 2]], values[[0, 2]])  # Bit-exact, not rounded.
-    assert np.isnan(got[[1, 3]]).all()
-    decided = _serving.decide(np.array([1.0, np.nan, -1.0, 0.5], "float32"), 0.5)
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(decided), [False, True, True, False])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_the_largest_finite_value_is_finite(rng, dtype):
+    """The rule judges each input in its own dtype: its largest value is finite."""
+    x = rng.normal(size=(5, 3)).astype(dtype)
+    x[0, 0] = np.finfo(dtype).max  # Finite, at the edge of the range.
+    x[4, 1] = -np.finfo(dtype).max
+    x[2, 1], x[3, 2] = np.nan, -np.inf
+    is_ood, class_id, score = _flagged(x, dtype)
+    np.testing.assert_array_equal(is_ood, [False, False, True, True, False])
+    np.testing.assert_array_equal(class_id == -1, [False, False, True, True, False])
+    assert np.isfinite(score[[0, 1, 4]]).all()
