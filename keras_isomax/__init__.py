@@ -15,7 +15,7 @@ from keras_isomax.calibration import (
 )
 from keras_isomax.detection_metrics import ood_metrics
 from keras_isomax.evaluation import evaluate_ood
-from keras_isomax.export import export_litert, export_onnx, export_saved_model
+from keras_isomax.export import export_litert, export_onnx, export_saved_model, serving_function
 from keras_isomax.head import find_isomax_layer, replace_head
 from keras_isomax.layers import IsoMaxPlusLayer
 from keras_isomax.losses import IsoMaxPlusLoss, isomax_plus_loss
@@ -43,6 +43,7 @@ __all__ = [
     "predict_ood",
     "replace_head",
     "scores",
+    "serving_function",
 ]
 
 if _keras.backend.backend() == "tensorflow":

@@ -377,7 +377,8 @@ def predict_ood(
 
     Returns:
         A dict of NumPy arrays of length `N`: `"score"` (float), `"is_ood"`
-        (bool) and `"class"` (int64, the arg-max logit, whatever the decision).
+        (bool) and `"class"` (int64: the first index of the largest logit, -1 where
+        the logits hold NaN; whatever the decision).
         An input holding any NaN or Inf gets score NaN, `is_ood` True and
         class -1, whatever the model computes for it (the library checks the
         inputs itself; some backbones turn NaN into finite features).
@@ -437,7 +438,7 @@ def predict_ood(
         nonfinite,
         score=values,
         is_ood=is_ood,
-        class_id=np.argmax(logits, axis=-1).astype(np.int64),
+        class_id=_class_ids(logits),
     )
     out = {key: np.asarray(keras.ops.convert_to_numpy(value)) for key, value in out.items()}
     return {
@@ -465,9 +466,14 @@ def _predict_with_detector(model, x, threshold, detector, verbose):
     nonfinite = np.isnan(values)
     with np.errstate(invalid="ignore"):
         is_ood = ~(values >= threshold)
-    classes = np.argmax(logits, axis=-1).astype(np.int64)
+    classes = _class_ids(logits)
     return {
         "score": values,
         "is_ood": is_ood,
         "class": np.where(nonfinite, _serving.NONFINITE_CLASS_ID, classes),
     }
+
+
+def _class_ids(logits):
+    """The exports' class rule (first index of the maximum, -1 for rows with NaN)."""
+    return np.asarray(keras.ops.convert_to_numpy(_serving.class_ids(logits))).astype(np.int64)
