@@ -24,11 +24,9 @@ imported = {name: name in sys.modules for name in %r}
 app_loaded = "keras_isomax.app" in sys.modules
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    import keras_isomax.data, keras_isomax.demo, keras_isomax.cli
-    from keras_isomax.app import cli, data, demo
-    moved = [
-        keras_isomax.data is data, keras_isomax.demo is demo, keras_isomax.cli is cli
-    ]
+    import keras_isomax.data, keras_isomax.demo
+    from keras_isomax.app import data, demo
+    moved = [keras_isomax.data is data, keras_isomax.demo is demo]
     warned = sorted(
         str(w.message).split("`")[1] for w in caught if w.category is DeprecationWarning
         and "moved to `keras_isomax.app." in str(w.message)
@@ -59,5 +57,5 @@ def test_import_keeps_heavy_optional_dependencies_and_the_app_out():
     added = [name for name in HEAVY if result["imported"][name] and not baseline[name]]
     assert added == []
     assert result["app"] is False
-    assert result["moved"] == [True, True, True]
-    assert result["warned"] == ["keras_isomax.cli", "keras_isomax.data", "keras_isomax.demo"]
+    assert result["moved"] == [True, True]
+    assert result["warned"] == ["keras_isomax.data", "keras_isomax.demo"]
