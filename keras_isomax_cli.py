@@ -57,8 +57,13 @@ class _Parser(argparse.ArgumentParser):
     """An `ArgumentParser` whose errors are one line on stderr (no usage block)."""
 
     def error(self, message: str) -> NoReturn:
-        text = " ".join(message.split())
-        self.exit(2, f"{self.prog}: error: {text} (see `{self.prog} --help`)\n")
+        _usage_error(self.prog, message)
+
+
+def _usage_error(prog: str, message: str) -> NoReturn:
+    text = " ".join(message.split())
+    sys.stderr.write(f"{prog}: error: {text} (see `{prog} --help`)\n")
+    sys.exit(2)
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -227,9 +232,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.command is None:
         parser.error(f"choose a command: {', '.join(COMMANDS)}")
     if args.command == "export" and bool(args.calibrate_on) != bool(args.calibrate_split):
-        parser.error(
+        _usage_error(
+            f"{PROG} export",
             "--calibrate-on and --calibrate-split go together: name the data set and a split "
-            "the model was not trained on (e.g. --calibrate-split test)"
+            "the model was not trained on (e.g. --calibrate-split test)",
         )
     return args
 
@@ -418,7 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         if args.debug:
             raise
-        report_error(args.command, f"could not import keras-isomax: {type(error).__name__}: {error}")
+        report_error(
+            args.command, f"could not import keras-isomax: {type(error).__name__}: {error}"
+        )
         return 2
     return run(args)
 

@@ -15,7 +15,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import keras
@@ -220,7 +220,9 @@ class OODMonitor(keras.callbacks.Callback):
         self._last_fit = None
         _check_shapes(self.model, self._validation, "validation_data")
         for name, data in self._ood.items():
-            _check_shapes(self.model, _check_data(data, f"ood_data[{name!r}]"), f"ood_data[{name!r}]")
+            _check_shapes(
+                self.model, _check_data(data, f"ood_data[{name!r}]"), f"ood_data[{name!r}]"
+            )
         if self._log_dir is not None and self._is_chief():
             self._writer = _EventFile(_join(self._log_dir, RUN_NAME))
 

@@ -180,12 +180,19 @@ def _detectors(args: argparse.Namespace, model: Any, shape: tuple[int, ...]) -> 
     if not args.detector:
         return []
     built = []
-    for name, kwargs, spec in _parse_detectors(args.detector):
+    parsed = _parse_detectors(args.detector)
+    names = [name for name, _, _ in parsed]
+    for name, kwargs, spec in parsed:
+        # Rows and messages name a detector as written: `knn`, or `knn_5` when
+        # several knn detectors are compared (never Keras' `knn_1` counters).
+        label = name if names.count(name) == 1 else spec.lower().replace(":", "_")
         try:
-            built.append(detectors.get(name, **kwargs))
+            built.append(detectors.get(name, name=label, **kwargs))
         except ValueError:
             known = "knn[:K], mahalanobis, vim:DIM, energy, max_logit, max_probability, ..."
-            raise CommandLineError(f"--detector {spec}: unknown detector (known: {known})") from None
+            raise CommandLineError(
+                f"--detector {spec}: unknown detector (known: {known})"
+            ) from None
     fit_on = args.fit_on
     implicit = False
     if fit_on is None and args.command == "evaluate":
