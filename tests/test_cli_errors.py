@@ -101,6 +101,20 @@ def test_export_into_an_existing_export(model_file, tmp_path, capsys):
     assert main(["export", model_file, target, "--overwrite"]) == 0
 
 
+@pytest.mark.parametrize("fmt", ["saved_model", "onnx"])
+def test_library_errors_use_flag_names(model_file, tmp_path, capsys, monkeypatch, fmt):
+    """Where the library finds the existing target itself, the line names --overwrite."""
+    import keras_isomax_cli
+
+    target = str(tmp_path / ("served" if fmt == "saved_model" else "m.onnx"))
+    argv = ["export", model_file, target, "--format", fmt]
+    assert main(argv) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(keras_isomax_cli, "check_export_target", lambda args: None)
+    line = _fails_in_one_line(capsys, argv, "FileExistsError", "pass --overwrite")
+    assert "overwrite=" not in line
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "litert"])
 def test_export_file_exists(model_file, tmp_path, capsys, fmt):
     target = tmp_path / f"model.{fmt}"
