@@ -44,7 +44,7 @@ def _model(seed=0, learning_rate=0.01):
     model = keras.Sequential(
         [
             keras.Input((6,)),
-            keras.layers.Dense(12, activation="relu", name="features"),
+            keras.layers.Dense(12, activation="tanh", name="features"),
             IsoMaxPlusLayer(3, name="head"),
         ]
     )
@@ -53,10 +53,10 @@ def _model(seed=0, learning_rate=0.01):
 
 
 def _reference_scores(model, x):
-    """Minimum distance score in float64 NumPy: max_c -|s| ||n(relu(xW+b)) - n(p_c)|| / T."""
+    """Minimum distance score in float64 NumPy: max_c -|s| ||n(tanh(xW+b)) - n(p_c)|| / T."""
     kernel, bias = (np.asarray(keras.ops.convert_to_numpy(w), np.float64) for w in
                     model.get_layer("features").weights)  # fmt: skip
-    features = np.maximum(np.asarray(x, np.float64) @ kernel + bias, 0.0)
+    features = np.tanh(np.asarray(x, np.float64) @ kernel + bias)
     head = model.get_layer("head")
     prototypes, scale, temperature = (
         np.asarray(keras.ops.convert_to_numpy(w), np.float64)
