@@ -70,11 +70,12 @@ class OODMonitor(keras.callbacks.Callback):
     `ReduceLROnPlateau` that should see its keys; `History` (the result of
     `fit`) and the progress bar always see them.
 
-    **Epochs without scoring.** Like Keras' `validation_freq`, epochs that are
-    not scored carry no `val_ood_*` keys (`CSVLogger` writes `NA`; an
-    `EarlyStopping` on them warns that the key is missing). The first epoch of
-    a `fit` and its last are always scored, so `CSVLogger` picks up the
-    columns and the final model is always measured.
+    **Epochs without scoring.** With `every > 1`, the epochs scored are those
+    whose 0-based index is a multiple of `every`, plus the first and the last
+    epoch of each `fit` (so `CSVLogger` picks up the columns from its first
+    row and the final model is always measured). Like with Keras'
+    `validation_freq`, the other epochs carry no `val_ood_*` keys (`CSVLogger`
+    writes `NA`; an `EarlyStopping` on them warns that the key is missing).
 
     **TensorBoard.** With `log_dir` (a directory, or a
     `keras.callbacks.TensorBoard` callback whose directory to use), the same
@@ -120,8 +121,9 @@ class OODMonitor(keras.callbacks.Callback):
             callable `logits -> scores`, a `keras_isomax.detectors.Detector`,
             or a list of them (the first one writes the unprefixed keys).
             Defaults to `"minimum_distance"`.
-        every: Score every `every` epochs (epochs 1, 1 + every, ..., and the
-            last). Defaults to `1`.
+        every: Score every `every` epochs (0-based epochs 0, every,
+            2 * every, ..., plus the first and last of the `fit`). Defaults to
+            `1`.
         tpr: True positive rate of the TNR and of the threshold, in `(0, 1]`.
             Defaults to `0.95`.
         log_dir: Directory for TensorBoard summaries, or a
@@ -144,8 +146,8 @@ class OODMonitor(keras.callbacks.Callback):
             `fit_data`, `every`/`refit_every`/`histogram_bins` < 1, `tpr` not
             in `(0, 1]`.
         TypeError: If `ood_data`, `score` or `log_dir` has the wrong type.
-        ImportError: At the start of training, if `log_dir` is set and the
-            `tensorboard` package is not installed.
+        ImportError: If `log_dir` is set and the `tensorboard` package is not
+            installed.
 
     Example:
 
@@ -208,7 +210,10 @@ class OODMonitor(keras.callbacks.Callback):
                     "training, or fit them first. Received: fit_data=None"
                 )
         self._log_dir = _resolve_log_dir(log_dir)
+        if self._log_dir is not None:
+            _EventFile.check_available(self._log_dir)
         self._writer: _EventFile | None = None
+        self._scored_in_this_fit = False
         self._last_fit: int | None = None
         self._epochs: int | None = None
         self.last_logs: dict[str, float] = {}
@@ -218,6 +223,7 @@ class OODMonitor(keras.callbacks.Callback):
     def on_train_begin(self, logs: dict | None = None) -> None:
         self._epochs = (self.params or {}).get("epochs")
         self._last_fit = None
+        self._scored_in_this_fit = False
         _check_shapes(self.model, self._validation, "validation_data")
         for name, data in self._ood.items():
             _check_shapes(
@@ -230,6 +236,7 @@ class OODMonitor(keras.callbacks.Callback):
         if not self._due(epoch) or not self._is_chief():
             return
         values, histograms = self.evaluate(epoch)
+        self._scored_in_this_fit = True
         if logs is not None:
             logs.update(values)
         if self._writer is not None:
@@ -297,7 +304,7 @@ class OODMonitor(keras.callbacks.Callback):
 
     def _due(self, epoch: int) -> bool:
         last = self._epochs is not None and epoch == self._epochs - 1
-        return epoch % self.every == 0 or last
+        return epoch % self.every == 0 or last or not self._scored_in_this_fit
 
     def _refit_detectors(self, epoch: int | None) -> None:
         if self.fit_data is None or not self._feature_detectors:
@@ -496,6 +503,18 @@ class _EventFile:
     """
 
     _count = 0
+    _MISSING = (
+        "OODMonitor(log_dir=...) writes TensorBoard summaries with the `tensorboard` "
+        "package: `pip install tensorboard` (or `keras-isomax[tensorboard]`), or pass "
+        "log_dir=None. Received: log_dir={!r}"
+    )
+
+    @staticmethod
+    def check_available(log_dir: str = "") -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ImportError(_EventFile._MISSING.format(log_dir))
 
     def __init__(self, directory: str) -> None:
         try:
@@ -504,11 +523,7 @@ class _EventFile:
             from tensorboard.plugins.scalar import summary_v2 as scalar_v2
             from tensorboard.summary.writer.record_writer import RecordWriter
         except ImportError as error:
-            raise ImportError(
-                "OODMonitor(log_dir=...) writes TensorBoard summaries with the `tensorboard` "
-                "package: `pip install tensorboard` (or `keras-isomax[tensorboard]`), or "
-                "pass log_dir=None."
-            ) from error
+            raise ImportError(_EventFile._MISSING.format(directory)) from error
         self._event_pb2 = event_pb2
         self._scalar_pb = scalar_v2.scalar_pb
         self._histogram_pb = histogram_v2.histogram_pb

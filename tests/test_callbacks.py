@@ -150,6 +150,30 @@ def test_every_scores_first_every_nth_and_last_epoch(rng):
     )
     scored = [epoch for epoch, logs in seen.logs.items() if "val_ood_auroc_ood" in logs]
     assert scored == [0, 4, 5]
+    # A resumed fit: its first epoch (1) and its last (6) are scored too.
+    seen = _Seen()
+    _model().fit(
+        *train,
+        epochs=7,
+        initial_epoch=1,
+        callbacks=[OODMonitor(val, ood["noise"], every=4), seen],
+        verbose=0,
+    )
+    scored = [epoch for epoch, logs in seen.logs.items() if "val_ood_auroc_ood" in logs]
+    assert scored == [1, 4, 6]
+
+
+def test_log_dir_without_tensorboard_fails_at_once(monkeypatch, tmp_path):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "tensorboard" else find_spec(name, *args),
+    )
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        OODMonitor(np.ones((4, 6), "float32"), np.ones((4, 6), "float32"), log_dir=tmp_path)
 
 
 def _read_events(directory):
