@@ -197,19 +197,19 @@ def _detectors(args: argparse.Namespace, model: Any, shape: tuple[int, ...]) -> 
     implicit = False
     if fit_on is None and args.command == "evaluate":
         fit_on, implicit = args.in_data, True
-    needs_data = [det for det in built if det.input_kind != "logits"]
-    x = y = None
-    if needs_data:
-        if not fit_on:
-            raise CommandLineError(
-                f"--detector {needs_data[0].name} is fitted on labelled training data: "
-                "pass --fit-on DATASET (its train split is used)"
-            )
-        x, y = data.load_dataset(fit_on, "train", image_shape=shape, n=args.fit_n)
     for det in built:
         if det.input_kind == "logits":
             det.fit(model)
-            continue
+    needs_data = [det for det in built if det.input_kind != "logits"]
+    if not needs_data:
+        return built
+    if not fit_on:
+        raise CommandLineError(
+            f"--detector {needs_data[0].name} is fitted on labelled training data: "
+            "pass --fit-on DATASET (its train split is used)"
+        )
+    x, y = data.load_dataset(fit_on, "train", image_shape=shape, n=args.fit_n)
+    for det in needs_data:
         det.fit(model, (x, y))
         where = f"{len(x)} examples of the train split of {fit_on}"
         if implicit:

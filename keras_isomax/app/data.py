@@ -237,7 +237,7 @@ def prepare_tfds_fashion_mnist(
     source_dir = DEFAULT_FASHION_MNIST_DIR if source_dir is None else source_dir
     source_dir = os.fspath(source_dir)
     data_dir = os.fspath(data_dir)
-    base = tfds.image_classification.FashionMNIST
+    base: Any = tfds.image_classification.FashionMNIST  # A TFDS builder class.
     url_infos = {}
     for split, (image_name, label_name, count) in _FASHION_MNIST_FILES.items():
         for name, reader in (
@@ -258,7 +258,7 @@ def prepare_tfds_fashion_mnist(
                 size=info.size, checksum=info.checksum, filename=name + ".gz"
             )
 
-    class _LocalFashionMNIST(base, skip_registration=True):
+    class _LocalFashionMNIST(base, skip_registration=True):  # type: ignore[call-arg]
         name = "fashion_mnist"  # the name `tfds.load` looks for
 
     _LocalFashionMNIST.url_infos = url_infos
