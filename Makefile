@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (see README.md):
-#   make demo   installs everything into .venv (offline data included), runs the main job
+#   make demo   installs what the demo needs into .venv (offline data included), runs it
 #   make test   installs everything into .venv, runs ruff and the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
 
-.PHONY: install data demo test test-backends lint clean
+.PHONY: install install-demo data demo test test-backends lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,12 @@ data:
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; \
 	fi
 
-demo: install
+# The demo's needs only: the core (Keras, TensorFlow) and the [demo] extra
+# (scikit-learn, scikit-image, matplotlib); no PyTorch, JAX or edge runtimes.
+install-demo: $(BIN)/python data
+	$(BIN)/python -m pip install -e ".[demo]"
+
+demo: install-demo
 	$(BIN)/keras-isomax demo $(DEMO_ARGS)
 
 lint: install

@@ -9,8 +9,8 @@ import pytest
 import tensorflow as tf
 
 from keras_isomax import IsoMaxPlusLayer, IsoMaxPlusLoss
-from keras_isomax.app.cli import main
 from keras_isomax.app.demo import build_classifier, run_demo
+from keras_isomax_cli import main
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +140,19 @@ def test_help_version_and_errors_import_no_keras():
     assert "heavy []" in out
 
 
-def test_demo_end_to_end(tmp_path):
+def test_demo_end_to_end(tmp_path, capsys):
     """The main job on a small budget: every artefact it promises is written."""
-    result = run_demo(output_dir=tmp_path, epochs=1, train_size=2000, verbose=0)
+    result = run_demo(output_dir=tmp_path, epochs=2, train_size=2000)
+    out = capsys.readouterr().out
+    # stdout is not a terminal here: one line per epoch, no progress-bar frames.
+    assert "\r" not in out and "\u2501" not in out and "Epoch 1/2" not in out
+    for label in ("SoftMax", "IsoMax+"):
+        lines = [line for line in out.splitlines() if line.strip().startswith(f"{label} epoch")]
+        assert [line.split(":")[0].strip() for line in lines] == [
+            f"{label} epoch 1/2",
+            f"{label} epoch 2/2",
+        ]
+        assert "loss" in lines[0] and "accuracy" in lines[0]
     for name in (
         "report.md",
         "histogram_isomax.png",
@@ -171,6 +181,39 @@ def test_evaluate_with_detector(saved_models, run_cli):
         *("--detector", "knn:5,mahalanobis", "--fit-n", 400),
     )
     assert code == 0 and "energy" in out and "knn" in out and "mahalanobis" in out
+    # No --fit-on: the output says what the detectors were fitted on.
+    for name in ("knn", "mahalanobis"):
+        assert (
+            f"Fitted detector {name} on 400 examples of the train split of fashion_mnist "
+            "(the --in data set; choose another with --fit-on)"
+        ) in out
+
+
+def test_evaluate_with_detector_fit_on(saved_models, run_cli):
+    code, out, _ = run_cli(
+        "evaluate",
+        saved_models["softmax"],
+        *("--in", "fashion_mnist", "--ood", "uniform_noise", "--n", 200),
+        *("--detector", "knn:5,knn:3", "--fit-on", "fashion_mnist_0_5", "--fit-n", 300),
+    )
+    assert code == 0
+    for name in ("knn_5", "knn_3"):
+        line = f"Fitted detector {name} on 300 examples of the train split of fashion_mnist_0_5\n"
+        assert line in out
+        assert f" {name} " in out  # Its row in the table.
+
+
+def test_warnings_are_one_line_without_source(saved_models, run_cli):
+    """A library warning (here: --n larger than the 1,797 digits) is one line of ours."""
+    code, out, err = run_cli(
+        "evaluate",
+        saved_models["isomax"],
+        *("--in", "fashion_mnist", "--ood", "digits", "--n", 2000),
+    )
+    assert code == 0 and "digits" in out
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("keras-isomax evaluate: warning: "), err
+    assert "UserWarning" not in err and ".py:" not in err
 
 
 def test_export_with_detector(saved_models, tmp_path, run_cli):

@@ -1,6 +1,8 @@
 """Every user mistake on the command line: one line on stderr, exit 2, no traceback."""
 
 import os
+import subprocess
+import sys
 import zipfile
 
 import keras
@@ -9,7 +11,7 @@ import pytest
 
 from keras_isomax import IsoMaxPlusLayer
 from keras_isomax.app import data as data_lib
-from keras_isomax.app.cli import ModelFileError, main
+from keras_isomax_cli import ModelFileError, main
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +31,8 @@ def _fails_in_one_line(capsys, argv, *fragments):
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("keras-isomax")]
-    assert len(lines) == 1, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"keras-isomax {argv[0]}: error: "), err
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
@@ -59,7 +60,27 @@ def test_argparse_refuses_nonsense(capsys, argv, fragment):
         main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert fragment in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and err.startswith(f"keras-isomax {argv[0]}: error: "), err
+    assert fragment in err
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--wrongflag"], "unrecognized arguments: --wrongflag"),
+        (["--wrongflag", "demo"], "unrecognized arguments: --wrongflag"),
+        (["evaluate", "m.keras", "--in", "a", "--ood", "b", "--overwrite"], "--overwrite"),
+        ([], "choose a command: demo, evaluate, export"),
+        (["evalute"], "invalid choice: 'evalute'"),
+    ],
+)
+def test_unknown_flags_and_commands_are_named(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("keras-isomax: error: "), err
+    assert fragment in err
 
 
 def test_help_names_the_calibration_split(capsys):
@@ -73,8 +94,118 @@ def test_export_into_an_existing_export(model_file, tmp_path, capsys):
     target = str(tmp_path / "served")
     assert main(["export", model_file, target]) == 0
     capsys.readouterr()
-    _fails_in_one_line(capsys, ["export", model_file, target], "FileExistsError", "overwrite=True")
+    line = _fails_in_one_line(
+        capsys, ["export", model_file, target], "holds a SavedModel", "pass --overwrite"
+    )
+    assert "overwrite=" not in line
     assert main(["export", model_file, target, "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("fmt", ["saved_model", "onnx"])
+def test_library_errors_use_flag_names(model_file, tmp_path, capsys, monkeypatch, fmt):
+    """Where the library finds the existing target itself, the line names --overwrite."""
+    import keras_isomax_cli
+
+    target = str(tmp_path / ("served" if fmt == "saved_model" else "m.onnx"))
+    argv = ["export", model_file, target, "--format", fmt]
+    assert main(argv) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(keras_isomax_cli, "check_export_target", lambda args: None)
+    line = _fails_in_one_line(capsys, argv, "FileExistsError", "pass --overwrite")
+    assert "overwrite=" not in line
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "litert"])
+def test_export_file_exists(model_file, tmp_path, capsys, fmt):
+    target = tmp_path / f"model.{fmt}"
+    target.write_text("mine")
+    line = _fails_in_one_line(
+        capsys, ["export", model_file, str(target), "--format", fmt], "pass --overwrite"
+    )
+    assert "overwrite=" not in line
+    assert target.read_text() == "mine"
+
+
+def test_export_into_a_foreign_directory(model_file, tmp_path, capsys):
+    (tmp_path / "served" / "1").mkdir(parents=True)
+    (tmp_path / "served" / "1" / "notes.txt").write_text("mine")
+    argv = ["export", model_file, str(tmp_path / "served"), "--overwrite"]
+    _fails_in_one_line(capsys, argv, "never replaced, not even with --overwrite")
+    assert (tmp_path / "served" / "1" / "notes.txt").read_text() == "mine"
+
+
+def test_export_of_a_softmax_model_says_what_to_do(tmp_path, capsys):
+    model = keras.Sequential(
+        [keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10)]
+    )
+    model.save(tmp_path / "softmax.keras")
+    line = _fails_in_one_line(
+        capsys, ["export", str(tmp_path / "softmax.keras"), str(tmp_path / "s")], "IsoMaxPlusLayer"
+    )
+    assert "--detector" in line and "replace_head" in line
+    assert not os.path.exists(tmp_path / "s")
+
+
+def test_export_of_an_uncalibrated_model_names_the_flags(tmp_path, capsys):
+    model = keras.Sequential(
+        [keras.Input((28, 28, 1)), keras.layers.Flatten(), IsoMaxPlusLayer(10)]
+    )
+    model.save(tmp_path / "m.keras")
+    line = _fails_in_one_line(
+        capsys, ["export", str(tmp_path / "m.keras"), str(tmp_path / "s")], "no calibrated"
+    )
+    assert "--calibrate-on" in line and "--threshold" in line
+
+
+_MISSING_MODEL = """
+import sys
+import keras_isomax_cli
+
+code = keras_isomax_cli.main(["evaluate", "missing.keras", "--in", "fashion_mnist", "--ood", "digits"])
+heavy = sorted(m for m in ("keras", "tensorflow", "keras_isomax") if m in sys.modules)
+print("heavy", heavy)
+sys.exit(code)
+"""
+
+
+def test_tensorflow_logs_are_silenced_in_a_fresh_process(tmp_path):
+    """A model that passes the header check but fails in Keras: TensorFlow has loaded
+    (its C++ and absl start-up lines go to stderr unless silenced), then one line."""
+    with zipfile.ZipFile(tmp_path / "odd.keras", "w") as archive:
+        archive.writestr("config.json", "{}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_CPP")}
+    argv = ["evaluate", "odd.keras", "--in", "fashion_mnist", "--ood", "digits"]
+    code = f"import sys, keras_isomax_cli; sys.exit(keras_isomax_cli.main({argv!r}))"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": root, "KERAS_BACKEND": "tensorflow"},
+        timeout=600,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("keras-isomax evaluate: error: could not load the Keras model")
+
+
+def test_missing_model_is_one_line_in_a_fresh_process(tmp_path):
+    """As the console script runs it: one line on stderr, exit 2, no Keras imported."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_CPP")}
+    result = subprocess.run(
+        [sys.executable, "-c", _MISSING_MODEL],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": root},
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr == "keras-isomax evaluate: error: model file not found: missing.keras\n"
+    assert result.stdout == "heavy []\n"
 
 
 def test_export_prints_the_calibration_split_and_size(model_file, tmp_path, capsys):
@@ -114,7 +245,7 @@ def test_truncated_weights_inside_the_archive(model_file, tmp_path, capsys):
                 content = content[: len(content) // 3]
             dst.writestr(item, content)
     _fails_in_one_line(
-        capsys, ["export", str(path), str(tmp_path / "s")], "Could not load the Keras model"
+        capsys, ["export", str(path), str(tmp_path / "s")], "could not load the Keras model"
     )
     assert not os.path.exists(tmp_path / "s")
 
@@ -123,7 +254,12 @@ def test_zip_that_is_not_a_keras_model(tmp_path, capsys):
     path = tmp_path / "notes.keras"
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("notes.txt", "hello")
-    _fails_in_one_line(capsys, ["evaluate", str(path), "--in", "a", "--ood", "b"], "Could not load")
+    _fails_in_one_line(
+        capsys,
+        ["evaluate", str(path), "--in", "a", "--ood", "b"],
+        "not a Keras model file",
+        "no config.json",
+    )
 
 
 def test_directory_as_model(tmp_path, capsys):

@@ -287,7 +287,7 @@ def test_detector_export_errors(rng, tmp_path):
 @pytest.mark.parametrize("fmt", ["litert", "onnx"])
 def test_cli_exports_a_detector(rng, tmp_path, capsys, fmt):
     from keras_isomax.app import data
-    from keras_isomax.app.cli import main
+    from keras_isomax_cli import main
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential(

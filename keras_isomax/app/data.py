@@ -34,6 +34,8 @@ import os
 import tempfile
 import warnings
 import zlib
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -108,7 +110,13 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601
 # --------------------------------------------------------------------------
 
 
-def load_fashion_mnist(split="train", *, data_dir=None, classes=None, download=False):
+def load_fashion_mnist(
+    split: str = "train",
+    *,
+    data_dir: str | os.PathLike | None = None,
+    classes: Sequence[int] | None = None,
+    download: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """Loads Fashion-MNIST as float32 images in `[0, 1]` and int64 labels.
 
     Sources, first found wins:
@@ -191,7 +199,9 @@ def load_fashion_mnist(split="train", *, data_dir=None, classes=None, download=F
     return x, y
 
 
-def prepare_tfds_fashion_mnist(data_dir, *, source_dir=None):
+def prepare_tfds_fashion_mnist(
+    data_dir: str | os.PathLike, *, source_dir: str | os.PathLike | None = None
+) -> str:
     """Prepares TFDS's `fashion_mnist` in `data_dir` from local raw files.
 
     TFDS refuses Debian's files because Debian re-compressed them (same
@@ -227,7 +237,7 @@ def prepare_tfds_fashion_mnist(data_dir, *, source_dir=None):
     source_dir = DEFAULT_FASHION_MNIST_DIR if source_dir is None else source_dir
     source_dir = os.fspath(source_dir)
     data_dir = os.fspath(data_dir)
-    base = tfds.image_classification.FashionMNIST
+    base: Any = tfds.image_classification.FashionMNIST  # A TFDS builder class.
     url_infos = {}
     for split, (image_name, label_name, count) in _FASHION_MNIST_FILES.items():
         for name, reader in (
@@ -248,7 +258,7 @@ def prepare_tfds_fashion_mnist(data_dir, *, source_dir=None):
                 size=info.size, checksum=info.checksum, filename=name + ".gz"
             )
 
-    class _LocalFashionMNIST(base, skip_registration=True):
+    class _LocalFashionMNIST(base, skip_registration=True):  # type: ignore[call-arg]
         name = "fashion_mnist"  # the name `tfds.load` looks for
 
     _LocalFashionMNIST.url_infos = url_infos
@@ -357,7 +367,9 @@ def _read_idx_labels(path, expected_count=None):
 # --------------------------------------------------------------------------
 
 
-def load_digits(image_shape=(28, 28, 1), *, return_labels=False):
+def load_digits(
+    image_shape: Sequence[int] = (28, 28, 1), *, return_labels: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Loads scikit-learn's 1,797 handwritten digits as images.
 
     The 8x8 images (ink intensity 0-16, ink bright on a dark background like
@@ -391,7 +403,9 @@ def load_digits(image_shape=(28, 28, 1), *, return_labels=False):
     return x
 
 
-def load_photos(n=DEFAULT_NUM_GENERATED, image_shape=(28, 28, 1), seed=0):
+def load_photos(
+    n: int = DEFAULT_NUM_GENERATED, image_shape: Sequence[int] = (28, 28, 1), seed: int = 0
+) -> np.ndarray:
     """Random crops of scikit-image's sample photographs (natural-image OOD).
 
     Each crop comes from one of `PHOTO_NAMES` (chosen uniformly), covers 1/8 to
@@ -449,7 +463,13 @@ def load_photos(n=DEFAULT_NUM_GENERATED, image_shape=(28, 28, 1), seed=0):
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def gaussian_noise(n=DEFAULT_NUM_GENERATED, image_shape=(28, 28, 1), seed=0, *, std=0.25):
+def gaussian_noise(
+    n: int = DEFAULT_NUM_GENERATED,
+    image_shape: Sequence[int] = (28, 28, 1),
+    seed: int = 0,
+    *,
+    std: float = 0.25,
+) -> np.ndarray:
     """Gaussian-noise images: every pixel and channel i.i.d. clip(N(0.5, std^2)).
 
     With the default `std=0.25`, 95% of values fall inside `[0, 1]` before
@@ -485,7 +505,9 @@ def gaussian_noise(n=DEFAULT_NUM_GENERATED, image_shape=(28, 28, 1), seed=0, *, 
     return np.clip(x, 0.0, 1.0, out=x)
 
 
-def uniform_noise(n=DEFAULT_NUM_GENERATED, image_shape=(28, 28, 1), seed=0):
+def uniform_noise(
+    n: int = DEFAULT_NUM_GENERATED, image_shape: Sequence[int] = (28, 28, 1), seed: int = 0
+) -> np.ndarray:
     """Uniform-noise images: every pixel and channel i.i.d. U[0, 1).
 
     Args:
@@ -541,15 +563,15 @@ def _photo_at_size(name, channels, size):
 
 
 def load_dataset(
-    name,
-    split="test",
+    name: str,
+    split: str = "test",
     *,
-    image_shape=None,
-    n=None,
-    seed=0,
-    data_dir=None,
-    download=True,
-):
+    image_shape: Sequence[int] | None = None,
+    n: int | None = None,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Loads a data set by name as NumPy arrays.
 
     Offline names (`OFFLINE_DATASETS`): `"fashion_mnist"`,
@@ -640,7 +662,14 @@ def load_dataset(
     return x, y
 
 
-def to_tf_dataset(x, y=None, *, batch_size=128, shuffle=False, seed=None):
+def to_tf_dataset(
+    x: np.ndarray,
+    y: np.ndarray | None = None,
+    *,
+    batch_size: int = 128,
+    shuffle: bool = False,
+    seed: int | None = None,
+) -> Any:
     """Wraps arrays in a batched, prefetched `tf.data.Dataset`.
 
     Args:

@@ -14,7 +14,7 @@ from keras_isomax.layers import IsoMaxPlusLayer
 HEADS = ("isomax", "softmax")
 
 
-def example_cnn_layers(width=32, features=128):
+def example_cnn_layers(width: int = 32, features: int = 128) -> list[keras.layers.Layer]:
     """The feature layers of the example CNN, without input or head.
 
     Two 3x3 ReLU convolutions (`width`, then `2 * width` filters), each
@@ -52,7 +52,13 @@ def example_cnn_layers(width=32, features=128):
     ]
 
 
-def example_cnn(head="isomax", num_classes=10, input_shape=(28, 28, 1), width=32, name=None):
+def example_cnn(
+    head: str = "isomax",
+    num_classes: int = 10,
+    input_shape: tuple[int, ...] = (28, 28, 1),
+    width: int = 32,
+    name: str | None = None,
+) -> keras.Sequential:
     """The example CNN with an IsoMax+ or a SoftMax head.
 
     Args:
