@@ -42,8 +42,8 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The whole suite on TensorFlow, then its backend-neutral part (tests/conftest.py:
-# BACKEND_NEUTRAL_FILES) on JAX and PyTorch.
+# The whole suite on TensorFlow, then its backend-neutral part (every file not in
+# tests/conftest.py's TENSORFLOW_ONLY_FILES) on JAX and PyTorch.
 test: lint
 	$(BIN)/python -m pytest
 	$(MAKE) test-backends

@@ -331,6 +331,7 @@ def worker_backup_dir(backup_dir, tf_config=None):
 
     Example:
 
+    >>> from keras_isomax.distribute import worker_backup_dir
     >>> worker_backup_dir("/tmp/backup", tf_config={
     ...     "cluster": {"worker": ["host1:2222", "host2:2222"]},
     ...     "task": {"type": "worker", "index": 1}})

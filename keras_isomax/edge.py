@@ -144,7 +144,7 @@ def export_onnx(
     >>> from keras_isomax import IsoMaxPlusLayer, calibrate_threshold, export_onnx
     >>> model = keras.Sequential([keras.Input((4,)), IsoMaxPlusLayer(3)])
     >>> x = np.random.default_rng(0).normal(size=(100, 4)).astype("float32")
-    >>> _ = calibrate_threshold(model, x, tpr=0.95)
+    >>> _ = calibrate_threshold(model, x, tpr=0.95, verbose=0)
     >>> path = export_onnx(model, "model.onnx")  # doctest: +SKIP
     >>> session = onnxruntime.InferenceSession(path)  # doctest: +SKIP
     >>> score, is_ood, threshold, class_id, probabilities = session.run(

@@ -118,7 +118,7 @@ def export_saved_model(
     >>> from keras_isomax import IsoMaxPlusLayer, calibrate_threshold, export_saved_model
     >>> model = keras.Sequential([keras.Input((4,)), IsoMaxPlusLayer(3)])
     >>> x = np.random.default_rng(0).normal(size=(100, 4)).astype("float32")
-    >>> _ = calibrate_threshold(model, x, tpr=0.95)
+    >>> _ = calibrate_threshold(model, x, tpr=0.95, verbose=0)
     >>> base = os.path.join(tempfile.mkdtemp(), "my_model")
     >>> path = export_saved_model(model, base, version=1)
     >>> os.path.relpath(path, base)  # tensorflow_model_server --model_base_path=base
