@@ -317,6 +317,7 @@ def train_numpy(
         batches(),
         epochs=epochs,
         steps_per_epoch=len(indices) // epochs,
+        shuffle=False,
         verbose=0,
         callbacks=[timer],
     )

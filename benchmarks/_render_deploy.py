@@ -88,10 +88,9 @@ def render_serving(load) -> str:
         )
     threads = result.get("threads") or "default"
     caption = (
-        "Each head (features in) exported, loaded back with `tf.saved_model.load` and its "
-        "signature called, as TF Serving runs it (TensorFlow kernels, no XLA): a Dense + softmax "
-        "head exported with the same outputs as the library's `score` signature, against "
-        "`export_saved_model` of an `IsoMaxPlusLayer`; and each head's plain `model.export` "
+        "Each head (features in) exported, loaded with `tf.saved_model.load` and its signature "
+        "called (TensorFlow kernels, no XLA): a Dense + softmax head with the same outputs as "
+        "the `score` signature of `export_saved_model`; and each head's plain `model.export` "
         f"(logits only; the layer's live math). Batch {result['batch_size']}, {threads} "
         f"TensorFlow thread(s), {result['reps']} interleaved repetitions, process {clock.upper()} "
         "time; ratio = median of the per-repetition ratios [interquartile range] (wall-clock "

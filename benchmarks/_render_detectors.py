@@ -14,12 +14,11 @@ def render_detectors(load) -> str:
     if knn:
         ours, theirs = knn["ours"], knn["pytorch_ood"]
         out.append(
-            f"**KNN fit + score vs pytorch-ood's KNN** (scikit-learn `NearestNeighbors`): "
-            f"{s['ratio_n']:,} x {s['ratio_f']:,} float32 training features (10 Gaussian "
-            f"clusters), {s['ratio_q']:,} queries, k = {s['k']}; ours through "
-            "`KNN(k, batch_size=1024).fit(model, (z, y))` / `.score(q)` on a model whose head "
-            "input is the features, theirs through `fit_features` / `predict_features` on the same "
-            "arrays; each side in a fresh process.\n"
+            f"**KNN vs pytorch-ood's KNN** (scikit-learn): {s['ratio_n']:,} x {s['ratio_f']:,} "
+            f"training features (10 Gaussian clusters), {s['ratio_q']:,} queries, k = {s['k']}; "
+            "ours through `fit(model, (z, y))` / `score(q)` on a model whose head input is the "
+            "features, theirs through `fit_features` / `predict_features`; each in a fresh "
+            "process.\n"
         )
         rows = [
             [
@@ -39,10 +38,10 @@ def render_detectors(load) -> str:
     bank = sections.get("knn_bank")
     if bank:
         out.append(
-            f"**A {bank['n']:,} x {bank['f']:,} KNN bank** ({bank['bank_gib']:.2f} GiB of float32) "
-            "streamed through `fit` in batches of 8,192 from a Python generator (no array of all "
-            f"features exists), then {bank['q']:,} queries scored (`chunk_size=32768`, "
-            f"k = {s['k']}); transient memory while scoring = peak RSS minus RSS before scoring.\n"
+            f"**A {bank['n']:,} x {bank['f']:,} KNN bank** ({bank['bank_gib']:.2f} GiB float32) "
+            "streamed through `fit` from a generator in batches of 8,192, then "
+            f"{bank['q']:,} queries scored (`chunk_size=32768`); transient = peak RSS minus RSS "
+            "before scoring.\n"
         )
         transient = bank.get("score_transient_mib")
         out.append(
@@ -74,8 +73,8 @@ def render_detectors(load) -> str:
     maha = sections.get("mahalanobis")
     if maha:
         out.append(
-            f"**Mahalanobis, {maha['c']:,} classes x {maha['f']:,} features, streaming**: "
-            f"{maha['n']:,} examples in batches of 2,048 from a generator (every class present).\n"
+            f"**Mahalanobis, {maha['c']:,} classes x {maha['f']:,} features**: {maha['n']:,} "
+            "examples streamed in batches of 2,048 from a generator.\n"
         )
         out.append(
             table(

@@ -29,9 +29,11 @@ def render_gpu_quality(load) -> str:
     skipped = result.get("skipped", [])
     caption = (
         f"ResNet-{p['depth']} ({p['features']} features, BatchNorm, global average pooling), "
-        f"{p['epochs']} epochs on {p['train_images']:,} Fashion-MNIST training images, batch "
+        f"{p['epochs']} epoch{'s' if p['epochs'] != 1 else ''} on {p['train_images']:,} Fashion-MNIST training images, batch "
         f"{p['batch_size']}, SGD lr {p['learning_rate']:g}, Nesterov 0.9, cosine decay, weight "
-        f"decay {p['weight_decay']:g}, {p['augmentation']}, {p['precision']}; {seeds} seed(s); "
+        f"decay {p['weight_decay']:g}, {p['augmentation']}, {p['precision']}; {seeds} seed"
+        + ("s" if seeds != 1 else "")
+        + "; "
         f"Keras on JAX. AUROC %, accuracy %. Device time of the run: {result['wall_time_s']:.0f} s."
         + (f" Not run (time budget): {', '.join(skipped)}." if skipped else "")
         + "\n\n"

@@ -30,8 +30,9 @@ def machine_text(machine: dict) -> str:
 def provenance(result: dict) -> str:
     """The line every rendered table carries: command, machine, commit, date."""
     return (
-        f"Command: `{result.get('command', '?')}`; machine: {machine_text(result.get('machine', {}))}; "
-        f"commit `{result.get('commit', '?')}`; date {str(result.get('date', '?'))[:10]}."
+        f"Command `{result.get('command', '?')}`; machine: "
+        f"{machine_text(result.get('machine', {}))}; commit `{result.get('commit', '?')}`, "
+        f"{str(result.get('date', '?'))[:10]}."
     )
 
 

@@ -56,7 +56,7 @@ def _identity_model(f, c):
     return keras.Sequential([keras.Input((f,)), keras.layers.Dense(c, activation="softmax")])
 
 
-def section_knn_ratio(args):
+def section_knn_ratio(args: argparse.Namespace) -> dict:
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -93,7 +93,7 @@ def section_knn_ratio(args):
     return {"fit_s": fit, "score_s": score, "peak_rss_mib": _status("VmHWM")}
 
 
-def section_knn_bank(args):
+def section_knn_bank(args: argparse.Namespace) -> dict:
     import numpy as np
 
     from keras_isomax import detectors
@@ -137,7 +137,7 @@ def section_knn_bank(args):
     }
 
 
-def section_mahalanobis(args):
+def section_mahalanobis(args: argparse.Namespace) -> dict:
     import numpy as np
 
     from keras_isomax import detectors
@@ -183,7 +183,7 @@ SECTIONS = {
 }
 
 
-def _run(section, argv, extra=()):
+def _run(section: str, argv: list[str], extra: tuple[str, ...] = ()) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT}
     cmd = [sys.executable, __file__, "--section", section, *argv, *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)

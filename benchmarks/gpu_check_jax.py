@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
             "speed": speeds,
         },
-        machine={**machine_info(), "device": device_text()},
+        machine={**machine_info(onednn="n/a (JAX)"), "device": device_text()},
         path=args.output,
     )
     print(f"wrote {path}")

@@ -448,9 +448,11 @@ def run_task(task: str, data: dict, seed: int, config: dict, peers, log, trainer
     """Trains both heads and the replace_head path for one task and seed; scores every row.
 
     `trainer(model, x, y, epochs=, seed=, batch_size=, flip=)` returns the epochs'
-    wall and CPU seconds (`{"epoch_s": [...], "epoch_cpu_s": [...]}`); defaults to `_quality_models.train_tf` (one `fit` over a tf.data pipeline).
+    wall and CPU seconds (`{"epoch_s": [...], "epoch_cpu_s": [...]}`); defaults to
+    `_quality_models.train_tf` (one `fit` over a tf.data pipeline).
     """
     trainer = trainer or qm.train_tf
+    task_start = (time.perf_counter(), time.process_time())
     (x_train, y_train) = data["train"]
     epochs, batch = config["epochs"], config["batch_size"]
     steps = len(x_train) // batch
@@ -548,6 +550,9 @@ def run_task(task: str, data: dict, seed: int, config: dict, peers, log, trainer
     return {
         "seed": seed,
         "task": task,
+        # Whole task (training, features, scores, detectors, calibration): wall and CPU s.
+        "task_s": time.perf_counter() - task_start[0],
+        "task_cpu_s": time.process_time() - task_start[1],
         "training": training,
         "rows": rows,
         "detector_costs": costs,

@@ -53,7 +53,7 @@ NAMES = {
 }
 
 
-def export_heads(num_classes, feature_dim, root, seed=0):
+def export_heads(num_classes: int, feature_dim: int, root: str, seed: int = 0) -> dict[str, str]:
     """Writes the four SavedModels; returns `{name: path}`."""
     import keras
     import tensorflow as tf
@@ -94,7 +94,7 @@ def export_heads(num_classes, feature_dim, root, seed=0):
     return paths
 
 
-def callables(paths, x):
+def callables(paths: dict[str, str], x) -> dict:
     """`{name: () -> outputs}`: each SavedModel's signature, loaded back."""
     import tensorflow as tf
 
@@ -107,7 +107,7 @@ def callables(paths, x):
     return out
 
 
-def size_mib(path):
+def size_mib(path: str) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
