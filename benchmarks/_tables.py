@@ -17,8 +17,9 @@ def machine_text(machine: dict) -> str:
     backend = machine.get("keras_backend", "tensorflow")
     if backend == "tensorflow":
         parts.append(f"oneDNN {machine.get('onednn', '?')}")
+    used = {"tensorflow": backend == "tensorflow", "jax": backend == "jax", "keras": True}
     for key, label in (("tensorflow", "TensorFlow"), ("jax", "JAX"), ("keras", "Keras")):
-        if key in versions and (key != "jax" or backend == "jax"):
+        if key in versions and used[key]:
             parts.append(f"{label} {versions[key]}")
     if backend != "tensorflow":
         parts.append(f"Keras backend {backend}")
