@@ -1,40 +1,34 @@
-"""Backbones, optimizer schedule and seeded batches of the OOD quality benchmark.
+"""Backbones, training recipe and seeded batches of the OOD quality benchmarks.
 
-Kept apart from `ood_quality.py` so that `tests/test_quality_protocol.py` can
-check the protocol's pieces (backbone shape, BatchNorm and pooling, the
-learning-rate schedule, seeded initial weights and batch order) without
-importing pytorch-ood or training anything.
+Shared by `ood_quality.py` (TensorFlow, 2 CPU cores) and `gpu_quality_jax.py`
+(Keras' JAX backend on a GPU): this module imports Keras and NumPy only, so it
+loads on a machine without TensorFlow.
 
-The paper protocol (Macêdo & Ludermir, IsoMax+; the authors' training code):
+The recipe (the same for both heads; chosen for the SoftMax baseline's
+accuracy and the CPU time, never for an OOD figure):
 
-* backbone: a ResNet of the CIFAR family (He et al., 2016, section 4.2):
-  a 3x3 conv stem with 16 filters, three stages of `n` basic blocks with
-  16 / 32 / 64 filters (stride 2 between stages, 1x1 projection shortcuts),
-  BatchNorm after every convolution, global average pooling; depth `6n + 2`
-  (ResNet-8 for n=1, ResNet-20 for n=3, ResNet-32 for n=5). The pooled
-  vector (64 values) is the layer named `"features"`, input of either head.
-  `depth=34` gives the paper's ResNet-34 (basic blocks 3/4/6/3 of 64 / 128 /
-  256 / 512 filters, 3x3 stem; 512 features), for GPU runs;
-* optimizer: SGD, learning rate 0.1, momentum 0.9, Nesterov, weight decay
-  1e-4 in PyTorch's convention (the L2 gradient `1e-4 * w`, i.e. a Keras
-  `L2(5e-5)` kernel regulariser, coupled with momentum as in the paper;
-  Keras' own `weight_decay` is decoupled and would be a different recipe);
-* schedule: the paper's step decay, learning rate x0.1 at 50%, 66.7% and
-  83.3% of training (epochs 150 / 200 / 250 of 300), scaled to the epoch
-  count so that a short run keeps the same shape;
-* augmentation: random crop of the 28x28 image from the image zero-padded by
-  4 pixels on every side, and a random horizontal flip: the authors' CIFAR
-  transform (`RandomCrop(32, padding=4)`, `RandomHorizontalFlip()`) at
-  Fashion-MNIST's size. A mirrored Fashion-MNIST garment, shoe or bag is the
-  same class, so the flip keeps every label;
+* backbone: a ResNet of basic blocks with BatchNorm after every convolution
+  and global average pooling. The CPU default is the CIFAR family's smallest
+  (He et al., 2016, section 4.2): a 3x3 stem of 16 filters and three stages of
+  one basic block with 16 / 32 / 64 filters (stride 2 between stages, 1x1
+  projection shortcuts), i.e. ResNet-8, 64 features. `depth=18` / `depth=34`
+  give the ImageNet-size ResNet-18 / ResNet-34 (stages of 2/2/2/2 or 3/4/6/3
+  blocks of 64-512 filters, 3x3 stem without max pooling, 512 features) for a
+  GPU. The pooled vector is the layer named `"features"`, input of either
+  head;
+* optimizer: SGD, learning rate 0.1, Nesterov momentum 0.9, cosine decay to
+  zero over the whole run (one `fit` call), batch 128;
+* weight decay 5e-4 in PyTorch's convention (the gradient gets `5e-4 * w`, a
+  Keras `L2(2.5e-4)` kernel regulariser, coupled with momentum) on every
+  convolution and on the SoftMax head's kernel; the IsoMax+ prototypes get
+  none (the layer has no regulariser argument);
 * BatchNorm with PyTorch's defaults (running-statistics momentum 0.1, i.e.
-  Keras `momentum=0.9`; epsilon 1e-5), as in the authors' PyTorch code;
-* batch: the paper's is 64 (`PAPER_BATCH_SIZE`); the benchmark's default is
-  128, the batch of He et al.'s CIFAR ResNets at the same lr 0.1, which
-  halves the CPU time (`--batch-size 64` restores the paper's);
-* both heads get the same initial backbone weights (the backbone is built
-  first from the seed) and the same batches in the same order (epoch
-  permutations and augmentation drawn from a NumPy generator of the seed).
+  Keras `momentum=0.9`; epsilon 1e-5);
+* both heads of a seed get the same initial backbone weights (the backbone is
+  built first from the seed) and the same batches in the same order: the
+  batch indices of every epoch are drawn from a NumPy generator of the seed
+  before training (`batch_indices`), and the optional augmentation (random
+  horizontal flip, `augment_flags`) is drawn the same way.
 """
 
 from __future__ import annotations
@@ -43,30 +37,27 @@ import keras
 import numpy as np
 
 IMAGE_SHAPE = (28, 28, 1)
-PAPER_LR = 0.1
-PAPER_MOMENTUM = 0.9
-PAPER_WEIGHT_DECAY = 1e-4  # PyTorch convention: gradient += 1e-4 * w.
-PAPER_BATCH_SIZE = 64
-PAPER_DECAY_FRACTIONS = (150 / 300, 200 / 300, 250 / 300)
-PAPER_DECAY_FACTOR = 0.1
-CROP_PADDING = 4
-BACKBONES = ("resnet", "cnn")
-RESNET34_BLOCKS = (3, 4, 6, 3)
-RESNET34_WIDTHS = (64, 128, 256, 512)
+LEARNING_RATE = 0.1
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4  # PyTorch convention: gradient += 5e-4 * w.
+BATCH_SIZE = 128
+CIFAR_WIDTHS = (16, 32, 64)
+IMAGENET_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+IMAGENET_WIDTHS = (64, 128, 256, 512)
+HEADS = ("softmax", "isomax")
 
 
 # --------------------------------------------------------------- backbones
 
 
-def _regularizer(weight_decay):
+def _regularizer(weight_decay: float):
     # d/dw [l2 * w^2] = 2 * l2 * w: PyTorch's weight_decay=wd is L2(wd / 2).
     return keras.regularizers.L2(weight_decay / 2) if weight_decay else None
 
 
-def _batch_norm(name):
-    # PyTorch's BatchNorm2d defaults, as in the paper: running statistics updated
-    # with momentum 0.1 (Keras: momentum=0.9), epsilon 1e-5. Keras' default 0.99
-    # leaves the running statistics far from the data after a short run.
+def _batch_norm(name: str):
+    # PyTorch's BatchNorm2d defaults: running statistics updated with momentum
+    # 0.1 (Keras: momentum=0.9), epsilon 1e-5.
     return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
 
 
@@ -85,11 +76,19 @@ def _conv_bn(x, filters, strides, name, weight_decay, relu=True):
     return keras.layers.Activation("relu", name=f"{name}_relu")(x) if relu else x
 
 
-def resnet_backbone(inputs, blocks=(1, 1, 1), widths=(16, 32, 64), weight_decay=1e-4):
+def resnet_backbone(inputs, blocks, widths, weight_decay=WEIGHT_DECAY):
     """ResNet of basic blocks with a 3x3 stem, ending in global average pooling.
 
-    `blocks[i]` basic blocks of `widths[i]` filters in stage `i`; stride 2 at
-    the start of every stage after the first.
+    Args:
+        inputs: The image input tensor.
+        blocks: Basic blocks per stage.
+        widths: Filters per stage; stride 2 at the start of every stage after
+            the first.
+        weight_decay: PyTorch-convention weight decay of the convolutions.
+            Defaults to `WEIGHT_DECAY`.
+
+    Returns:
+        The pooled feature tensor (layer name `"features"`).
     """
     x = _conv_bn(inputs, widths[0], 1, "stem", weight_decay)
     for stage, (width, blocks_per_stage) in enumerate(zip(widths, blocks, strict=True)):
@@ -115,147 +114,284 @@ def resnet_backbone(inputs, blocks=(1, 1, 1), widths=(16, 32, 64), weight_decay=
     return keras.layers.GlobalAveragePooling2D(name="features")(x)
 
 
-def cnn_backbone(inputs):
-    """The earlier benchmark's small CNN: two strided convs, `Dense(128, relu)`.
+def stages_of(depth: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """`(blocks, widths)` of a ResNet depth: `6n + 2` (CIFAR family), 18 or 34.
 
-    No BatchNorm and no pooling: kept as a second, clearly labelled backbone
-    to measure how much of the comparison depends on the backbone.
+    Raises:
+        ValueError: For any other depth.
     """
-    x = keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")(inputs)
-    x = keras.layers.Conv2D(64, 3, strides=2, padding="same", activation="relu")(x)
-    x = keras.layers.Flatten()(x)
-    return keras.layers.Dense(128, activation="relu", name="features")(x)
-
-
-def build_backbone(backbone, seed, *, depth=8, widths=(16, 32, 64), weight_decay=None):
-    """`(inputs, features)` of a backbone whose weights depend only on `seed`."""
-    if backbone not in BACKBONES:
-        raise ValueError(f"`backbone` must be one of {BACKBONES}. Received: backbone={backbone!r}")
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input(IMAGE_SHAPE, name="image")
-    if backbone == "cnn":
-        return inputs, cnn_backbone(inputs)
-    wd = PAPER_WEIGHT_DECAY if weight_decay is None else weight_decay
-    if depth == 34:  # The paper's ResNet-34 (CIFAR variant: 3x3 stem, no max pooling).
-        return inputs, resnet_backbone(inputs, RESNET34_BLOCKS, RESNET34_WIDTHS, wd)
-    if (depth - 2) % 6 or depth < 8:
-        raise ValueError(f"`depth` must be 6n + 2 with n >= 1, or 34. Received: depth={depth}")
+    if depth in IMAGENET_BLOCKS:
+        return IMAGENET_BLOCKS[depth], IMAGENET_WIDTHS
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"`depth` must be 6n + 2 with n >= 1, 18 or 34. Received: depth={depth}")
     n = (depth - 2) // 6
-    return inputs, resnet_backbone(inputs, (n,) * len(widths), widths, wd)
+    return (n,) * len(CIFAR_WIDTHS), CIFAR_WIDTHS
 
 
 def build_model(
-    head,
-    num_classes,
-    seed,
+    head: str,
+    num_classes: int,
+    seed: int,
     *,
-    backbone="resnet",
-    depth=8,
-    widths=(16, 32, 64),
-    weight_decay=None,
-    entropic_scale=10.0,
-):
+    depth: int = 8,
+    weight_decay: float = WEIGHT_DECAY,
+    image_shape: tuple[int, ...] = IMAGE_SHAPE,
+) -> keras.Model:
     """The backbone (built first, from `seed`) with a SoftMax or IsoMax+ head.
 
-    The returned model outputs logits and is not compiled (see `compile_model`).
+    Args:
+        head: `"softmax"` (`Dense` logits, layer `"logits"`) or `"isomax"`
+            (`IsoMaxPlusLayer`, layer `"isomax"`).
+        num_classes: Number of classes.
+        seed: Seed of the initial weights (the backbone's depend on it only).
+        depth: ResNet depth (see `stages_of`). Defaults to `8`.
+        weight_decay: PyTorch-convention weight decay. Defaults to `WEIGHT_DECAY`.
+        image_shape: Input shape. Defaults to `IMAGE_SHAPE`.
+
+    Returns:
+        An uncompiled model whose output is the logits (float32 also under a
+        mixed-precision policy).
+
+    Raises:
+        ValueError: For an unknown head or depth.
     """
     from keras_isomax import IsoMaxPlusLayer
 
-    inputs, features = build_backbone(
-        backbone, seed, depth=depth, widths=widths, weight_decay=weight_decay
-    )
+    if head not in HEADS:
+        raise ValueError(f"`head` must be one of {HEADS}. Received: head={head!r}")
+    blocks, widths = stages_of(depth)
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(image_shape, name="image")
+    features = resnet_backbone(inputs, blocks, widths, weight_decay)
     if head == "softmax":
-        wd = (PAPER_WEIGHT_DECAY if weight_decay is None else weight_decay) * (backbone != "cnn")
-        # Heads in float32 also under a mixed-precision policy (GPU runs).
         logits = keras.layers.Dense(
-            num_classes, kernel_regularizer=_regularizer(wd), dtype="float32", name="logits"
+            num_classes,
+            kernel_regularizer=_regularizer(weight_decay),
+            dtype="float32",
+            name="logits",
         )(features)
-    elif head == "isomax":
-        logits = IsoMaxPlusLayer(num_classes, dtype="float32", name="isomax")(features)
     else:
-        raise ValueError(f"`head` must be 'softmax' or 'isomax'. Received: head={head!r}")
-    model = keras.Model(inputs, logits, name=f"{backbone}_{head}")
-    return model
+        logits = IsoMaxPlusLayer(num_classes, dtype="float32", name="isomax")(features)
+    return keras.Model(inputs, logits, name=f"resnet{depth}_{head}")
+
+
+def head_model(model: keras.Model) -> keras.Model:
+    """A model from the features to the logits with a copy of `model`'s trained head.
+
+    The copy (same config, same weights) computes the same logits as the whole
+    model's head, so features computed once serve every score and detector.
+    (A copy, not the layer itself: the library's detectors want a head layer
+    that is used once.)
+    """
+    head = model.layers[-1]
+    copy = type(head).from_config(head.get_config())
+    inputs = keras.Input((int(model.get_layer("features").output.shape[-1]),), name="features")
+    outputs = copy(inputs)
+    copy.set_weights(head.get_weights())
+    return keras.Model(inputs, outputs, name=f"{model.name}_head")
+
+
+def feature_model(model: keras.Model) -> keras.Model:
+    """The model from the image to the pooled features (shares the weights)."""
+    return keras.Model(model.inputs, model.get_layer("features").output)
 
 
 # --------------------------------------------------------------- optimizer
 
 
-def paper_schedule(epochs, steps_per_epoch, lr=PAPER_LR):
-    """The paper's step decay (x0.1 at 50 / 66.7 / 83.3 % of training)."""
-    total = epochs * steps_per_epoch
-    boundaries = [int(round(f * total)) for f in PAPER_DECAY_FRACTIONS]
-    values = [lr * PAPER_DECAY_FACTOR**i for i in range(len(boundaries) + 1)]
-    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+def cosine_schedule(epochs: int, steps_per_epoch: int, lr: float = LEARNING_RATE):
+    """Cosine decay from `lr` to zero over `epochs * steps_per_epoch` steps."""
+    return keras.optimizers.schedules.CosineDecay(lr, decay_steps=epochs * steps_per_epoch)
 
 
-def compile_model(model, head, *, backbone, epochs, steps_per_epoch, entropic_scale=10.0, lr=None):
-    """Compiles with the protocol's optimizer: SGD + Nesterov + step decay for
-    the ResNet; the earlier benchmark's Adam 1e-3 for the small CNN."""
+def compile_model(
+    model: keras.Model,
+    head: str,
+    *,
+    epochs: int,
+    steps_per_epoch: int,
+    lr: float = LEARNING_RATE,
+    entropic_scale: float = 10.0,
+    jit_compile="auto",
+) -> keras.Model:
+    """Compiles with SGD + Nesterov 0.9 + cosine decay and the head's loss."""
     from keras_isomax import IsoMaxPlusLoss
 
-    if backbone == "cnn":
-        optimizer = keras.optimizers.Adam(1e-3 if lr is None else lr)
-    else:
-        optimizer = keras.optimizers.SGD(
-            paper_schedule(epochs, steps_per_epoch, PAPER_LR if lr is None else lr),
-            momentum=PAPER_MOMENTUM,
-            nesterov=True,
-        )
+    optimizer = keras.optimizers.SGD(
+        cosine_schedule(epochs, steps_per_epoch, lr), momentum=MOMENTUM, nesterov=True
+    )
     if head == "softmax":
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     else:
         loss = IsoMaxPlusLoss(entropic_scale=entropic_scale)
-    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"] * (head == "softmax"))
+    model.compile(optimizer=optimizer, loss=loss, jit_compile=jit_compile)
     return model
 
 
 # ----------------------------------------------------------------- batches
 
 
-def epoch_order(seed, epoch, n):
-    """The permutation of the `n` training images for `epoch` (seeded)."""
-    return np.random.default_rng([seed, epoch, 0]).permutation(n)
+def batch_indices(n: int, seed: int, epochs: int, batch_size: int = BATCH_SIZE) -> np.ndarray:
+    """Training batches of every epoch: `(epochs * (n // batch_size), batch_size)` indices.
 
-
-def augment(x, seed, epoch, *, padding=CROP_PADDING, flip=True):
-    """Random crop from the zero-padded image and random horizontal flip.
-
-    Draws are a function of `(seed, epoch)` only, so both heads see the same
-    augmented images. `x` is `(N, H, W, C)`; returns a new array.
+    Each epoch is a fresh permutation of the `n` images drawn from
+    `(seed, epoch)`; its last `n % batch_size` images are left out (a different
+    few every epoch), so every batch is full.
     """
-    rng = np.random.default_rng([seed, epoch, 1])
-    n, h, w, _ = x.shape
-    if padding:
-        padded = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-        dy = rng.integers(0, 2 * padding + 1, size=n)
-        dx = rng.integers(0, 2 * padding + 1, size=n)
-        rows = dy[:, None] + np.arange(h)[None, :]
-        cols = dx[:, None] + np.arange(w)[None, :]
-        x = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    if flip:
-        mirror = rng.random(n) < 0.5
-        x = x.copy() if not padding else x
-        x[mirror] = x[mirror, :, ::-1]
-    return x
+    steps = n // batch_size
+    if steps < 1:
+        raise ValueError(
+            f"`batch_size` must not exceed the {n} training images. Received: "
+            f"batch_size={batch_size}"
+        )
+    orders = [
+        np.random.default_rng([seed, epoch, 0]).permutation(n)[: steps * batch_size]
+        for epoch in range(epochs)
+    ]
+    return np.stack(orders).reshape(epochs * steps, batch_size)
 
 
-def epoch_batches(x, y, seed, epoch, *, augmentation=True):
-    """The epoch's training arrays in batch order (fit them with `shuffle=False`)."""
-    order = epoch_order(seed, epoch, len(x))
-    xs, ys = x[order], y[order]
-    if augmentation:
-        xs = augment(xs, seed, epoch)
-    return xs, ys
+def augment_flags(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """Seeded random horizontal flips, one boolean per image of every batch."""
+    return np.random.default_rng([seed, 0, 1]).random(shape) < 0.5
 
 
-def train(model, x, y, *, epochs, seed, batch_size=128, augmentation=True):
-    """Trains epoch by epoch on the seeded batches; returns the wall time (s)."""
-    import time
+def crop_offsets(shape: tuple[int, int], seed: int, padding: int) -> np.ndarray:
+    """Seeded random-crop offsets `(..., 2)` in `[0, 2 * padding]`, one pair per image."""
+    return np.random.default_rng([seed, 0, 2]).integers(0, 2 * padding + 1, size=(*shape, 2))
 
-    keras.utils.set_random_seed(seed + 1000)  # Dropout-free, but keep Keras' RNG fixed.
-    start = time.perf_counter()
-    for epoch in range(epochs):
-        xs, ys = epoch_batches(x, y, seed, epoch, augmentation=augmentation)
-        model.fit(xs, ys, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
-    return time.perf_counter() - start
+
+def numpy_batch(x, y, indices, flips=None, offsets=None, padding=0):
+    """One training batch as NumPy arrays.
+
+    `flips` mirror the image's width axis; `offsets` (with `padding`) take a
+    random crop of the image zero-padded by `padding` pixels on every side.
+    """
+    xb = x[indices]
+    if offsets is not None and padding:
+        n, h, w, _ = xb.shape
+        padded = np.pad(xb, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+        rows = offsets[:, :1] + np.arange(h)[None, :]
+        cols = offsets[:, 1:] + np.arange(w)[None, :]
+        xb = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    if flips is not None and flips.any():
+        xb = xb.copy()
+        xb[flips] = xb[flips, :, ::-1]
+    return xb, y[indices]
+
+
+def train_numpy(
+    model: keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    seed: int,
+    batch_size: int = BATCH_SIZE,
+    flip: bool = False,
+    crop_padding: int = 0,
+) -> dict[str, list[float]]:
+    """Trains with one `fit` call over NumPy batches (any backend); returns `train_tf`'s times.
+
+    The same seeded batches as `train_tf`; with `crop_padding`, a seeded random
+    crop of the zero-padded image too.
+    """
+    indices = batch_indices(len(x), seed, epochs, batch_size)
+    flips = augment_flags(indices.shape, seed) if flip else None
+    offsets = crop_offsets(indices.shape, seed, crop_padding) if crop_padding else None
+
+    def batches():
+        for i, batch in enumerate(indices):
+            yield numpy_batch(
+                x,
+                y,
+                batch,
+                None if flips is None else flips[i],
+                None if offsets is None else offsets[i],
+                crop_padding,
+            )
+
+    timer = EpochTimes()
+    keras.utils.set_random_seed(seed + 1000)
+    model.fit(
+        batches(),
+        epochs=epochs,
+        steps_per_epoch=len(indices) // epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=[timer],
+    )
+    return {"epoch_s": timer.seconds, "epoch_cpu_s": timer.cpu_seconds}
+
+
+def tf_dataset(x, y, indices, flips=None):
+    """A `tf.data.Dataset` of the batches `indices` (one `fit` call, no retracing).
+
+    The images stay in memory as one tensor; each batch is gathered (and
+    mirrored where `flips` says) on the fly. TensorFlow only.
+    """
+    import tensorflow as tf
+
+    images, labels = tf.constant(x), tf.constant(y)
+    if flips is None:
+        flips = np.zeros(indices.shape, bool)
+    data = tf.data.Dataset.from_tensor_slices((indices, flips))
+
+    def gather(index, flip):
+        xb = tf.gather(images, index)
+        xb = tf.where(flip[:, None, None, None], tf.reverse(xb, axis=[2]), xb)
+        return xb, tf.gather(labels, index)
+
+    return data.map(gather, num_parallel_calls=1, deterministic=True).prefetch(2)
+
+
+class EpochTimes(keras.callbacks.Callback):
+    """Records the wall time (`seconds`) and process CPU time (`cpu_seconds`) of every epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: list[float] = []
+        self.cpu_seconds: list[float] = []
+        self._start = (0.0, 0.0)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        import time
+
+        self._start = (time.perf_counter(), time.process_time())
+
+    def on_epoch_end(self, epoch, logs=None):
+        import time
+
+        self.seconds.append(time.perf_counter() - self._start[0])
+        self.cpu_seconds.append(time.process_time() - self._start[1])
+
+
+def train_tf(
+    model: keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    seed: int,
+    batch_size: int = BATCH_SIZE,
+    flip: bool = False,
+) -> dict[str, list[float]]:
+    """Trains with one `fit` call over the seeded batches.
+
+    Returns:
+        `{"epoch_s": wall seconds per epoch, "epoch_cpu_s": process CPU seconds per epoch}`.
+    """
+    indices = batch_indices(len(x), seed, epochs, batch_size)
+    flips = augment_flags(indices.shape, seed) if flip else None
+    steps = len(indices) // epochs
+    timer = EpochTimes()
+    keras.utils.set_random_seed(seed + 1000)
+    model.fit(
+        tf_dataset(x, y, indices, flips),
+        epochs=epochs,
+        steps_per_epoch=steps,
+        shuffle=False,
+        verbose=0,
+        callbacks=[timer],
+    )
+    return {"epoch_s": timer.seconds, "epoch_cpu_s": timer.cpu_seconds}

@@ -15,6 +15,9 @@ imported in a process that imported TensorFlow first):
 Usage:
     python benchmarks/detectors_scale.py                     # all, default sizes
     python benchmarks/detectors_scale.py --bank-n 1000000 --bank-f 2048
+
+The sections' values go to `benchmarks/results/detectors_scale.json` (rendered
+into BENCHMARKS.md by `benchmarks/render.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, ROOT)
 from _common import proc_status_kib, reset_peak_rss  # noqa: E402
 
 
@@ -52,7 +56,7 @@ def _identity_model(f, c):
     return keras.Sequential([keras.Input((f,)), keras.layers.Dense(c, activation="softmax")])
 
 
-def section_knn_ratio(args):
+def section_knn_ratio(args: argparse.Namespace) -> dict:
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -89,7 +93,7 @@ def section_knn_ratio(args):
     return {"fit_s": fit, "score_s": score, "peak_rss_mib": _status("VmHWM")}
 
 
-def section_knn_bank(args):
+def section_knn_bank(args: argparse.Namespace) -> dict:
     import numpy as np
 
     from keras_isomax import detectors
@@ -133,7 +137,7 @@ def section_knn_bank(args):
     }
 
 
-def section_mahalanobis(args):
+def section_mahalanobis(args: argparse.Namespace) -> dict:
     import numpy as np
 
     from keras_isomax import detectors
@@ -179,7 +183,7 @@ SECTIONS = {
 }
 
 
-def _run(section, argv, extra=()):
+def _run(section: str, argv: list[str], extra: tuple[str, ...] = ()) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT}
     cmd = [sys.executable, __file__, "--section", section, *argv, *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -188,7 +192,7 @@ def _run(section, argv, extra=()):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main():
+def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--section", default=None)
     parser.add_argument("--only", default="knn_ratio,knn_bank,mahalanobis")
@@ -204,6 +208,7 @@ def main():
     parser.add_argument("--maha-n", type=int, default=100_000)
     parser.add_argument("--maha-f", type=int, default=1024)
     parser.add_argument("--maha-c", type=int, default=1000)
+    parser.add_argument("--output", help="result JSON path (default: benchmarks/results/)")
     args, _ = parser.parse_known_args()
     if args.section:
         print(json.dumps(SECTIONS[args.section](args)))
@@ -212,7 +217,15 @@ def main():
 
     import numpy as np
 
-    argv = [a for a in sys.argv[1:] if not a.startswith("--only")]
+    argv, skip = [], False  # The sections' own arguments: all but --only / --output.
+    for arg in sys.argv[1:]:
+        if skip or arg.startswith(("--only=", "--output=")):
+            skip = False
+            continue
+        if arg in ("--only", "--output"):
+            skip = True
+            continue
+        argv.append(arg)
     results = {}
     for section in args.only.split(","):
         if section == "knn_ratio":
@@ -232,6 +245,16 @@ def main():
         else:
             results[section] = _run(section, argv)
         print(section, json.dumps(results[section], indent=1), flush=True)
+
+    from _results import write_result
+
+    settings = {
+        k: v for k, v in vars(args).items() if k not in ("section", "side", "out", "output")
+    }
+    path = write_result(
+        "detectors_scale", {"settings": settings, "sections": results}, path=args.output
+    )
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

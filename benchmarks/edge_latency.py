@@ -5,29 +5,38 @@ IsoMaxPlusLayer(10), random weights (latency does not depend on training).
 Each artifact is run through its own runtime (ai-edge-litert interpreter,
 onnxruntime, TensorFlow's SavedModel loader, `score` signature), interleaved
 round by round so that load on the machine hits all three alike; medians and
-ratios to the SavedModel are printed.
+ratios to the SavedModel are printed, and every round's per-example time goes
+to `benchmarks/results/edge_latency.json` (rendered into BENCHMARKS.md).
 
-    PYTHONPATH=. python benchmarks/edge_latency.py [--rounds 15] [--reps 20]
+    python benchmarks/edge_latency.py [--rounds 15] [--reps 20]
 """
+
+from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
+from importlib import metadata
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.insert(0, _HERE)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def main():
-    parser = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--reps", type=int, default=20)
-    args = parser.parse_args()
+    parser.add_argument("--output", help="result JSON path (default: benchmarks/results/)")
+    args = parser.parse_args(argv)
 
     import onnxruntime as ort
     import tensorflow as tf
@@ -69,7 +78,8 @@ def main():
     session = ort.InferenceSession(onx, options, providers=["CPUExecutionProvider"])
 
     rng = np.random.default_rng(0)
-    results = {}
+    load_start = os.getloadavg()
+    results, rounds = {}, {}
     for batch in (1, 64):
         x = rng.uniform(size=(batch, 28, 28, 1)).astype("float32")
         xt = tf.constant(x)
@@ -82,7 +92,8 @@ def main():
         for name in ("litert", "onnx"):
             out = runs[name]()
             score = out["score"] if isinstance(out, dict) else out[0]
-            assert np.allclose(score, ref, rtol=1e-5, atol=1e-6), name
+            if not np.allclose(score, ref, rtol=1e-5, atol=1e-6):
+                raise RuntimeError(f"{name}'s score differs from the SavedModel's")
         for fn in runs.values():  # warm-up
             for _ in range(3):
                 fn()
@@ -94,6 +105,7 @@ def main():
                     fn()
                 times[name].append((time.perf_counter() - start) / args.reps / batch)
         results[batch] = {name: statistics.median(t) for name, t in times.items()}
+        rounds[batch] = times
 
     print(f"sizes (bytes): {sizes}")
     for batch, medians in results.items():
@@ -103,6 +115,31 @@ def main():
         )
         print(f"batch {batch}, per-example median: {line}")
 
+    from _results import write_result
+
+    versions = {}
+    for package in ("ai-edge-litert", "onnxruntime", "tf2onnx", "onnx"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    path = write_result(
+        "edge_latency",
+        {
+            "rounds": args.rounds,
+            "reps": args.reps,
+            "model": "conv16-conv32-maxpool-Dense(64) + IsoMaxPlusLayer(10), 28x28x1, random",
+            "runtimes": versions,
+            "size_bytes": sizes,
+            "load_average": {"start": load_start, "end": os.getloadavg()},
+            # Seconds per example, one value per round, per batch size and runtime.
+            "per_example_s": {str(b): t for b, t in rounds.items()},
+        },
+        path=args.output,
+    )
+    print(f"wrote {path}")
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

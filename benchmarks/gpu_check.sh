@@ -15,7 +15,9 @@
 # Without a GPU visible to TensorFlow it runs `speed.py --quick` on the CPU
 # (a smoke test of the same code) and says so.
 # On a GPU machine with JAX and no TensorFlow, run benchmarks/gpu_check_jax.py
-# instead (the layer on Keras' JAX backend: TF32 precision and head speed).
+# instead (the layer on Keras' JAX backend: TF32 precision and head speed; it
+# writes benchmarks/results/gpu_check_jax.json), and benchmarks/gpu_quality.sh
+# for the converged quality run.
 #
 # Usage (from anywhere):
 #   benchmarks/gpu_check.sh [extra speed.py arguments for the timing stage]
@@ -103,7 +105,7 @@ timeout -k 10 "$((t1 / 2))" "$PYTHON" benchmarks/speed.py \
 if [[ $status -eq 124 ]]; then echo "stage 1 hit its time limit; tables above are complete ones"; fi
 echo "== stage 1c: the exported score signature vs a Dense SavedModel (limit 90 s; wall ratios in parentheses)"
 timeout -k 10 90 "$PYTHON" benchmarks/serving_speed.py --threads 0 --reps 9 \
-  --markdown "$OUT_DIR/gpu_serving.md" || status=$?
+  --markdown "$OUT_DIR/gpu_serving.md" --output "$OUT_DIR/gpu_serving.json" || status=$?
 
 # Stage 2 (the rest): peak GPU memory of a step and the large-head check.
 t2=$(($(remaining) - 5))

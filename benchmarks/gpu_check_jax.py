@@ -6,7 +6,7 @@ JAX (with CUDA) but no TensorFlow can still check the layer's math on the GPU:
 1. Precision at near-zero distances with XLA's default float32 matrix products
    on the GPU (TF32 on Ampere and later): the relative error of each example's
    nearest-prototype distance against a float64 NumPy reference
-   (`tests/reference.py`), per distance band, for the layer and for the
+   (`keras_isomax.testing`), per distance band, for the layer and for the
    matrix-product expansion alone (`pairwise_distances(..., exact_nearest=False)`).
 2. Speed, head alone, B = 256: inference + score, and a training step (loss,
    gradients for the features and the head's weights, plain SGD update), for
@@ -16,6 +16,9 @@ JAX (with CUDA) but no TensorFlow can still check the layer's math on the GPU:
    interleaved repetitions; ratio = median of per-repetition ratios.
 
     KERAS_BACKEND=jax python benchmarks/gpu_check_jax.py [--configs 1000x2048,...] [--reps 50]
+
+The figures go to `benchmarks/results/gpu_check_jax.json` (rendered into
+BENCHMARKS.md's GPU section by `benchmarks/render.py`).
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 _HERE = Path(__file__).resolve().parent
-if str(_HERE) not in sys.path:
-    sys.path.insert(0, str(_HERE))
+for _path in (str(_HERE), str(_HERE.parent)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 from _common import reference_distances  # noqa: E402
 
@@ -135,11 +139,21 @@ def speed(num_classes, feature_dim, batch_size, reps, seed=0):
     return results
 
 
-def main(argv=None):
+def device_text() -> str:
+    """The accelerator JAX runs on, e.g. `1 x NVIDIA H200 (gpu)`, or `cpu`."""
+    import jax
+
+    devices = jax.devices()
+    kind = getattr(devices[0], "device_kind", devices[0].platform)
+    return f"{len(devices)} x {kind} ({devices[0].platform})"
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="1000x2048,10000x2048,100000x512")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--output", help="result JSON path (default: benchmarks/results/)")
     args = parser.parse_args(argv)
 
     import jax
@@ -152,10 +166,12 @@ def main(argv=None):
     )
     print("\n## Nearest-prototype precision (C=1,000, F=2,048, 500 examples, float32)\n")
     print("| method | distance band | count | max rel. error |\n|---|---|---:|---:|")
-    for name, band, count, rel in precision(1000, 2048, 500):
+    bands = precision(1000, 2048, 500)
+    for name, band, count, rel in bands:
         print(f"| {name} | {band} | {count} | {rel:.2e} |")
     print(f"\n## Head alone, B={args.batch_size}, jitted, wall clock, {args.reps} repetitions\n")
     print("| C | F | step | Dense ms | IsoMax+ ms | ratio [IQR] |\n|---:|---:|---|---:|---:|---|")
+    speeds = []
     for config in args.configs.split(","):
         num_classes, feature_dim = (int(v) for v in config.split("x"))
         for kind, (dense, iso, ratio, (q1, q3)) in speed(
@@ -165,7 +181,38 @@ def main(argv=None):
                 f"| {num_classes:,} | {feature_dim:,} | {kind} | {dense:.3f} | {iso:.3f} | "
                 f"{ratio:.2f} [{q1:.2f}, {q3:.2f}] |"
             )
+            speeds.append(
+                {
+                    "classes": num_classes,
+                    "features": feature_dim,
+                    "step": kind,
+                    "dense_ms": dense,
+                    "isomax_ms": iso,
+                    "ratio": ratio,
+                    "ratio_q25": q1,
+                    "ratio_q75": q3,
+                }
+            )
+
+    from _results import machine_info, write_result
+
+    path = write_result(
+        "gpu_check_jax",
+        {
+            "batch_size": args.batch_size,
+            "reps": args.reps,
+            "matmul_precision": str(jax.config.jax_default_matmul_precision),
+            "precision": [
+                {"method": m, "band": b, "count": c, "max_rel_error": r} for m, b, c, r in bands
+            ],
+            "speed": speeds,
+        },
+        machine={**machine_info(onednn="n/a (JAX)"), "device": device_text()},
+        path=args.output,
+    )
+    print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

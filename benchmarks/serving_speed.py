@@ -16,6 +16,9 @@ one TensorFlow thread, process CPU time (see `_common.interleaved`):
 
     python benchmarks/serving_speed.py                 # C = 1,000 and 10,000, F = 2,048
     python benchmarks/serving_speed.py --configs 100000x512 --reps 5
+
+Every repetition's CPU and wall time goes to `benchmarks/results/serving_speed.json`
+(rendered into BENCHMARKS.md by `benchmarks/render.py`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import (  # noqa: E402
     interleaved,
@@ -49,7 +53,7 @@ NAMES = {
 }
 
 
-def export_heads(num_classes, feature_dim, root, seed=0):
+def export_heads(num_classes: int, feature_dim: int, root: str, seed: int = 0) -> dict[str, str]:
     """Writes the four SavedModels; returns `{name: path}`."""
     import keras
     import tensorflow as tf
@@ -90,7 +94,7 @@ def export_heads(num_classes, feature_dim, root, seed=0):
     return paths
 
 
-def callables(paths, x):
+def callables(paths: dict[str, str], x) -> dict:
     """`{name: () -> outputs}`: each SavedModel's signature, loaded back."""
     import tensorflow as tf
 
@@ -103,17 +107,18 @@ def callables(paths, x):
     return out
 
 
-def size_mib(path):
+def size_mib(path: str) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="1000x2048,10000x2048", help="Comma list of CxF.")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1, help="0 = TensorFlow's default.")
     parser.add_argument("--markdown", help="Also write the report to this file.")
+    parser.add_argument("--output", help="Result JSON path (default: benchmarks/results/).")
     args = parser.parse_args(argv)
     configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
 
@@ -145,12 +150,21 @@ def main(argv=None):
         "|---:|---:|" + "---:|" * (len(NAMES) + 3),
     ]
     rng = np.random.default_rng(0)
+    load_start, recorded = load_average(), []
     for num_classes, feature_dim in configs:
         x = tf.constant(rng.normal(size=(args.batch_size, feature_dim)).astype("float32"))
         with tempfile.TemporaryDirectory() as root:
             paths = export_heads(num_classes, feature_dim, root)
             sizes = size_mib(paths["dense"]), size_mib(paths["isomax"])
             times = interleaved(callables(paths, x), args.reps)
+        recorded.append(
+            {
+                "classes": num_classes,
+                "features": feature_dim,
+                "size_mib": {"dense": sizes[0], "isomax": sizes[1]},
+                "times_s": times,  # {name: {"wall": [...], "cpu": [...]}}, per repetition.
+            }
+        )
         summary = summarize(times, "cpu", baseline="dense")
         logits = summarize(times, "cpu", baseline="dense_logits")["isomax_logits"]
         s = summary["isomax"]
@@ -167,7 +181,26 @@ def main(argv=None):
     print(report)
     if args.markdown:
         Path(args.markdown).write_text(report + "\n")
+    from _results import write_result
+
+    path = write_result(
+        "serving_speed",
+        {
+            "batch_size": args.batch_size,
+            "reps": args.reps,
+            "threads": args.threads,
+            "clock": "cpu",
+            "baseline": "dense",
+            "names": NAMES,
+            "library_layers_sha1": fingerprint,
+            "load_average": {"start": load_start, "end": load_average()},
+            "configs": recorded,
+        },
+        path=args.output,
+    )
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
