@@ -174,6 +174,7 @@ class Detector(keras.layers.Layer):
             label_classes=self._label_classes(runner.num_classes),
             verbose=verbose,
             stage=f"{type(self).__name__}.fit",
+            need_logits=False,
         )
         stream = ((batch.features, batch.labels) for batch in batches)
         context = FitContext(runner.feature_dim, runner.num_classes, runner)
@@ -389,24 +390,48 @@ class Detector(keras.layers.Layer):
             ValueError: If the detector is not fitted or is used with another
                 model than the one it was fitted on.
         """
-        return self.score_and_logits(x, model, verbose=verbose)[0]
+        runner = self._bound(model)
+        batches = runner.batches(
+            x,
+            batch_size=self.batch_size,
+            arg_name="x",
+            verbose=verbose,
+            stage=f"{type(self).__name__}.score",
+            need_logits=self.input_kind == "logits",
+        )
+        return self._score_batches(batches, "x")[0]
 
     def score_and_logits(self, x, model=None, arg_name="x", *, verbose=0):
         """`(scores (N,), logits (N, C))` as NumPy arrays, one pass over `x`."""
         runner = self._bound(model)
-        values, all_logits = [], []
-        for batch in runner.batches(
+        batches = runner.batches(
             x,
             batch_size=self.batch_size,
             arg_name=arg_name,
             verbose=verbose,
             stage=f"{type(self).__name__}.score",
-        ):
-            values.append(self._score_batch(batch))
-            all_logits.append(batch.logits)
+        )
+        return self._score_batches(batches, arg_name)
+
+    # Rows scored together (batches are joined up to this many): a detector whose
+    # scoring sweeps a large state (the KNN bank) reads it once per block.
+    _score_rows = 0
+
+    def _score_batches(self, batches, arg_name):
+        values, all_logits, pending, rows = [], [], [], 0
+        for batch in batches:
+            pending.append(batch)
+            rows += len(batch.nonfinite)
+            if rows >= self._score_rows:
+                values.append(self._score_batch(_join(pending)))
+                pending, rows = [], 0
+            if batch.logits is not None:
+                all_logits.append(batch.logits)
+        if pending:
+            values.append(self._score_batch(_join(pending)))
         if not values or sum(len(v) for v in values) == 0:
             raise ValueError(f"`{arg_name}` holds no examples. Received: empty {arg_name}")
-        return np.concatenate(values), np.concatenate(all_logits)
+        return np.concatenate(values), (np.concatenate(all_logits) if all_logits else None)
 
     def _score_batch(self, batch):
         return self._score_array(batch.features)
@@ -425,12 +450,17 @@ class Detector(keras.layers.Layer):
             A float64 NumPy array `(N,)`; rows with NaN or Inf score NaN.
         """
         self._check_fitted()
-        values = [
-            self._score_array(feats)
-            for feats, _ in self._feature_stream(
-                features, None, "features", verbose, "score_features"
-            )
-        ]
+        values, pending, rows = [], [], 0
+        for feats, _ in self._feature_stream(features, None, "features", verbose, "score_features"):
+            pending.append(feats)
+            rows += len(feats)
+            if rows >= self._score_rows:
+                values.append(
+                    self._score_array(np.concatenate(pending) if len(pending) > 1 else feats)
+                )
+                pending, rows = [], 0
+        if pending:
+            values.append(self._score_array(np.concatenate(pending)))
         if not values or sum(len(v) for v in values) == 0:
             raise ValueError("`features` holds no examples. Received: empty features")
         return np.concatenate(values)
@@ -503,6 +533,33 @@ class Detector(keras.layers.Layer):
                 f"Only a fitted detector can be saved. Received: detector={self.name!r}"
             )
         return self.feature_dim
+
+
+def _join(batches):
+    """One `Batch` from several (features, logits, labels, flags concatenated)."""
+    if len(batches) == 1:
+        return batches[0]
+    fields = []
+    for values in zip(*batches, strict=True):
+        fields.append(None if values[0] is None else np.concatenate(values))
+    return _runner.Batch(*fields)
+
+
+def host_array(variable):
+    """A NumPy view of a variable's value on the host, without a copy where the backend
+    allows it (TensorFlow and PyTorch CPU tensors, JAX CPU arrays); read it, never write."""
+    value = getattr(variable, "value", variable)
+    backend = keras.backend.backend()
+    try:
+        if backend == "tensorflow" and hasattr(value, "value"):
+            return np.asarray(value.value())  # The variable's tensor; copy-on-write in TF.
+        if backend == "torch":
+            return value.detach().cpu().numpy()
+        if backend == "jax":
+            return np.asarray(value)
+    except (TypeError, ValueError, RuntimeError, AttributeError):
+        pass
+    return np.asarray(ops.convert_to_numpy(value))
 
 
 class Reservoir:
