@@ -251,6 +251,7 @@ class ModelRunner:
         verbose: Any = 0,
         stage: str | None = None,
         need_logits: bool = True,
+        distribution: Any = None,
     ) -> Iterator[Batch]:
         """Yields a `Batch` per batch of `data`: one streaming pass.
 
@@ -268,6 +269,8 @@ class ModelRunner:
                 fitting and scoring) features that are the model's input are
                 read as they are (no forward pass) and other features come from
                 a features-only model; `Batch.logits` is then `None`.
+            distribution: A `keras.distribution` distribution (JAX) that shards
+                each batch of the features-only pass over its devices, or `None`.
         """
         progress = Progress(stage or arg_name, num_batches(data, batch_size), verbose)
         checked = False
@@ -278,7 +281,7 @@ class ModelRunner:
                     _data.check_batched(self.model, x, arg_name)
                     checked = True
                 if features_only:
-                    feats = self._features_of(x)
+                    feats = self._features_of(x, distribution)
                     labels = None
                     if with_labels and y is not None:
                         labels = _data.class_ids(y, arg_name, label_classes)
@@ -332,7 +335,7 @@ class ModelRunner:
                 progress.add(len(logits))
                 yield Batch(feats, logits, labels, nonfinite)
 
-    def _features_of(self, x):
+    def _features_of(self, x, distribution=None):
         """Flat float32 features `(B, F)` of a batch, NaN rows where `x` has NaN/Inf."""
         if self.features_are_input and _data.is_array_like(x):
             feats = np.asarray(x if isinstance(x, np.ndarray) else ops.convert_to_numpy(x))
@@ -340,7 +343,12 @@ class ModelRunner:
         if self._features_net is None:
             outputs = self.net.outputs
             self._features_net = keras.Model(self.net.inputs, outputs[0])
-        feats = np.asarray(ops.convert_to_numpy(self._features_net.predict_on_batch(x)))
+        sharded = _distributed_input(x, distribution)
+        if sharded is not None:  # Each device runs the forward pass on its share.
+            out = self._features_net(sharded, training=False)
+        else:
+            out = self._features_net.predict_on_batch(x)
+        feats = np.asarray(ops.convert_to_numpy(out))
         feats = feats.reshape(len(feats), -1).astype(np.float32, copy=False)
         nonfinite = _data.nonfinite_flags(x)
         if nonfinite is not None and nonfinite.any():
@@ -392,6 +400,18 @@ class ModelRunner:
                 "head, or score a model that outputs logits.",
                 stacklevel=4,
             )
+
+
+def _distributed_input(x, distribution):
+    """`x` laid out by `distribution` (batch split over its devices), or None."""
+    if distribution is None or not _data.is_array_like(x):
+        return None
+    shape = tuple(x.shape)
+    devices = int(np.prod(distribution.device_mesh.shape))
+    if not shape or shape[0] % devices:
+        return None  # A batch that does not split evenly runs as usual.
+    layout = distribution.get_data_layout(shape)
+    return keras.distribution.distribute_tensor(np.asarray(x), layout)
 
 
 def _symbolic_inputs(model):

@@ -44,6 +44,8 @@ class ClassMeans(Detector):
 
     needs_labels = True
 
+    _state_keys = ("num_classes", "feature_dim")
+
     def __init__(self, num_classes: int | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         _checks.check_int(num_classes, "num_classes", allow_none=True, numpy=False)
@@ -52,10 +54,10 @@ class ClassMeans(Detector):
     def _state_specs(self, state):
         return {"means": ((state["num_classes"], state["feature_dim"]), "float32")}
 
-    def _fit(self, stream, context):
-        stats = ClassStats(self.num_classes or context.num_classes, normalize=True)
-        for feats, labels in stream:
-            stats.update(feats, labels)
+    def _accumulator(self, context):
+        return ClassStats(self.num_classes or context.num_classes, normalize=True)
+
+    def _finish(self, stats, context):
         stats.check_complete("ClassMeans")
         means = stats.sums / stats.counts[:, None]
         means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)

@@ -45,6 +45,8 @@ class KNN(Detector):
     (3,)
     """
 
+    _state_keys = ("bank_size", "feature_dim", "chunk_rows")
+
     def __init__(
         self,
         k: int = 50,
@@ -131,6 +133,26 @@ class KNN(Detector):
         elif filled:
             self._store_chunk(stored, buffer[:filled].copy())
         self._make_state({"bank_size": size, "feature_dim": feature_dim, "chunk_rows": rows})
+
+    def _accumulator(self, context):
+        # Distributed fits only (one per replica); a one-device fit streams into the
+        # bank's variables (`_fit`).
+        return _BankRows(self.max_bank, self.seed)
+
+    def _finish(self, rows, context):
+        if rows.total == 0:
+            raise ValueError("`data` holds no examples. Received: empty data")
+        bank = rows.bank
+        if self.k > len(bank):
+            raise ValueError(
+                f"`k` must not exceed the number of bank features ({len(bank)}). "
+                f"Received: k={self.k}"
+            )
+        for index, start in enumerate(range(0, len(bank), self.chunk_size)):
+            self._store_chunk(index, bank[start : start + self.chunk_size])
+        self._make_state(
+            {"bank_size": len(bank), "feature_dim": bank.shape[1], "chunk_rows": self.chunk_size}
+        )
 
     _score_rows = 8192  # Queries per sweep of the bank.
 
@@ -224,3 +246,46 @@ def kth_largest_inner_product(query, chunks, k, block_rows=2048):
             top[hit] = best
             tau[hit] = best.min(axis=1)
     return top.min(axis=1)
+
+
+def _normalized(feats):
+    return (feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)).astype(
+        np.float32
+    )
+
+
+class _BankRows:
+    """One replica's normalised rows (or its reservoir, with `max_bank`) in a distributed fit."""
+
+    def __init__(self, max_bank, seed):
+        self.reservoir = None if max_bank is None else Reservoir(max_bank, seed)
+        self.max_bank, self.seed = max_bank, seed
+        self.parts, self.total, self.bank = [], 0, None
+
+    def update(self, feats, labels=None):
+        normed = _normalized(feats)
+        self.total += len(normed)
+        if self.reservoir is not None:
+            self.reservoir.add(normed)
+        else:
+            self.parts.append(normed)
+
+    @staticmethod
+    def merge(parts, comm, context):
+        """The bank gathered from every replica (replica order), on every worker."""
+        f = context.feature_dim
+        merged = _BankRows(parts[0].max_bank, parts[0].seed)
+        total = comm.sum([np.array([float(p.total)]) for p in parts])
+        merged.total = int(round(float(total[0])))
+        if parts[0].reservoir is not None:
+            merged.bank = Reservoir.merge(
+                [p.reservoir for p in parts], comm, parts[0].max_bank, parts[0].seed, f
+            )
+        else:
+            local = [
+                np.concatenate(p.parts) if p.parts else np.zeros((0, f), np.float32) for p in parts
+            ]
+            for p in parts:
+                p.parts = []
+            merged.bank = comm.gather(local)
+        return merged

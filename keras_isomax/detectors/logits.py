@@ -25,6 +25,7 @@ class LogitDetector(Detector):
 
     input_kind = "logits"
     score_name: str = ""
+    _state_keys = ("num_classes",)
 
     def _model_runner(self, model):
         return _runner.runner_for(model)
