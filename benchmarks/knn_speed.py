@@ -11,7 +11,8 @@ timed end to end (fit + score), on the same data, in one run:
   (scikit-learn's exact `NearestNeighbors`, `n_jobs=-1`; its scores are negated here).
 
 Each measurement runs in a fresh process, after a warm-up fit on 100 rows (the
-libraries' runtimes and thread pools start there, not in the timed region) (no state or memory carried between
+libraries' runtimes and thread pools start there, not in the timed region; no state
+or memory carried between
 them; TensorFlow and torch never share a process), in the order ours_features,
 ours_model, pytorch_ood per repetition, so load on a shared machine hits all three
 alike. The features are written once to a `.npy` file and memory-mapped by every

@@ -470,6 +470,9 @@ def test_parity_with_pytorch_ood(setup, head, tmp_path):
     )
     ours = {
         "knn": detectors.KNN(k=7).fit(model, (x, y)).score(q),
+        # The features path (issue 20): no model pass, the same scores.
+        "knn50_features": detectors.KNN(k=50).fit_features(z, y).score_features(zq),
+        "knn50_model": detectors.KNN(k=50).fit(model, (x, y)).score(q),
         "mahalanobis": detectors.Mahalanobis().fit(model, (x, y)).score(q),
         "vim": detectors.ViM(5).fit(model, (x, y)).score(q),
     }
@@ -477,6 +480,10 @@ def test_parity_with_pytorch_ood(setup, head, tmp_path):
     subprocess.run([sys.executable, script, str(src), str(dst)], check=True, timeout=120)
     theirs = dict(np.load(dst))
     np.testing.assert_allclose(ours["knn"], -theirs["knn"], rtol=1e-5, atol=2e-5)
+    # KNN(k=50): fit_features/score_features == fit/score == pytorch-ood's
+    # fit_features/predict_features (sign flipped), to float32 precision.
+    np.testing.assert_allclose(ours["knn50_features"], ours["knn50_model"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ours["knn50_features"], -theirs["knn50"], rtol=1e-6, atol=2e-6)
     np.testing.assert_allclose(ours["vim"], -theirs["vim"], rtol=1e-4, atol=1e-4)
     # pytorch-ood: 0.5 * d^2 with an un-normalised scatter (precision N times smaller).
     np.testing.assert_allclose(

@@ -425,7 +425,9 @@ class Detector(keras.layers.Layer):
 
     # ---------------------------------------------------------------- scoring
 
-    def score(self, x: Any, model: keras.Model | None = None, *, verbose: Any = "auto"):
+    def score(
+        self, x: Any, model: keras.Model | None = None, *, verbose: Any = "auto"
+    ) -> np.ndarray:
         """Scores inputs: higher means more in-distribution.
 
         Args:
@@ -452,7 +454,9 @@ class Detector(keras.layers.Layer):
         )
         return self._score_batches(batches, "x")[0]
 
-    def score_and_logits(self, x, model=None, arg_name="x", *, verbose=0):
+    def score_and_logits(
+        self, x: Any, model: keras.Model | None = None, arg_name: str = "x", *, verbose: Any = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
         """`(scores (N,), logits (N, C))` as NumPy arrays, one pass over `x`."""
         runner = self._bound(model)
         batches = runner.batches(
@@ -487,7 +491,7 @@ class Detector(keras.layers.Layer):
     def _score_batch(self, batch):
         return self._score_array(batch.features)
 
-    def score_features(self, features: Any, *, verbose: Any = "auto"):
+    def score_features(self, features: Any, *, verbose: Any = "auto") -> np.ndarray:
         """Scores precomputed features (logits for the logit detectors).
 
         Gives the scores `score(x)` gives for inputs whose features are

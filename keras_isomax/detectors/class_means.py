@@ -24,7 +24,7 @@ class ClassMeans(Detector):
     the classifier: the model's predictions and accuracy stay as they are.
     Fitted in one streaming pass (per-class sums in float64); each example's
     nearest distance is computed exactly from the difference of the normalised
-    vectors.
+    vectors. Inputs `(B, F)`, scores `(B,)`.
 
     Args:
         num_classes: Number of classes; `None` takes the classifier's (or,
@@ -46,7 +46,7 @@ class ClassMeans(Detector):
 
     _state_keys = ("num_classes", "feature_dim")
 
-    def __init__(self, num_classes: int | None = None, **kwargs: Any):
+    def __init__(self, num_classes: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         _checks.check_int(num_classes, "num_classes", allow_none=True, numpy=False)
         self.num_classes = num_classes

@@ -17,12 +17,18 @@ from keras_isomax.layers import l2_normalize
 class KNN(Detector):
     """Distance to the k-th nearest training feature, on L2-normalised features.
 
-    The bank of normalised training features is kept as float32 (optionally a
-    seeded uniform subset of `max_bank` rows), in variables of `chunk_size`
-    rows each, filled while streaming (fitting holds one bank plus one chunk).
-    Scoring searches it chunk by chunk by one matrix product and a running
-    top-k, so memory is `O(batch_size * (chunk_size + k))` on top of the bank,
-    whatever its size.
+    `score(z) = -|| z/||z|| - b_(k) ||_2 = -sqrt(2 - 2 cos_(k))`, where `b_(k)` is
+    the k-th nearest row of the bank of normalised training features and
+    `cos_(k)` the k-th largest cosine similarity (Sun et al., 2022; pytorch-ood's
+    `KNN` with its sign flipped). Duplicate training rows count as separate
+    neighbours. Inputs `(B, F)` (`(B, ...)` is flattened); scores `(B,)`.
+
+    The bank (optionally a seeded uniform subset of `max_bank` rows) is kept as
+    float32 in variables of `chunk_size` rows each, filled while streaming, so
+    fitting holds one bank plus one chunk. `score`/`score_features` search it
+    exactly on the host (NumPy matrix products over blocks of bank rows, a running
+    top-k per query, no copy of the bank); `call` (what the exporters trace)
+    searches it chunk by chunk with `keras.ops` (memory `O(batch * chunk_size)`).
 
     Args:
         k: Which nearest neighbour. Defaults to `50`.
@@ -54,7 +60,7 @@ class KNN(Detector):
         seed: int = 0,
         chunk_size: int = 32768,
         **kwargs: Any,
-    ):
+    ) -> None:
         super().__init__(**kwargs)
         _checks.check_int(k, "k")
         _checks.check_int(max_bank, "max_bank", allow_none=True)
@@ -72,7 +78,7 @@ class KNN(Detector):
         }
 
     @property
-    def bank(self):
+    def bank(self) -> Any:
         """The whole bank `(bank_size, F)` as one tensor (for inspection)."""
         return ops.concatenate(self._bank_chunks(), axis=0)
 
@@ -157,9 +163,9 @@ class KNN(Detector):
     _score_rows = 8192  # Queries per sweep of the bank.
 
     def _score_array(self, feats):
-        # NumPy BLAS on the host over zero-copy views of the bank (no Keras call, no copy
-        # of the bank); same arithmetic as `call`: float32 products, the k-th largest
-        # cosine, sqrt(2 - 2 cos).
+        # NumPy on the host over views of the bank (no Keras call, no copy of the bank);
+        # the arithmetic of `call`: float32 products, the k-th largest cosine,
+        # sqrt(2 - 2 cos).
         feats = np.asarray(feats, np.float32).reshape(-1, self.state["feature_dim"])
         norms = np.sqrt(np.sum(feats * feats, axis=1, keepdims=True))
         query = feats / np.maximum(norms, np.float32(1e-12))

@@ -23,7 +23,13 @@ class Mahalanobis(Detector):
     al., 2018; as pytorch-ood computes it). One streaming pass accumulates
     per-class sums and counts and the cross-product matrix in float64 (memory
     `O(C * F + F^2)`, not `O(N * F)`); `Sigma^-1` is stored as a whitening
-    matrix, so scoring is one `(B, F) x (F, F)` product.
+    matrix, so scoring is one `(B, F) x (F, F)` product. Inputs `(B, F)`,
+    scores `(B,)`.
+
+    With fewer examples than `F + C` the pooled covariance is rank-deficient and
+    `ridge` alone sets the missing directions' scale: a `UserWarning` says so.
+    Labels of one class only give a one-class detector with `fit_features` (the
+    distance to that class's mean) and an error through a model of more classes.
 
     Args:
         ridge: Added to the diagonal of the (un-normalised) pooled scatter
@@ -47,7 +53,7 @@ class Mahalanobis(Detector):
 
     _state_keys = ("num_classes", "feature_dim")
 
-    def __init__(self, ridge: float = 1e-6, num_classes: int | None = None, **kwargs: Any):
+    def __init__(self, ridge: float = 1e-6, num_classes: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if isinstance(ridge, bool) or not isinstance(ridge, int | float) or not ridge >= 0:
             raise ValueError(f"`ridge` must be a number >= 0. Received: ridge={ridge!r}")

@@ -26,7 +26,7 @@ class ViM(Detector):
     (`W = (|s| / T) * normalised prototypes`, `b = 0`). The second moment is
     accumulated in float64 in one pass; `alpha`'s mean residual norm is taken
     over a seeded uniform sample of at most `alpha_samples` training rows
-    (exact when the data has fewer).
+    (exact when the data has fewer). Inputs `(B, F)`, scores `(B,)`.
 
     Args:
         dim: Dimension of the principal subspace, `1 <= dim < F`.
@@ -51,7 +51,7 @@ class ViM(Detector):
 
     _state_keys = ("feature_dim", "num_classes", "normalize")
 
-    def __init__(self, dim: int, alpha_samples: int = 50000, seed: int = 0, **kwargs: Any):
+    def __init__(self, dim: int, alpha_samples: int = 50000, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         _checks.check_int(dim, "dim")
         _checks.check_int(alpha_samples, "alpha_samples", numpy=False)
