@@ -544,3 +544,21 @@ def test_bind_for_export(setup):
     assert det.bind_for_export(models["soft"]) == C
     energy = detectors.Energy()  # A logit detector is fitted on the model it is bound to.
     assert energy.bind_for_export(models["iso"], threshold=0.0) == C and energy.is_fitted
+
+
+@pytest.mark.parametrize("order", ["random", "nearest_last"])
+@pytest.mark.parametrize("k", [1, 7, 50])
+def test_knn_search_over_many_blocks_matches_reference(order, k):
+    """A bank of several search blocks (pruning by the running k-th largest), with the
+    nearest rows first seen in the last blocks too, against float64 brute force."""
+    rng = np.random.default_rng(k)
+    z = rng.normal(size=(5000, 16))
+    q = rng.normal(size=(40, 16))
+    if order == "nearest_last":  # Rows sorted by similarity to the first query, ascending.
+        zn = _norm(z)
+        z = z[np.argsort(zn @ _norm(q[:1])[0])]
+        q[1] = z[-1] + 1e-3  # A query with a near-duplicate at the very end.
+    det = detectors.KNN(k=k, chunk_size=1500).fit_features(z, verbose=0)
+    np.testing.assert_allclose(
+        det.score_features(q, verbose=0), ref_knn(z, q, k), rtol=1e-5, atol=2e-5
+    )

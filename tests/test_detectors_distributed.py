@@ -225,6 +225,12 @@ def test_one_device_strategy_goes_through_the_collectives():
             np.testing.assert_allclose(
                 b.numpy(), a.numpy(), rtol=TOL, atol=1e-7, equal_nan=True, err_msg=a.path
             )
+    # A bank subset through the distributed reservoir: 50 distinct rows of the bank.
+    full = detectors.KNN(k=4).fit(model, (x, y), verbose=0).bank.numpy()
+    subset = detectors.KNN(k=4, max_bank=50).fit(model, (x, y), verbose=0, strategy=strategy)
+    rows = subset.bank.numpy()
+    assert rows.shape == (50, 10) and len(np.unique(rows, axis=0)) == 50
+    assert all((full == row).all(axis=1).any() for row in rows)
     with pytest.raises(TypeError, match="Received: strategy=str"):
         detectors.KNN(k=2).fit(model, (x, y), strategy="mirrored")
 
