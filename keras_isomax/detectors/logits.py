@@ -33,8 +33,16 @@ class LogitDetector(Detector):
     def _runner_width(self, runner):
         return runner.num_classes
 
-    def fit(self, model: keras.Model, data: Any = None, *, verbose: Any = "auto") -> Detector:
-        """Binds the detector to `model` (no fitting needed; `data` is ignored)."""
+    def fit(
+        self,
+        model: keras.Model,
+        data: Any = None,
+        *,
+        verbose: Any = "auto",
+        strategy: Any = None,
+    ) -> Detector:
+        """Binds the detector to `model` (no fitting needed; `data` and `strategy` are
+        ignored)."""
         runner = self._model_runner(model)
         if runner.num_classes is None:
             raise ValueError(
