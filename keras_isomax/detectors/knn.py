@@ -236,9 +236,11 @@ def kth_largest_inner_product(query, chunks, k, block_rows=2048):
                 continue
             mask = mask_buf[:, :m]
             np.greater(sims, tau[:, None], out=mask)  # NaN rows never pass.
-            rows, cols = np.nonzero(mask)
-            if not len(rows):
+            flat = np.flatnonzero(mask)  # Row-major: rows ascending (4x a 2-D nonzero).
+            if not len(flat):
                 continue
+            rows = flat // m
+            cols = flat - rows * m
             counts = np.bincount(rows, minlength=nq)
             hit = np.flatnonzero(counts)
             width = k + int(counts.max())
