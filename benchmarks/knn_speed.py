@@ -225,7 +225,7 @@ def main(argv=None):
     if args.quick:
         args.sizes, args.reps, args.queries = "20000x64", 2, 1000
     sys.path.insert(0, HERE)
-    from _results import RESULTS_DIR, machine_info, write_result  # noqa: PLC0415
+    from _results import RESULTS_DIR, git_commit, machine_info, write_result  # noqa: PLC0415
 
     results = {}
     path = RESULTS_DIR / "knn_speed.json"
@@ -237,6 +237,7 @@ def main(argv=None):
         # Sizes may be run separately (the largest alone): each records its own command.
         entry["command"] = " ".join(["python", "benchmarks/knn_speed.py", *sys.argv[1:]])
         entry["date"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        entry["commit"] = git_commit()
         results[f"{n}x{f}"] = entry
     if args.no_write or args.quick:
         print(json.dumps(results, indent=1))
