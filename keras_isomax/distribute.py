@@ -457,17 +457,24 @@ def fit_detector(detector, runner, data, strategy, context, *, verbose="auto"):
         accs = [detector._accumulator(context) for _ in comm.local_ids]
         distributed = strategy.experimental_distribute_dataset(dataset)
 
-        @tf.function
-        def features(x):
-            def replica(x):
-                feats, _ = runner.symbolic(x)
-                flags = None
-                for leaf in tf.nest.flatten(x):
-                    rows = _serving.nonfinite_rows(leaf)
-                    flags = rows if flags is None else tf.logical_or(flags, rows)
-                return feats, flags
+        # One traced feature pass per runner and strategy (refits do not retrace).
+        cache = runner.__dict__.setdefault("_strategy_features", {})
+        features = cache.get(strategy)
+        if features is None:
 
-            return strategy.run(replica, args=(x,))
+            @tf.function
+            def features(x):
+                def replica(x):
+                    feats, _ = runner.symbolic(x)
+                    flags = None
+                    for leaf in tf.nest.flatten(x):
+                        rows = _serving.nonfinite_rows(leaf)
+                        flags = rows if flags is None else tf.logical_or(flags, rows)
+                    return feats, flags
+
+                return strategy.run(replica, args=(x,))
+
+            cache[strategy] = features
 
         failure = None
         progress = _runner.Progress(f"{name}.fit", None, verbose)
