@@ -39,10 +39,10 @@ _RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class Batch(NamedTuple):
-    """One batch of a run: NumPy arrays (features/labels `None` when not asked)."""
+    """One batch of a run: NumPy arrays (features/labels/logits `None` when not asked)."""
 
     features: np.ndarray | None
-    logits: np.ndarray
+    logits: np.ndarray | None
     labels: np.ndarray | None
     nonfinite: np.ndarray
 
@@ -145,6 +145,12 @@ class ModelRunner:
                     f"{tuple(head_features.shape)}"
                 )
             self.feature_dim = int(np.prod(dims))
+        # Features that are the model's (single) input need no forward pass when the
+        # logits are not asked for (`batches(..., need_logits=False)`).
+        self.features_are_input = bool(
+            need_features and inputs and len(inputs) == 1 and head_features is inputs[0]
+        )
+        self._features_net = None
         self.need_features = bool(need_features)
         self._warned_probabilities = False
         if self._net is model:
@@ -244,6 +250,8 @@ class ModelRunner:
         label_classes: int | None = None,
         verbose: Any = 0,
         stage: str | None = None,
+        need_logits: bool = True,
+        distribution: Any = None,
     ) -> Iterator[Batch]:
         """Yields a `Batch` per batch of `data`: one streaming pass.
 
@@ -257,14 +265,34 @@ class ModelRunner:
                 `[0, label_classes)` or one-hot rows of that width.
             verbose: `"auto"`, 0, 1 or 2 (see `resolve_verbose`).
             stage: What the progress line says (defaults to `arg_name`).
+            need_logits: Whether to compute the logits. Without them (detectors'
+                fitting and scoring) features that are the model's input are
+                read as they are (no forward pass) and other features come from
+                a features-only model; `Batch.logits` is then `None`.
+            distribution: A `keras.distribution` distribution (JAX) that shards
+                each batch of the features-only pass over its devices, or `None`.
         """
         progress = Progress(stage or arg_name, num_batches(data, batch_size), verbose)
         checked = False
+        features_only = self.need_features and not need_logits
         with progress:
             for x, y in _data.iter_batches(data, arg_name, batch_size):
                 if not checked:
                     _data.check_batched(self.model, x, arg_name)
                     checked = True
+                if features_only:
+                    feats = self._features_of(x, distribution)
+                    labels = None
+                    if with_labels and y is not None:
+                        labels = _data.class_ids(y, arg_name, label_classes)
+                        if len(labels) != len(feats):
+                            raise ValueError(
+                                f"Each `{arg_name}` batch needs one label per example. "
+                                f"Received: {len(feats)} examples and {len(labels)} labels"
+                            )
+                    progress.add(len(feats))
+                    yield Batch(feats, None, labels, ~np.isfinite(feats).all(axis=1))
+                    continue
                 outputs = self.net.predict_on_batch(x)
                 feats, logits = self._split(outputs)
                 logits = np.asarray(ops.convert_to_numpy(logits))
@@ -306,6 +334,26 @@ class ModelRunner:
                         )
                 progress.add(len(logits))
                 yield Batch(feats, logits, labels, nonfinite)
+
+    def _features_of(self, x, distribution=None):
+        """Flat float32 features `(B, F)` of a batch, NaN rows where `x` has NaN/Inf."""
+        if self.features_are_input and _data.is_array_like(x):
+            feats = np.asarray(x if isinstance(x, np.ndarray) else ops.convert_to_numpy(x))
+            return feats.reshape(len(feats), -1).astype(np.float32, copy=False)
+        if self._features_net is None:
+            outputs = self.net.outputs
+            self._features_net = keras.Model(self.net.inputs, outputs[0])
+        sharded = _distributed_input(x, distribution)
+        if sharded is not None:  # Each device runs the forward pass on its share.
+            out = self._features_net(sharded, training=False)
+        else:
+            out = self._features_net.predict_on_batch(x)
+        feats = np.asarray(ops.convert_to_numpy(out))
+        feats = feats.reshape(len(feats), -1).astype(np.float32, copy=False)
+        nonfinite = _data.nonfinite_flags(x)
+        if nonfinite is not None and nonfinite.any():
+            feats = np.where(nonfinite[:, None], np.float32(np.nan), feats)
+        return feats
 
     def collect(self, data, **kwargs) -> Batch:
         """All batches of `batches(data, **kwargs)` concatenated (labels `None` if any
@@ -352,6 +400,18 @@ class ModelRunner:
                 "head, or score a model that outputs logits.",
                 stacklevel=4,
             )
+
+
+def _distributed_input(x, distribution):
+    """`x` laid out by `distribution` (batch split over its devices), or None."""
+    if distribution is None or not _data.is_array_like(x):
+        return None
+    shape = tuple(x.shape)
+    devices = int(np.prod(distribution.device_mesh.shape))
+    if not shape or shape[0] % devices:
+        return None  # A batch that does not split evenly runs as usual.
+    layout = distribution.get_data_layout(shape)
+    return keras.distribution.distribute_tensor(np.asarray(x), layout)
 
 
 def _symbolic_inputs(model):

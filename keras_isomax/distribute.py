@@ -35,6 +35,7 @@ if keras.backend.backend() != "tensorflow":
         f"there. Received: backend={keras.backend.backend()!r}"
     )
 
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from packaging.version import Version
 
@@ -344,3 +345,181 @@ def worker_backup_dir(backup_dir, tf_config=None):
     if info["num_workers"] <= 1 or info["task_type"] is None:
         return backup_dir
     return os.path.join(backup_dir, f"{info['task_type']}-{info['task_index']}")
+
+
+# ---------------------------------------------------------------------------
+# Fitting detectors under a strategy
+# ---------------------------------------------------------------------------
+
+
+class _Collectives:
+    """All-reduce and all-gather of host arrays across the replicas of a strategy.
+
+    Each worker passes one array per local replica (in the order of
+    `strategy.experimental_local_results`); every worker gets the same result.
+    """
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+        ids = []
+
+        def record(ctx):
+            ids.append(int(ctx.replica_id_in_sync_group))
+            return tf.constant(0.0)
+
+        strategy.experimental_distribute_values_from_function(record)
+        self.local_ids = ids  # Global replica ids of this worker's replicas.
+        self.num_replicas = int(strategy.num_replicas_in_sync)
+
+    def _per_replica(self, arrays):
+        values = {rid: a for rid, a in zip(self.local_ids, arrays, strict=True)}
+        return self.strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant(values[int(ctx.replica_id_in_sync_group)])
+        )
+
+    def sum(self, arrays):
+        """The element-wise sum over all replicas of all workers (float64)."""
+        arrays = [np.asarray(a, np.float64) for a in arrays]
+        total = self.strategy.reduce(
+            tf.distribute.ReduceOp.SUM, self._per_replica(arrays), axis=None
+        )
+        return np.asarray(total.numpy(), np.float64)
+
+    def gather(self, arrays):
+        """The replicas' arrays concatenated along axis 0, in replica order."""
+        arrays = [np.asarray(a) for a in arrays]
+        lengths = np.zeros(self.num_replicas)
+        for rid, a in zip(self.local_ids, arrays, strict=True):
+            lengths[rid] = len(a)
+        lengths = self.sum([lengths] + [np.zeros(self.num_replicas)] * (len(arrays) - 1))
+        lengths = np.rint(lengths).astype(np.int64)
+        rows = int(lengths.max())
+        if rows == 0:
+            return np.concatenate(arrays)
+        padded = [
+            np.concatenate([a, np.zeros((rows - len(a), *a.shape[1:]), a.dtype)]) for a in arrays
+        ]
+        gathered = self.strategy.gather(self._per_replica(padded), axis=0).numpy()
+        pieces = [gathered[r * rows : r * rows + lengths[r]] for r in range(self.num_replicas)]
+        return np.concatenate(pieces)
+
+
+def _strategy_dataset(data, batch_size, with_labels):
+    """A batched `tf.data.Dataset` of `(x, y)` or `x` from arrays or a dataset."""
+    if isinstance(data, tf.data.Dataset):
+        return data
+    from keras_isomax import _data
+
+    if not _data.is_in_memory(data):
+        raise ValueError(
+            "Under a tf.distribute strategy, `data` must be arrays or a batched "
+            f"`tf.data.Dataset`. Received: data of type {type(data).__name__}"
+        )
+    x, y = _data.split_element(data, "data")
+    _data.check_rows(x, y, "data")
+    elements = x if y is None or not with_labels else (x, y)
+    return tf.data.Dataset.from_tensor_slices(elements).batch(batch_size)
+
+
+def fit_detector(detector, runner, data, strategy, context, *, verbose="auto"):
+    """Fits `detector` with every replica of `strategy` running the feature pass.
+
+    Called by `Detector.fit` inside `strategy.scope()` (or with `strategy=`):
+    each replica computes the features of its share of every global batch; the
+    host keeps one accumulator per local replica (the float64 statistics of a
+    one-device fit); the accumulators are then merged across all replicas of all
+    workers with the strategy's collectives (`reduce(SUM)` of counts, sums,
+    second moments; `gather` of the KNN bank and of the sampled rows), and every
+    worker sets the same fitted state. A failure on one worker (say, non-finite
+    features) is agreed on through one all-reduce before merging, so every
+    worker raises instead of waiting.
+
+    Args:
+        detector: The detector (`keras_isomax.detectors.Detector`).
+        runner: Its model runner.
+        data: Arrays or a batched `tf.data.Dataset` (global batch size).
+        strategy: A `tf.distribute` strategy.
+        context: The fit context.
+        verbose: `"auto"`, 0, 1 or 2. Defaults to `"auto"`.
+    """
+    from keras_isomax import _data, _runner, _serving
+
+    if not isinstance(strategy, tf.distribute.Strategy):
+        raise TypeError(
+            "`strategy` must be a `tf.distribute.Strategy`. "
+            f"Received: strategy={type(strategy).__name__}"
+        )
+    context.distributed = True
+    comm = _Collectives(strategy)
+    name = type(detector).__name__
+    label_classes = detector._label_classes(runner.num_classes)
+    dataset = _strategy_dataset(data, detector.batch_size, detector.needs_labels)
+    with strategy.scope():
+        accs = [detector._accumulator(context) for _ in comm.local_ids]
+        distributed = strategy.experimental_distribute_dataset(dataset)
+
+        # One traced feature pass per runner and strategy (refits do not retrace).
+        cache = runner.__dict__.setdefault("_strategy_features", {})
+        features = cache.get(strategy)
+        if features is None:
+
+            @tf.function
+            def features(x):
+                def replica(x):
+                    feats, _ = runner.symbolic(x)
+                    flags = None
+                    for leaf in tf.nest.flatten(x):
+                        rows = _serving.nonfinite_rows(leaf)
+                        flags = rows if flags is None else tf.logical_or(flags, rows)
+                    return feats, flags
+
+                return strategy.run(replica, args=(x,))
+
+            cache[strategy] = features
+
+        failure = None
+        progress = _runner.Progress(f"{name}.fit", None, verbose)
+        with progress:
+            for element in distributed:
+                x, y = _data.split_element(element, "data")
+                if failure is not None:
+                    continue  # Keep iterating with the other workers.
+                try:
+                    feats, flags = features(x)
+                    locals_y = (
+                        strategy.experimental_local_results(y)
+                        if y is not None
+                        else [None] * len(accs)
+                    )
+                    for acc, f, nonfinite, labels in zip(
+                        accs,
+                        strategy.experimental_local_results(feats),
+                        strategy.experimental_local_results(flags),
+                        locals_y,
+                        strict=True,
+                    ):
+                        f = np.asarray(f.numpy(), np.float32).reshape(len(f), -1)
+                        bad = np.asarray(nonfinite.numpy(), bool)
+                        if bad.any():
+                            f = np.where(bad[:, None], np.float32(np.nan), f)
+                        ids = None
+                        if labels is not None and detector.needs_labels:
+                            ids = _data.class_ids(labels.numpy(), "data", label_classes)
+                        detector._check_batch(f, ids, "data")
+                        if len(f):
+                            acc.update(f, ids)
+                        progress.add(len(f))
+                except Exception as error:  # noqa: BLE001  (re-raised after agreeing)
+                    failure = error
+    failed = comm.sum(
+        [np.array([1.0 if failure is not None and i == 0 else 0.0]) for i in range(len(accs))]
+    )
+    if failure is not None:
+        raise failure
+    if failed[0] > 0:
+        raise RuntimeError(
+            f"{name}.fit failed on another worker (see its error); no state was set. "
+            f"Received: strategy={type(strategy).__name__}"
+        )
+    merged = type(accs[0]).merge(accs, comm, context)
+    detector._finish(merged, context)

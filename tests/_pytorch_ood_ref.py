@@ -60,6 +60,7 @@ def main(src, dst):
     k, dim = int(data["k"]), int(data["dim"])
     out = {
         "knn": KNN(None, k=k).fit_features(z, y).predict_features(q).numpy(),
+        "knn50": KNN(None, k=50).fit_features(z, y).predict_features(q).numpy(),
         "mahalanobis": Mahalanobis(None).fit_features(z, y).predict_features(q).numpy(),
         "vim": ViM(None, d=dim, w=w, b=b).fit_features(zv, y).predict_features(qv).numpy(),
     }

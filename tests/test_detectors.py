@@ -470,6 +470,9 @@ def test_parity_with_pytorch_ood(setup, head, tmp_path):
     )
     ours = {
         "knn": detectors.KNN(k=7).fit(model, (x, y)).score(q),
+        # The features path (issue 20): no model pass, the same scores.
+        "knn50_features": detectors.KNN(k=50).fit_features(z, y).score_features(zq),
+        "knn50_model": detectors.KNN(k=50).fit(model, (x, y)).score(q),
         "mahalanobis": detectors.Mahalanobis().fit(model, (x, y)).score(q),
         "vim": detectors.ViM(5).fit(model, (x, y)).score(q),
     }
@@ -477,6 +480,10 @@ def test_parity_with_pytorch_ood(setup, head, tmp_path):
     subprocess.run([sys.executable, script, str(src), str(dst)], check=True, timeout=120)
     theirs = dict(np.load(dst))
     np.testing.assert_allclose(ours["knn"], -theirs["knn"], rtol=1e-5, atol=2e-5)
+    # KNN(k=50): fit_features/score_features == fit/score == pytorch-ood's
+    # fit_features/predict_features (sign flipped), to float32 precision.
+    np.testing.assert_allclose(ours["knn50_features"], ours["knn50_model"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ours["knn50_features"], -theirs["knn50"], rtol=1e-6, atol=2e-6)
     np.testing.assert_allclose(ours["vim"], -theirs["vim"], rtol=1e-4, atol=1e-4)
     # pytorch-ood: 0.5 * d^2 with an un-normalised scatter (precision N times smaller).
     np.testing.assert_allclose(
@@ -537,3 +544,21 @@ def test_bind_for_export(setup):
     assert det.bind_for_export(models["soft"]) == C
     energy = detectors.Energy()  # A logit detector is fitted on the model it is bound to.
     assert energy.bind_for_export(models["iso"], threshold=0.0) == C and energy.is_fitted
+
+
+@pytest.mark.parametrize("order", ["random", "nearest_last"])
+@pytest.mark.parametrize("k", [1, 7, 50])
+def test_knn_search_over_many_blocks_matches_reference(order, k):
+    """A bank of several search blocks (pruning by the running k-th largest), with the
+    nearest rows first seen in the last blocks too, against float64 brute force."""
+    rng = np.random.default_rng(k)
+    z = rng.normal(size=(5000, 16))
+    q = rng.normal(size=(40, 16))
+    if order == "nearest_last":  # Rows sorted by similarity to the first query, ascending.
+        zn = _norm(z)
+        z = z[np.argsort(zn @ _norm(q[:1])[0])]
+        q[1] = z[-1] + 0.05  # A query whose nearest row comes in the very last block.
+    det = detectors.KNN(k=k, chunk_size=1500).fit_features(z, verbose=0)
+    np.testing.assert_allclose(
+        det.score_features(q, verbose=0), ref_knn(z, q, k), rtol=1e-5, atol=2e-5
+    )

@@ -27,6 +27,7 @@ class FitContext:
         self.feature_dim = feature_dim
         self.num_classes = num_classes
         self.runner = runner
+        self.distributed = False  # Set by a distributed fit (one accumulator per replica).
 
 
 class Detector(keras.layers.Layer):
@@ -58,6 +59,7 @@ class Detector(keras.layers.Layer):
 
     input_kind = "features"
     needs_labels = False
+    _state_keys: tuple = ()  # The keys of `state` (its layout), checked when restoring.
 
     def __init__(
         self,
@@ -76,6 +78,14 @@ class Detector(keras.layers.Layer):
         _checks.check_int(batch_size, "batch_size", numpy=False)
         self.features = features
         self.batch_size = batch_size
+        if state is not None and not isinstance(state, dict):
+            raise TypeError(f"`state` must be a dict or None. Received: state={state!r}")
+        if state and self._state_keys and set(state) != set(self._state_keys):
+            raise ValueError(
+                f"`state` of a {type(self).__name__} holds {sorted(self._state_keys)} (a file "
+                "written by another keras_isomax version?). "
+                f"Received: state with keys {sorted(state)}"
+            )
         self.state = dict(state) if state else None  # Shapes of the fitted state.
         self.model_fingerprint = model_fingerprint
         self._runner = None
@@ -137,21 +147,41 @@ class Detector(keras.layers.Layer):
 
     # ---------------------------------------------------------------- fitting
 
-    def fit(self, model: keras.Model, data: Any = None, *, verbose: Any = "auto") -> Detector:
+    def fit(
+        self,
+        model: keras.Model,
+        data: Any = None,
+        *,
+        verbose: Any = "auto",
+        strategy: Any = None,
+    ) -> Detector:
         """Fits the detector on in-distribution data in one streaming pass.
 
         The features are the input of the model's classifier head (its
         `IsoMaxPlusLayer`, or the final `Dense` of a SoftMax model), or the
         output of the layer named by `features`.
 
+        Called inside `strategy.scope()` of a `tf.distribute.MirroredStrategy`
+        or `MultiWorkerMirroredStrategy` (or given `strategy=`), every replica
+        runs the feature pass on its share of `data` and the sufficient
+        statistics are summed (and the KNN bank gathered) with the strategy's
+        collectives: the fitted state equals a one-device fit on the same data
+        (see docs/distributed.md). On JAX, a `keras.distribution.DataParallel`
+        distribution set in this (single) process shards each batch's forward
+        pass over its devices.
+
         Args:
             model: The trained classifier (`keras.Model`).
             data: `(x, y)` arrays, or a batched `tf.data.Dataset` (or other
-                iterable) of `(x, y)` batches. Labels are needed by
-                `Mahalanobis` and `ClassMeans` only. Logit detectors need no
-                data. Defaults to `None`.
+                iterable) of `(x, y)` batches; under a strategy, a batched
+                `tf.data.Dataset` (global batch size) or arrays. Labels are
+                needed by `Mahalanobis` and `ClassMeans` only. Logit detectors
+                need no data. Defaults to `None`.
             verbose: `"auto"`, 0, 1 or 2, as in `keras.Model.predict`.
                 Defaults to `"auto"`.
+            strategy: A `tf.distribute` strategy to fit with, or `None` for the
+                strategy whose scope is active (none: one device). Defaults
+                to `None`.
 
         Returns:
             The detector itself.
@@ -166,18 +196,26 @@ class Detector(keras.layers.Layer):
             raise ValueError(
                 f"{type(self).__name__}.fit needs in-distribution data. Received: data=None"
             )
-        batches = runner.batches(
-            data,
-            batch_size=self.batch_size,
-            arg_name="data",
-            with_labels=self.needs_labels,
-            label_classes=self._label_classes(runner.num_classes),
-            verbose=verbose,
-            stage=f"{type(self).__name__}.fit",
-        )
-        stream = ((batch.features, batch.labels) for batch in batches)
+        strategy = _active_strategy(strategy)
         context = FitContext(runner.feature_dim, runner.num_classes, runner)
-        self._fit(self._checked(stream, "data"), context)
+        if strategy is not None:
+            from keras_isomax import distribute  # TensorFlow only.
+
+            distribute.fit_detector(self, runner, data, strategy, context, verbose=verbose)
+        else:
+            batches = runner.batches(
+                data,
+                batch_size=self.batch_size,
+                arg_name="data",
+                with_labels=self.needs_labels,
+                label_classes=self._label_classes(runner.num_classes),
+                verbose=verbose,
+                stage=f"{type(self).__name__}.fit",
+                need_logits=False,
+                distribution=_jax_distribution(),
+            )
+            stream = ((batch.features, batch.labels) for batch in batches)
+            self._fit(self._checked(stream, "data"), context)
         self.model_fingerprint = runner.fingerprint()
         self._runner = runner
         self.built = True  # The state variables exist now (export needs a built layer).
@@ -212,11 +250,22 @@ class Detector(keras.layers.Layer):
         return self
 
     def _fit(self, stream, context):
-        """Fits the state from `(features, labels)` NumPy batches (each detector defines it)."""
+        """Fits the state from `(features, labels)` NumPy batches: accumulate, then finish."""
+        acc = self._accumulator(context)
+        for feats, labels in stream:
+            acc.update(feats, labels)
+        self._finish(acc, context)
+
+    def _accumulator(self, context):
+        """The running sufficient statistics of a fit (each detector defines it)."""
         raise TypeError(
             "`Detector` is the base class; fit one of its subclasses (KNN, Mahalanobis, ViM, "
             f"ClassMeans, ...). Received: detector of type {type(self).__name__}"
         )
+
+    def _finish(self, acc, context):
+        """Sets the fitted state from the (merged) statistics."""
+        raise NotImplementedError
 
     def _num_classes(self):
         """The classes the detector was told (`num_classes=`), if any."""
@@ -228,19 +277,22 @@ class Detector(keras.layers.Layer):
     def _checked(self, stream, arg_name):
         """The stream with the checks every fit needs (labels present, finite features)."""
         for feats, labels in stream:
-            if self.needs_labels and labels is None:
-                raise ValueError(
-                    f"`{arg_name}` must hold labels `(x, y)` for {type(self).__name__}. "
-                    f"Received: {arg_name} without labels"
-                )
-            bad = ~np.isfinite(feats).all(axis=1)
-            if bad.any():
-                raise ValueError(
-                    f"{int(bad.sum())} examples of `{arg_name}` have non-finite features (NaN "
-                    f"or Inf inputs?); remove them before fitting. "
-                    f"Received: {arg_name} with non-finite features"
-                )
+            self._check_batch(feats, labels, arg_name)
             yield feats, labels
+
+    def _check_batch(self, feats, labels, arg_name):
+        if self.needs_labels and labels is None:
+            raise ValueError(
+                f"`{arg_name}` must hold labels `(x, y)` for {type(self).__name__}. "
+                f"Received: {arg_name} without labels"
+            )
+        bad = ~np.isfinite(feats).all(axis=1)
+        if bad.any():
+            raise ValueError(
+                f"{int(bad.sum())} examples of `{arg_name}` have non-finite features (NaN "
+                f"or Inf inputs?); remove them before fitting. "
+                f"Received: {arg_name} with non-finite features"
+            )
 
     def _feature_stream(self, features, labels, arg_name, verbose, what):
         """`(features (B, F) float32, labels or None)` batches of precomputed features."""
@@ -377,7 +429,9 @@ class Detector(keras.layers.Layer):
 
     # ---------------------------------------------------------------- scoring
 
-    def score(self, x: Any, model: keras.Model | None = None, *, verbose: Any = "auto"):
+    def score(
+        self, x: Any, model: keras.Model | None = None, *, verbose: Any = "auto"
+    ) -> np.ndarray:
         """Scores inputs: higher means more in-distribution.
 
         Args:
@@ -393,29 +447,55 @@ class Detector(keras.layers.Layer):
             ValueError: If the detector is not fitted or is used with another
                 model than the one it was fitted on.
         """
-        return self.score_and_logits(x, model, verbose=verbose)[0]
+        runner = self._bound(model)
+        batches = runner.batches(
+            x,
+            batch_size=self.batch_size,
+            arg_name="x",
+            verbose=verbose,
+            stage=f"{type(self).__name__}.score",
+            need_logits=self.input_kind == "logits",
+        )
+        return self._score_batches(batches, "x")[0]
 
-    def score_and_logits(self, x, model=None, arg_name="x", *, verbose=0):
+    def score_and_logits(
+        self, x: Any, model: keras.Model | None = None, arg_name: str = "x", *, verbose: Any = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
         """`(scores (N,), logits (N, C))` as NumPy arrays, one pass over `x`."""
         runner = self._bound(model)
-        values, all_logits = [], []
-        for batch in runner.batches(
+        batches = runner.batches(
             x,
             batch_size=self.batch_size,
             arg_name=arg_name,
             verbose=verbose,
             stage=f"{type(self).__name__}.score",
-        ):
-            values.append(self._score_batch(batch))
-            all_logits.append(batch.logits)
+        )
+        return self._score_batches(batches, arg_name)
+
+    # Rows scored together (batches are joined up to this many): a detector whose
+    # scoring sweeps a large state (the KNN bank) reads it once per block.
+    _score_rows = 0
+
+    def _score_batches(self, batches, arg_name):
+        values, all_logits, pending, rows = [], [], [], 0
+        for batch in batches:
+            pending.append(batch)
+            rows += len(batch.nonfinite)
+            if rows >= self._score_rows:
+                values.append(self._score_batch(_join(pending)))
+                pending, rows = [], 0
+            if batch.logits is not None:
+                all_logits.append(batch.logits)
+        if pending:
+            values.append(self._score_batch(_join(pending)))
         if not values or sum(len(v) for v in values) == 0:
             raise ValueError(f"`{arg_name}` holds no examples. Received: empty {arg_name}")
-        return np.concatenate(values), np.concatenate(all_logits)
+        return np.concatenate(values), (np.concatenate(all_logits) if all_logits else None)
 
     def _score_batch(self, batch):
         return self._score_array(batch.features)
 
-    def score_features(self, features: Any, *, verbose: Any = "auto"):
+    def score_features(self, features: Any, *, verbose: Any = "auto") -> np.ndarray:
         """Scores precomputed features (logits for the logit detectors).
 
         Gives the scores `score(x)` gives for inputs whose features are
@@ -429,12 +509,17 @@ class Detector(keras.layers.Layer):
             A float64 NumPy array `(N,)`; rows with NaN or Inf score NaN.
         """
         self._check_fitted()
-        values = [
-            self._score_array(feats)
-            for feats, _ in self._feature_stream(
-                features, None, "features", verbose, "score_features"
-            )
-        ]
+        values, pending, rows = [], [], 0
+        for feats, _ in self._feature_stream(features, None, "features", verbose, "score_features"):
+            pending.append(feats)
+            rows += len(feats)
+            if rows >= self._score_rows:
+                values.append(
+                    self._score_array(np.concatenate(pending) if len(pending) > 1 else feats)
+                )
+                pending, rows = [], 0
+        if pending:
+            values.append(self._score_array(np.concatenate(pending)))
         if not values or sum(len(v) for v in values) == 0:
             raise ValueError("`features` holds no examples. Received: empty features")
         return np.concatenate(values)
@@ -509,6 +594,83 @@ class Detector(keras.layers.Layer):
         return self.feature_dim
 
 
+def _active_strategy(strategy):
+    """The tf.distribute strategy to fit with (`None`: one device)."""
+    backend = keras.backend.backend()
+    if strategy is not None:
+        if backend != "tensorflow":
+            raise ValueError(
+                "`strategy=` takes a `tf.distribute` strategy and needs the TensorFlow "
+                "backend; on JAX set a `keras.distribution.DataParallel` distribution "
+                f"instead. Received: strategy={type(strategy).__name__} on backend {backend!r}"
+            )
+        return strategy
+    if backend != "tensorflow":
+        return None
+    import tensorflow as tf  # The backend is TensorFlow: already imported.
+
+    if not tf.distribute.has_strategy():
+        return None
+    active = tf.distribute.get_strategy()
+    if active.num_replicas_in_sync <= 1 and not isinstance(
+        active, tf.distribute.MultiWorkerMirroredStrategy
+    ):
+        return None
+    return active
+
+
+def _jax_distribution():
+    """The `keras.distribution` distribution to run the feature pass with (JAX), or None.
+
+    Raises:
+        ValueError: For a multi-process JAX distribution (each process would hold
+            only its own features).
+    """
+    if keras.backend.backend() != "jax":
+        return None
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return None
+    import jax  # The backend is JAX: already imported.
+
+    if jax.process_count() > 1:
+        raise ValueError(
+            "Fitting a detector across JAX processes is not supported: fit it in one "
+            "process (a `keras.distribution.DataParallel` over that process's devices "
+            "shards the feature pass), or use the TensorFlow backend's "
+            "`MultiWorkerMirroredStrategy` (docs/distributed.md). "
+            f"Received: jax.process_count()={jax.process_count()}"
+        )
+    return distribution
+
+
+def _join(batches):
+    """One `Batch` from several (features, logits, labels, flags concatenated)."""
+    if len(batches) == 1:
+        return batches[0]
+    fields = []
+    for values in zip(*batches, strict=True):
+        fields.append(None if values[0] is None else np.concatenate(values))
+    return _runner.Batch(*fields)
+
+
+def host_array(variable):
+    """A NumPy view of a variable's value on the host, without a copy where the backend
+    allows it (TensorFlow and PyTorch CPU tensors, JAX CPU arrays); read it, never write."""
+    value = getattr(variable, "value", variable)
+    backend = keras.backend.backend()
+    try:
+        if backend == "tensorflow" and hasattr(value, "value"):
+            return np.asarray(value.value())  # The variable's tensor; copy-on-write in TF.
+        if backend == "torch":
+            return value.detach().cpu().numpy()
+        if backend == "jax":
+            return np.asarray(value)
+    except (TypeError, ValueError, RuntimeError, AttributeError):
+        pass
+    return np.asarray(ops.convert_to_numpy(value))
+
+
 class Reservoir:
     """A seeded uniform sample of at most `size` rows of a stream (algorithm R).
 
@@ -542,8 +704,42 @@ class Reservoir:
             self.rows[slots[last]] = rows[last]
         self.seen += n
 
-    def sample(self):
+    def sample(self, feature_dim=0):
+        if self.rows is None:
+            return np.zeros((0, feature_dim), np.float32)
         return self.rows[: min(self.seen, self.size)]
+
+    @staticmethod
+    def merge(reservoirs, comm, size, seed, feature_dim):
+        """A uniform sample of at most `size` rows of the union of the replicas' streams.
+
+        Every replica holds a uniform sample of its own stream (`seen` rows). The
+        number of rows each replica gives is drawn once, from the multivariate
+        hypergeometric law of a uniform `size`-subset of the union (seeded: every
+        worker draws the same); each replica then gives a seeded uniform subset of
+        its sample of that size, and the pieces are gathered. When the union has at
+        most `size` rows, the result is all of them.
+
+        Args:
+            reservoirs: This worker's replicas' `Reservoir`s, in replica order.
+            comm: The collectives (`sum`, `gather`, `local_ids`).
+            size: The sample size.
+            seed: The seed.
+            feature_dim: The row width.
+
+        Returns:
+            `(min(size, total), feature_dim)` float32.
+        """
+        seen = comm.gather([np.array([r.seen], np.int64) for r in reservoirs]).astype(np.int64)
+        take = int(min(size, seen.sum()))
+        alloc = np.random.default_rng(seed).multivariate_hypergeometric(seen, take)
+        picks = []
+        for reservoir, replica in zip(reservoirs, comm.local_ids, strict=True):
+            kept = reservoir.sample(feature_dim)
+            rng = np.random.default_rng([seed, replica])
+            index = np.sort(rng.choice(len(kept), int(alloc[replica]), replace=False))
+            picks.append(np.asarray(kept[index], np.float32).reshape(-1, feature_dim))
+        return comm.gather(picks)
 
 
 class ClassStats:
@@ -596,6 +792,49 @@ class ClassStats:
         np.add.at(self.sums, labels, z)
         self.counts += np.bincount(labels, minlength=len(self.counts))
         self.total += len(z)
+
+    @staticmethod
+    def merge(stats, comm, context):
+        """The statistics of all replicas' streams (this worker's `stats` + collectives)."""
+        first = stats[0]
+        width = int(
+            comm.gather(
+                [np.array([len(a.counts) if a.counts is not None else 0]) for a in stats]
+            ).max()
+        )
+        width = max(width, first.num_classes or 0)
+        f = context.feature_dim
+        for a in stats:  # Replicas that saw no rows, and fewer classes than others.
+            if a.sums is None:
+                a.sums = np.zeros((width, f))
+                a.counts = np.zeros(width, np.int64)
+                if a.second_moment:
+                    a.shift, a.cross = np.zeros(f), np.zeros((f, f))
+            elif len(a.sums) < width:
+                grow = width - len(a.sums)
+                a.sums = np.concatenate([a.sums, np.zeros((grow, f))])
+                a.counts = np.concatenate([a.counts, np.zeros(grow, np.int64)])
+        merged = ClassStats(
+            first.num_classes, normalize=first.normalize, second_moment=first.second_moment
+        )
+        totals = comm.sum([np.array([float(a.total)]) for a in stats])
+        merged.total = int(round(float(totals[0])))
+        if first.second_moment:
+            # One common shift (the mean of the replicas' shifts, weighted by rows),
+            # then each replica's sums and cross-products re-centred on it, exactly.
+            weighted = comm.sum([a.total * a.shift for a in stats])
+            shift = weighted / max(merged.total, 1)
+            for a in stats:
+                d = a.shift - shift
+                s_a = a.sums.sum(axis=0)
+                a.cross = a.cross + np.outer(s_a, d) + np.outer(d, s_a) + a.total * np.outer(d, d)
+                a.sums = a.sums + a.counts[:, None] * d
+            merged.shift = shift
+            merged.cross = comm.sum([a.cross for a in stats])
+        merged.sums = comm.sum([a.sums for a in stats])
+        counts = comm.sum([a.counts.astype(np.float64) for a in stats])
+        merged.counts = np.rint(counts).astype(np.int64)
+        return merged
 
     def check_complete(self, detector_name, arg_name="data"):
         """Raises unless every class has examples (and there are examples at all)."""

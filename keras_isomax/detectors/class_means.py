@@ -24,7 +24,7 @@ class ClassMeans(Detector):
     the classifier: the model's predictions and accuracy stay as they are.
     Fitted in one streaming pass (per-class sums in float64); each example's
     nearest distance is computed exactly from the difference of the normalised
-    vectors.
+    vectors. Inputs `(B, F)`, scores `(B,)`.
 
     Args:
         num_classes: How many class means; every class needs examples.
@@ -44,7 +44,9 @@ class ClassMeans(Detector):
 
     needs_labels = True
 
-    def __init__(self, num_classes: int | None = None, **kwargs: Any):
+    _state_keys = ("num_classes", "feature_dim")
+
+    def __init__(self, num_classes: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         _checks.check_int(num_classes, "num_classes", allow_none=True, numpy=False)
         self.num_classes = num_classes
@@ -52,10 +54,10 @@ class ClassMeans(Detector):
     def _state_specs(self, state):
         return {"means": ((state["num_classes"], state["feature_dim"]), "float32")}
 
-    def _fit(self, stream, context):
-        stats = ClassStats(self.num_classes or context.num_classes, normalize=True)
-        for feats, labels in stream:
-            stats.update(feats, labels)
+    def _accumulator(self, context):
+        return ClassStats(self.num_classes or context.num_classes, normalize=True)
+
+    def _finish(self, stats, context):
         stats.check_complete("ClassMeans")
         means = stats.sums / stats.counts[:, None]
         means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)

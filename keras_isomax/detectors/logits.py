@@ -25,6 +25,7 @@ class LogitDetector(Detector):
 
     input_kind = "logits"
     score_name: str = ""
+    _state_keys = ("num_classes",)
 
     def _model_runner(self, model):
         return _runner.runner_for(model)
@@ -32,8 +33,16 @@ class LogitDetector(Detector):
     def _runner_width(self, runner):
         return runner.num_classes
 
-    def fit(self, model: keras.Model, data: Any = None, *, verbose: Any = "auto") -> Detector:
-        """Binds the detector to `model` (no fitting needed; `data` is ignored)."""
+    def fit(
+        self,
+        model: keras.Model,
+        data: Any = None,
+        *,
+        verbose: Any = "auto",
+        strategy: Any = None,
+    ) -> Detector:
+        """Binds the detector to `model` (no fitting needed; `data` and `strategy` are
+        ignored)."""
         runner = self._model_runner(model)
         if runner.num_classes is None:
             raise ValueError(

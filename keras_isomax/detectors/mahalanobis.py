@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import keras
@@ -22,7 +23,13 @@ class Mahalanobis(Detector):
     al., 2018; as pytorch-ood computes it). One streaming pass accumulates
     per-class sums and counts and the cross-product matrix in float64 (memory
     `O(C * F + F^2)`, not `O(N * F)`); `Sigma^-1` is stored as a whitening
-    matrix, so scoring is one `(B, F) x (F, F)` product.
+    matrix, so scoring is one `(B, F) x (F, F)` product. Inputs `(B, F)`,
+    scores `(B,)`.
+
+    With fewer examples than `F + C` the pooled covariance is rank-deficient and
+    `ridge` alone sets the missing directions' scale: a `UserWarning` says so.
+    Labels of one class only give a one-class detector with `fit_features` (the
+    distance to that class's mean) and an error through a model of more classes.
 
     Args:
         ridge: Added to the diagonal of the (un-normalised) pooled scatter
@@ -44,7 +51,9 @@ class Mahalanobis(Detector):
 
     needs_labels = True
 
-    def __init__(self, ridge: float = 1e-6, num_classes: int | None = None, **kwargs: Any):
+    _state_keys = ("num_classes", "feature_dim")
+
+    def __init__(self, ridge: float = 1e-6, num_classes: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if isinstance(ridge, bool) or not isinstance(ridge, int | float) or not ridge >= 0:
             raise ValueError(f"`ridge` must be a number >= 0. Received: ridge={ridge!r}")
@@ -60,19 +69,27 @@ class Mahalanobis(Detector):
             "whitened_means": ((c, f), "float32"),
         }
 
-    def _fit(self, stream, context):
-        stats = ClassStats(self.num_classes or context.num_classes, second_moment=True)
-        for feats, labels in stream:
-            stats.update(feats, labels)
+    def _accumulator(self, context):
+        return ClassStats(self.num_classes or context.num_classes, second_moment=True)
+
+    def _finish(self, stats, context):
         stats.check_complete("Mahalanobis")
         c, f = stats.sums.shape
         counts, total = stats.counts, stats.total
+        if total - c < f:
+            warnings.warn(
+                f"Mahalanobis was fitted on {total} examples of {c} classes in {f} "
+                f"dimensions: the pooled covariance has rank at most {total - c} < {f}, so "
+                f"`ridge` ({self.ridge}) alone sets the scale of the missing directions. "
+                "Fit on more examples, or raise `ridge`.",
+                stacklevel=3,
+            )
         means = stats.sums / counts[:, None]  # Shifted class means.
         scatter = stats.cross - (means * counts[:, None]).T @ means
         covariance = (scatter + self.ridge * np.eye(f)) / total
         covariance = (covariance + covariance.T) / 2
         eigenvalues, eigenvectors = np.linalg.eigh(covariance)
-        if eigenvalues.min() <= 0:
+        if eigenvalues.min() <= f * np.finfo(np.float64).eps * max(eigenvalues.max(), 0.0):
             raise ValueError(
                 "The pooled covariance is singular (constant features and `ridge=0`?). "
                 f"Received: ridge={self.ridge}"

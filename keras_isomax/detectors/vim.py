@@ -26,7 +26,7 @@ class ViM(Detector):
     (`W = (|s| / T) * normalised prototypes`, `b = 0`). The second moment is
     accumulated in float64 in one pass; `alpha`'s mean residual norm is taken
     over a seeded uniform sample of at most `alpha_samples` training rows
-    (exact when the data has fewer).
+    (exact when the data has fewer). Inputs `(B, F)`, scores `(B,)`.
 
     Args:
         dim: Dimension of the principal subspace, `1 <= dim < F`.
@@ -49,7 +49,9 @@ class ViM(Detector):
     (2,)
     """
 
-    def __init__(self, dim: int, alpha_samples: int = 50000, seed: int = 0, **kwargs: Any):
+    _state_keys = ("feature_dim", "num_classes", "normalize")
+
+    def __init__(self, dim: int, alpha_samples: int = 50000, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         _checks.check_int(dim, "dim")
         _checks.check_int(alpha_samples, "alpha_samples", numpy=False)
@@ -118,7 +120,7 @@ class ViM(Detector):
         finally:
             self._head = None
 
-    def _fit(self, stream, context):
+    def _accumulator(self, context):
         if context.runner is not None:
             if self.features is not None:
                 raise ValueError(
@@ -128,35 +130,23 @@ class ViM(Detector):
             kernel, bias, normalize = context.runner.linear_head()
         else:
             kernel, bias, normalize = self._head
-        f, c = kernel.shape
+        f = kernel.shape[0]
         if self.dim >= f:
             raise ValueError(
                 f"`dim` must be smaller than the feature dimension {f}. Received: dim={self.dim}"
             )
-        origin = -(np.linalg.pinv(kernel.T) @ bias)
-        moment = np.zeros((f, f), np.float64)
-        reservoir = Reservoir(self.alpha_samples, self.seed)
-        max_logit_sum, total = 0.0, 0
-        for feats, _ in stream:
-            if feats.shape[1] != f:
-                raise ValueError(
-                    f"The features have {feats.shape[1]} columns but the head's kernel has "
-                    f"{f} rows. Received: features of width {feats.shape[1]}"
-                )
-            z = feats.astype(np.float64)
-            if normalize:
-                z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
-            max_logit_sum += float((z @ kernel + bias).max(axis=1).sum())
-            z = z - origin
-            moment += z.T @ z
-            reservoir.add(z.astype(np.float32))
-            total += len(z)
-        if total == 0:
+        return _ViMStats(kernel, bias, normalize, self.alpha_samples, self.seed)
+
+    def _finish(self, stats, context):
+        kernel, bias, normalize = stats.kernel, stats.bias, stats.normalize
+        f, c = kernel.shape
+        if stats.total == 0:
             raise ValueError("`data` holds no examples. Received: empty data")
-        _, eigenvectors = np.linalg.eigh(moment / total)
+        _, eigenvectors = np.linalg.eigh(stats.moment / stats.total)
         null_space = eigenvectors[:, : f - self.dim]
-        residual = np.linalg.norm(reservoir.sample().astype(np.float64) @ null_space, axis=1)
-        alpha = (max_logit_sum / total) / residual.mean()
+        sample = stats.sample if stats.sample is not None else stats.reservoir.sample(f)
+        residual = np.linalg.norm(sample.astype(np.float64) @ null_space, axis=1)
+        alpha = (stats.max_logit_sum / stats.total) / residual.mean()
         if not np.isfinite(alpha):
             raise ValueError(
                 "ViM's alpha is not finite (all training features inside the principal "
@@ -165,7 +155,7 @@ class ViM(Detector):
         self._make_state({"feature_dim": f, "num_classes": c, "normalize": normalize})
         self.kernel.assign(kernel.astype(np.float32))
         self.bias.assign(bias.astype(np.float32))
-        self.origin.assign(origin.astype(np.float32))
+        self.origin.assign(stats.origin.astype(np.float32))
         self.null_space.assign(null_space.astype(np.float32))
         self.alpha.assign(np.float32(alpha))
 
@@ -185,3 +175,52 @@ class ViM(Detector):
             "alpha_samples": self.alpha_samples,
             "seed": self.seed,
         }
+
+
+class _ViMStats:
+    """ViM's streamed statistics: second moment about the head's origin (float64), sum of
+    max-logits, row count, and a seeded uniform sample of rows for `alpha`."""
+
+    def __init__(self, kernel, bias, normalize, alpha_samples, seed):
+        self.kernel, self.bias, self.normalize = kernel, bias, normalize
+        self.origin = -(np.linalg.pinv(kernel.T) @ bias)
+        f = kernel.shape[0]
+        self.moment = np.zeros((f, f), np.float64)
+        self.reservoir = Reservoir(alpha_samples, seed)
+        self.alpha_samples, self.seed = alpha_samples, seed
+        self.max_logit_sum, self.total = 0.0, 0
+        self.sample = None  # Set by `merge`.
+
+    def update(self, feats, labels=None):
+        f = self.kernel.shape[0]
+        if feats.shape[1] != f:
+            raise ValueError(
+                f"The features have {feats.shape[1]} columns but the head's kernel has "
+                f"{f} rows. Received: features of width {feats.shape[1]}"
+            )
+        z = feats.astype(np.float64)
+        if self.normalize:
+            z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        self.max_logit_sum += float((z @ self.kernel + self.bias).max(axis=1).sum())
+        z = z - self.origin
+        self.moment += z.T @ z
+        self.reservoir.add(z.astype(np.float32))
+        self.total += len(z)
+
+    @staticmethod
+    def merge(stats, comm, context):
+        first = stats[0]
+        merged = _ViMStats(
+            first.kernel, first.bias, first.normalize, first.alpha_samples, first.seed
+        )
+        merged.moment = comm.sum([a.moment for a in stats])
+        sums = comm.sum([np.array([a.max_logit_sum, float(a.total)]) for a in stats])
+        merged.max_logit_sum, merged.total = float(sums[0]), int(round(float(sums[1])))
+        merged.sample = Reservoir.merge(
+            [a.reservoir for a in stats],
+            comm,
+            first.alpha_samples,
+            first.seed,
+            first.kernel.shape[0],
+        )
+        return merged

@@ -1,0 +1,366 @@
+"""Detectors under bad input: each case is a clear error naming the argument and what
+was received, or a documented result checked against a float64 NumPy reference."""
+
+import json
+import os
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_isomax import IsoMaxPlusLayer, detectors
+from keras_isomax.calibration import calibrate_threshold, predict_ood
+
+F, C = 6, 4
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(200, 8)).astype("float32")
+    y = np.arange(200) % C
+    return x, y
+
+
+def _model(hide_nan=False, seed=0):
+    """Dense features + IsoMax+ head; `hide_nan` maps NaN inputs to 0 first (as some
+    CPU kernels do), so only the library's non-finite rule can flag them."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8,))
+    h = inputs
+    if hide_nan:
+        h = keras.layers.Lambda(lambda t: ops.where(ops.isnan(t), ops.zeros_like(t), t))(h)
+    h = keras.layers.Dense(F, activation="tanh", name="features")(h)
+    return keras.Model(inputs, IsoMaxPlusLayer(C)(h))
+
+
+def _features(model, x):
+    return keras.Model(model.inputs, model.get_layer("features").output).predict(x, verbose=0)
+
+
+FITTED = {
+    "knn": lambda **kw: detectors.KNN(k=3, **kw),
+    "mahalanobis": lambda **kw: detectors.Mahalanobis(**kw),
+    "class_means": lambda **kw: detectors.ClassMeans(**kw),
+    "vim": lambda **kw: detectors.ViM(2, **kw),
+}
+
+
+# ------------------------------------------------------------------ empty data
+
+
+@pytest.mark.parametrize("name", sorted(FITTED))
+def test_empty_data_is_an_error(data, name):
+    x, y = data
+    with pytest.raises(ValueError, match="no examples. Received: empty data"):
+        FITTED[name]().fit(_model(), (x[:0], y[:0]), verbose=0)
+    with pytest.raises(ValueError, match="no examples"):
+        det = FITTED[name]()
+        if name == "vim":
+            det.fit_features(np.zeros((0, F)), kernel=np.ones((F, C)), verbose=0)
+        else:
+            det.fit_features(np.zeros((0, F), "float32"), np.zeros(0, int), verbose=0)
+
+
+def test_empty_scoring_input_is_an_error(data):
+    x, y = data
+    model = _model()
+    det = detectors.KNN(k=3).fit(model, (x, y), verbose=0)
+    with pytest.raises(ValueError, match="Received: empty x"):
+        det.score(x[:0])
+    with pytest.raises(ValueError, match="Received: empty features"):
+        det.score_features(np.zeros((0, F), "float32"), verbose=0)
+
+
+# --------------------------------------------------------------- one class only
+
+
+@pytest.mark.parametrize("name", ["mahalanobis", "class_means"])
+def test_one_class_through_a_model_is_an_error(data, name):
+    """The model has 4 classes: labels of one class leave 3 without a mean."""
+    x, _ = data
+    with pytest.raises(
+        ValueError, match=r"3 of 4 classes have none. .*without classes \[1, 2, 3\]"
+    ):
+        FITTED[name]().fit(_model(), (x, np.zeros(len(x), int)), verbose=0)
+
+
+def test_one_class_on_features_is_a_one_class_detector(data):
+    """`fit_features` without `num_classes` takes the labels' classes: with one class,
+    Mahalanobis is the distance to that class's mean under its covariance."""
+    x, _ = data
+    z = _features(_model(), x).astype(np.float64)
+    det = detectors.Mahalanobis().fit_features(z, np.zeros(len(z), int), verbose=0)
+    q = z[:5] + 0.3
+    mu = z.mean(0)
+    cov = ((z - mu).T @ (z - mu) + 1e-6 * np.eye(F)) / len(z)
+    want = -np.einsum("nf,fg,ng->n", q - mu, np.linalg.inv(cov), q - mu)
+    np.testing.assert_allclose(det.score_features(q, verbose=0), want, rtol=1e-4)
+    # Told there are 3 classes, rows of class 2 only: classes 0 and 1 have no mean.
+    with pytest.raises(ValueError, match=r"without classes \[0, 1\]"):
+        detectors.ClassMeans(num_classes=3).fit_features(z, np.full(len(z), 2), verbose=0)
+
+
+def test_one_class_vim_ignores_labels(data):
+    """ViM uses no labels: one-class labels give the fit of any labels."""
+    x, y = data
+    model = _model()
+    one = detectors.ViM(2).fit(model, (x, np.zeros(len(x), int)), verbose=0)
+    many = detectors.ViM(2).fit(model, (x, y), verbose=0)
+    for a, b in zip(one.weights, many.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+# ------------------------------------------- fewer examples than k or than F
+
+
+def test_fewer_examples_than_k(data):
+    x, y = data
+    with pytest.raises(ValueError, match="number of bank features \\(5\\). Received: k=6"):
+        detectors.KNN(k=6).fit(_model(), (x[:5], y[:5]), verbose=0)
+    with pytest.raises(ValueError, match="Received: k=4"):
+        detectors.KNN(k=4, max_bank=3).fit(_model(), (x, y), verbose=0)
+
+
+def test_fewer_examples_than_features_warns_for_mahalanobis():
+    rng = np.random.default_rng(0)
+    z, y = rng.normal(size=(7, 10)), np.arange(7) % 2  # Rank <= 5 < 10.
+    with pytest.warns(UserWarning, match="rank at most 5 < 10"):
+        detectors.Mahalanobis().fit_features(z, y, verbose=0)
+    rng = np.random.default_rng(1)
+    z, y = rng.normal(size=(40, 10)), np.arange(40) % 2
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Full rank: no warning.
+        detectors.Mahalanobis().fit_features(z, y, verbose=0)
+
+
+def test_fewer_examples_than_features_vim_and_knn_fit():
+    """KNN and ViM need no full-rank covariance: N < F fits and scores finitely."""
+    rng = np.random.default_rng(2)
+    z, q = rng.normal(size=(5, 12)), rng.normal(size=(3, 12))
+    knn = detectors.KNN(k=2).fit_features(z, verbose=0)
+    zn = z / np.linalg.norm(z, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    d = np.sqrt(((qn[:, None] - zn[None]) ** 2).sum(-1))
+    np.testing.assert_allclose(knn.score_features(q, verbose=0), -np.sort(d, 1)[:, 1], rtol=1e-5)
+    vim = detectors.ViM(3).fit_features(z, kernel=rng.normal(size=(12, 2)), verbose=0)
+    assert np.isfinite(vim.score_features(q, verbose=0)).all()
+
+
+# --------------------------------------------------- duplicates, constant features
+
+
+def test_duplicate_points_count_as_neighbours():
+    """Five points, each 10 times: the query at a point has 10 neighbours at distance
+    0, the 11th is the nearest other point (as scikit-learn / pytorch-ood count)."""
+    rng = np.random.default_rng(3)
+    points = rng.normal(size=(5, 8))
+    z = np.repeat(points, 10, axis=0)
+    q = points[:2].astype("float32")
+    pn = points / np.linalg.norm(points, axis=1, keepdims=True)
+    others = np.sqrt(((pn[:2, None] - pn[None]) ** 2).sum(-1))
+    others = np.sort(others, axis=1)[:, 1]
+    ten = detectors.KNN(k=10).fit_features(z, verbose=0).score_features(q, verbose=0)
+    eleven = detectors.KNN(k=11).fit_features(z, verbose=0).score_features(q, verbose=0)
+    np.testing.assert_allclose(ten, 0.0, atol=1e-3)
+    np.testing.assert_allclose(eleven, -others, rtol=1e-5)
+
+
+def test_constant_features():
+    rng = np.random.default_rng(4)
+    z = rng.normal(size=(300, 5))
+    z[:, 2] = 1.5  # Constant column.
+    y = np.arange(300) % 3
+    with pytest.raises(ValueError, match="singular .*Received: ridge=0.0"):
+        detectors.Mahalanobis(ridge=0).fit_features(z, y, verbose=0)
+    # With the default ridge the constant direction has a tiny variance: a query off
+    # that value is far outside every training score.
+    det = detectors.Mahalanobis().fit_features(z, y, verbose=0)
+    train = det.score_features(z, verbose=0)
+    off = z[:3].copy()
+    off[:, 2] += 1.0
+    assert (det.score_features(off, verbose=0) < train.min() * 1000).all()
+    # ClassMeans and KNN work on normalised rows: finite, and a training row is its
+    # own nearest neighbour.
+    knn = detectors.KNN(k=1).fit_features(z, verbose=0)
+    np.testing.assert_allclose(knn.score_features(z[:4], verbose=0), 0.0, atol=1e-3)
+    means = detectors.ClassMeans().fit_features(z, y, verbose=0)
+    assert np.isfinite(means.score_features(z, verbose=0)).all()
+
+
+# ----------------------------------------------------------------- NaN and Inf
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+@pytest.mark.parametrize("name", sorted(FITTED))
+def test_non_finite_fit_data_is_an_error(data, name, bad_value):
+    x, y = data
+    bad = x.copy()
+    bad[7, 3] = bad_value
+    with pytest.raises(ValueError, match="1 examples of `data` have non-finite features"):
+        FITTED[name]().fit(_model(hide_nan=True), (bad, y), verbose=0)
+    z = _features(_model(), x)
+    z[5, 0] = bad_value
+    det = FITTED[name]()
+    with pytest.raises(ValueError, match="Received: features with non-finite features"):
+        if name == "vim":
+            det.fit_features(z, kernel=np.ones((F, C)), verbose=0)
+        else:
+            det.fit_features(z, y, verbose=0)
+
+
+@pytest.mark.parametrize("name", sorted(FITTED))
+def test_non_finite_scoring_input_scores_nan_and_is_ood(data, name):
+    """The backbone maps NaN to 0 (finite features): only the library's rule flags it."""
+    x, y = data
+    model = _model(hide_nan=True)
+    det = FITTED[name]().fit(model, (x, y), verbose=0)
+    calibrate_threshold(model, (x, y), detector=det)
+    q = x[:6].copy()
+    q[1, 2] = np.nan
+    q[4, 0] = np.inf
+    scores = det.score(q, verbose=0)
+    assert np.isnan(scores[[1, 4]]).all() and np.isfinite(scores[[0, 2, 3, 5]]).all()
+    out = predict_ood(model, q, detector=det)
+    assert out["is_ood"][[1, 4]].all()
+    np.testing.assert_array_equal(
+        out["is_ood"][[0, 2, 3, 5]], ~(scores[[0, 2, 3, 5]] >= float(det.threshold.numpy()))
+    )
+    feats = _features(model, q)
+    feats[1, 0] = np.nan
+    feats[4, 1] = -np.inf
+    on_features = det.score_features(feats, verbose=0)
+    assert np.isnan(on_features[[1, 4]]).all() and np.isfinite(on_features[[0, 2, 3, 5]]).all()
+
+
+# --------------------------------------------------------- labels out of range
+
+
+@pytest.mark.parametrize("name", ["mahalanobis", "class_means"])
+@pytest.mark.parametrize("label", [C, -1])
+def test_labels_outside_the_models_classes(data, name, label):
+    x, y = data
+    bad = y.copy()
+    bad[3] = label
+    with pytest.raises(ValueError, match=rf"integers in \[0, {C}\). Received: labels \[{label}\]"):
+        FITTED[name]().fit(_model(), (x, bad), verbose=0)
+    with pytest.raises(ValueError, match=rf"Received: labels \[{label}\]"):
+        FITTED[name](num_classes=C).fit_features(_features(_model(), x), bad, verbose=0)
+
+
+# ------------------------------------------------------- another feature width
+
+
+@pytest.mark.parametrize("name", sorted(FITTED))
+def test_attached_to_a_model_with_another_feature_width(data, name):
+    x, y = data
+    model = _model()
+    z = _features(model, x)
+    det = FITTED[name]()
+    if name == "vim":
+        det.fit_features(z, kernel=np.ones((F, C)), verbose=0)
+    else:
+        det.fit_features(z, y, verbose=0)
+    wider = keras.Sequential([keras.Input((8,)), keras.layers.Dense(F + 3), IsoMaxPlusLayer(C)])
+    with pytest.raises(ValueError, match=rf"fitted on {F} features.*feature width {F + 3}"):
+        det.attach(wider)
+    with pytest.raises(ValueError, match=rf"fitted on {F} features. Received: features of width 2"):
+        det.score_features(np.ones((3, 2), "float32"), verbose=0)
+    fitted = FITTED[name]().fit(model, (x, y), verbose=0)
+    with pytest.raises(ValueError, match="fitted on a different model"):
+        fitted.score(x[:3], model=wider)
+
+
+# ------------------------------------------------------------- detector files
+
+
+@pytest.fixture()
+def saved(data, tmp_path):
+    x, y = data
+    det = detectors.KNN(k=3, chunk_size=64).fit_features(_features(_model(), x), verbose=0)
+    path = tmp_path / "knn.keras"
+    det.save(path)
+    return det, path
+
+
+def test_truncated_file(saved, tmp_path):
+    _, path = saved
+    blob = path.read_bytes()
+    cut = tmp_path / "cut.keras"
+    cut.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match=r"truncated.*Received: filepath='.*cut.keras'"):
+        detectors.load(cut)
+    with pytest.raises(ValueError, match="No detector file"):
+        detectors.load(tmp_path / "missing.keras")
+
+
+def _rewrite_config(path, target, edit):
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(target, "w") as dst:
+        for item in src.infolist():
+            payload = src.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(payload)
+                layer = next(
+                    lyr
+                    for lyr in config["config"]["layers"]
+                    if lyr["class_name"] == "KNN"
+                    or (lyr.get("registered_name") or "").endswith("KNN")
+                )
+                edit(layer["config"])
+                payload = json.dumps(config).encode()
+            dst.writestr(item, payload)
+
+
+def test_file_from_another_version_unknown_config_key(saved, tmp_path):
+    _, path = saved
+    other = tmp_path / "other.keras"
+    _rewrite_config(path, other, lambda cfg: cfg.update(new_option=3))
+    with pytest.raises(ValueError, match=r"does not know .*\['new_option'\]. Received: filepath="):
+        detectors.load(other)
+
+
+def test_file_from_another_version_state_layout(saved, tmp_path):
+    _, path = saved
+    other = tmp_path / "layout.keras"
+
+    def edit(cfg):
+        cfg["state"] = {"rows": cfg["state"]["bank_size"], "dim": cfg["state"]["feature_dim"]}
+
+    _rewrite_config(path, other, edit)
+    with pytest.raises(ValueError, match=r"state with keys \['dim', 'rows'\]"):
+        detectors.load(other)
+    with pytest.raises(ValueError, match=r"Received: state with keys \['rows'\]"):
+        detectors.KNN(state={"rows": 3})
+
+
+def test_file_with_state_shapes_that_do_not_match_its_weights(saved, tmp_path):
+    _, path = saved
+    other = tmp_path / "shapes.keras"
+    _rewrite_config(path, other, lambda cfg: cfg["state"].update(bank_size=17))
+    with pytest.raises(ValueError, match="could not be read as a keras_isomax detector"):
+        detectors.load(other)
+
+
+def test_failing_save_leaves_the_previous_file_intact(saved, monkeypatch, tmp_path):
+    det, path = saved
+    before = path.read_bytes()
+
+    def failing_save(self, filepath, *args, **kwargs):
+        with open(filepath, "wb") as f:  # Part of a file, then the disk fills up.
+            f.write(b"PK\x03\x04 partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(keras.Model, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        det.save(path)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["knn.keras"]  # No staging file left behind.
+    monkeypatch.undo()
+    np.testing.assert_array_equal(
+        detectors.load(path).score_features(np.ones((2, F), "float32"), verbose=0),
+        det.score_features(np.ones((2, F), "float32"), verbose=0),
+    )
