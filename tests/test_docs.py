@@ -10,7 +10,7 @@
       x_train, y_train = ...      (hidden code, run before the next block)
       -->
       <!-- docs-test: skip REASON -->                 (the next python block is not run)
-      <!-- docs-test: tf-serving NAME=PATH -->        (a stand-in REST server, below)
+      <!-- docs-test: tf-serving NAME=PATH -->        (a stand-in TF Serving, below)
       <!-- docs-test: subprocess KEY=VALUE ... -->    (the page runs in a fresh process
                                                       with that environment)
 
@@ -21,8 +21,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import importlib
+import importlib.util
 import inspect
 import json
 import os
@@ -175,21 +177,27 @@ SKIPPED = [(page, step) for page in PARSED for step in page.steps if step.skip]
 # ------------------------------------------------------- a stand-in TF Serving
 
 
-class StandInServing:
-    """TF Serving's REST predict API (`/v1/models/NAME:predict`) for one SavedModel.
+def _latest_saved_model(base_path):
+    """The highest version under a TF Serving model base path, loaded."""
+    import tensorflow as tf
 
-    Loads the highest version under `base_path`, as `tensorflow_model_server
-    --model_base_path` does, and answers the row (`instances`) and columnar
-    (`inputs`) request formats with the signature named in `signature_name`. Not
-    TF Serving itself: it checks that a documented request names a signature, an
-    input and outputs that the export has.
+    versions = [int(v) for v in os.listdir(base_path) if v.isdigit()]
+    return tf.saved_model.load(os.path.join(base_path, str(max(versions))))
+
+
+class StandInServing:
+    """A stand-in for `tensorflow_model_server` serving one SavedModel on localhost.
+
+    Loads the highest version under `base_path`, as `--model_base_path` does, and
+    answers TF Serving's REST predict API (`POST /v1/models/NAME:predict`, row
+    `instances` and columnar `inputs` formats) on port 8501 and its gRPC `Predict`
+    on port 8500, running the signature the request names. Not TF Serving itself:
+    it checks that a documented request names a model, a signature, an input and
+    outputs that the export has, and that the client code runs.
     """
 
-    def __init__(self, name, base_path, port=8501):
-        import tensorflow as tf
-
-        versions = [int(v) for v in os.listdir(base_path) if v.isdigit()]
-        self.model = tf.saved_model.load(os.path.join(base_path, str(max(versions))))
+    def __init__(self, name, base_path, rest_port=8501, grpc_port=8500):
+        self.model = _latest_saved_model(base_path)
         self.name = name
         outer = self
 
@@ -212,15 +220,20 @@ class StandInServing:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("localhost", port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.rest = ThreadingHTTPServer(("localhost", rest_port), Handler)
+        self.thread = threading.Thread(target=self.rest.serve_forever, daemon=True)
+        self.grpc = self._grpc_server(grpc_port)
+
+    def _signature(self, name):
+        return self.model.signatures[name or "serving_default"]
 
     def predict(self, path, body):
+        """The REST predict API."""
         import tensorflow as tf
 
         if path != f"/v1/models/{self.name}:predict":
             raise ValueError(f"Servable not found for request: {path}")
-        signature = self.model.signatures[body.get("signature_name", "serving_default")]
+        signature = self._signature(body.get("signature_name"))
         ((key, spec),) = signature.structured_input_signature[1].items()
         columnar = "inputs" in body
         values = body["inputs"] if columnar else body["instances"]
@@ -235,13 +248,45 @@ class StandInServing:
             "predictions": [{k: v[i].tolist() for k, v in outputs.items()} for i in range(rows)]
         }
 
+    def _grpc_server(self, port):
+        """gRPC `PredictionService.Predict`, when the client package is installed."""
+        try:
+            import grpc
+            from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+        except ImportError:
+            return None
+        import tensorflow as tf
+
+        outer = self
+
+        class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+            def Predict(self, request, context):
+                if request.model_spec.name != outer.name:
+                    context.abort(grpc.StatusCode.NOT_FOUND, "Servable not found")
+                signature = outer._signature(request.model_spec.signature_name)
+                feeds = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+                response = predict_pb2.PredictResponse()
+                for key, value in signature(**feeds).items():
+                    response.outputs[key].CopyFrom(tf.make_tensor_proto(value.numpy()))
+                return response
+
+        server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Servicer(), server)
+        if server.add_insecure_port(f"localhost:{port}") == 0:
+            raise OSError(f"cannot listen on localhost:{port}")
+        return server
+
     def __enter__(self):
         self.thread.start()
+        if self.grpc is not None:
+            self.grpc.start()
         return self
 
     def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        self.rest.shutdown()
+        self.rest.server_close()
+        if self.grpc is not None:
+            self.grpc.stop(grace=None)
 
 
 # ------------------------------------------------------------------- the pages
@@ -255,7 +300,7 @@ def run_step(page, step, namespace):
     name, base_path = step.serve
     try:
         server = StandInServing(name, base_path)
-    except OSError as error:  # Port 8501 taken by another process.
+    except OSError as error:  # Port 8501 or 8500 taken by another process.
         pytest.fail(f"{page.name}:{step.line}: the stand-in server cannot listen: {error}")
     with server:
         exec(code, namespace)
@@ -278,6 +323,9 @@ def _subprocess_script(page):
 def test_page_code_runs(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     if page.env is not None:
+        backend = page.env.get("KERAS_BACKEND")
+        if backend and importlib.util.find_spec(backend) is None:
+            pytest.skip(f"{page.name} runs on {backend}, which is not installed")
         env = {**os.environ, **page.env, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
         result = subprocess.run(
             [sys.executable, "-c", _subprocess_script(page)],
@@ -383,6 +431,17 @@ def _run_example(name, *args, timeout=600):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_quickstart_example_runs():
     out = _run_example("quickstart.py", "--epochs", "1", "--train-size", "2000")
     assert "AUROC" in out, out
+
+
+@pytest.mark.slow
+def test_trained_classifier_example_runs(tmp_path):
+    out = _run_example("trained_classifier.py", "--export-dir", str(tmp_path / "fashion"))
+    assert "Mean AUROC over the OOD sets" in out, out
+    for route in ("replace_head", "softmax + knn"):
+        assert f"{route} (" in out, out
+    assert (tmp_path / "fashion_isomax" / "1" / "saved_model.pb").exists()
+    assert (tmp_path / "fashion_knn" / "1" / "saved_model.pb").exists()
