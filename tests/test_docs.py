@@ -11,6 +11,8 @@
       -->
       <!-- docs-test: skip REASON -->                 (the next python block is not run)
       <!-- docs-test: tf-serving NAME=PATH -->        (a stand-in TF Serving, below)
+      <!-- docs-test: fresh-process -->               (the next block runs alone, in a new
+                                                      Python process: self-contained code)
       <!-- docs-test: subprocess KEY=VALUE ... -->    (the page runs in a fresh process
                                                       with that environment)
 
@@ -82,6 +84,7 @@ class Step:
     hidden: bool = False
     skip: str | None = None
     serve: tuple[str, str] | None = None  # (model name, base path) for tf-serving.
+    fresh: bool = False  # Run alone in a new Python process.
 
 
 @dataclasses.dataclass
@@ -129,6 +132,8 @@ def parse_page(path: Path) -> Page:
                 pending["skip"] = rest
             elif kind == "tf-serving" and re.fullmatch(r"\w+=\S+", rest):
                 pending["serve"] = tuple(rest.split("=", 1))
+            elif kind == "fresh-process" and not rest:
+                pending["fresh"] = True
             elif kind == "subprocess":
                 env = dict(item.split("=", 1) for item in rest.split())
             else:
@@ -292,8 +297,20 @@ class StandInServing:
 # ------------------------------------------------------------------- the pages
 
 
+def _run_python(page, source, env=None):
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(
+        [sys.executable, "-c", source], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, f"{page.name}:\n{result.stderr[-5000:]}"
+
+
 def run_step(page, step, namespace):
     code = compile("\n" * (step.line - 1) + step.code, str(page.path), "exec")
+    if step.fresh:
+        source = "\n" * (step.line - 1) + step.code
+        _run_python(page, f"exec(compile({source!r}, {str(page.path)!r}, 'exec'))")
+        return
     if step.serve is None:
         exec(code, namespace)
         return
@@ -312,8 +329,10 @@ def _subprocess_script(page):
     for step in page.steps:
         if step.skip:
             continue
-        if step.serve:
-            raise ValueError(f"{page.name}: tf-serving blocks run in-process only")
+        if step.serve or step.fresh:
+            raise ValueError(
+                f"{page.name}: tf-serving and fresh-process blocks run in-process only"
+            )
         source = "\n" * (step.line - 1) + step.code
         parts.append(f"exec(compile({source!r}, {str(page.path)!r}, 'exec'))")
     return "\n".join(parts)
@@ -326,15 +345,7 @@ def test_page_code_runs(page, tmp_path, monkeypatch):
         backend = page.env.get("KERAS_BACKEND")
         if backend and importlib.util.find_spec(backend) is None:
             pytest.skip(f"{page.name} runs on {backend}, which is not installed")
-        env = {**os.environ, **page.env, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-        result = subprocess.run(
-            [sys.executable, "-c", _subprocess_script(page)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert result.returncode == 0, f"{page.name} ({page.env}):\n{result.stderr[-5000:]}"
+        _run_python(page, _subprocess_script(page), page.env)
         return
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
