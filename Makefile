@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
 
-.PHONY: install install-demo data demo test test-backends lint clean
+.PHONY: install install-demo install-docs data demo docs test test-backends lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ install-demo: $(BIN)/python data
 demo: install-demo
 	$(BIN)/keras-isomax demo $(DEMO_ARGS)
 
+# The documentation site (mkdocs.yml): docs/ and the API reference from the docstrings,
+# built into site/ with --strict (any warning fails; tests/test_docs.py builds it too).
+install-docs: $(BIN)/python
+	$(BIN)/python -m pip install -e ".[docs]"
+
+docs: install-docs
+	$(BIN)/mkdocs build --strict
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -53,4 +61,4 @@ test-backends:
 	KERAS_BACKEND=torch $(BIN)/python -m pytest -m backend_neutral
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache .ruff_cache
