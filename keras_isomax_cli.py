@@ -104,7 +104,7 @@ def _add_detector_arguments(command: argparse.ArgumentParser, fit_on_default: st
     command.add_argument(
         "--detector",
         default=None,
-        help="detector(s), comma-separated: knn[:K], mahalanobis, vim:DIM (fitted on "
+        help="detector(s), comma-separated: knn[:K], mahalanobis, class_means, vim:DIM (fitted on "
         "--fit-on), or a logit score: energy, max_logit, max_probability, minimum_distance",
     )
     command.add_argument(

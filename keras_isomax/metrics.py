@@ -2,8 +2,7 @@
 
 The exact NumPy detection metrics (`ood_metrics`, `roc_curve`,
 `threshold_at_tpr`, `expected_calibration_error`) live in
-`keras_isomax.detection_metrics`; importing them from here still works for one
-release, with a `DeprecationWarning`.
+`keras_isomax.detection_metrics`.
 """
 
 from __future__ import annotations
@@ -19,8 +18,10 @@ class OODScore(keras.metrics.Mean):
 
     A `keras.metrics.Mean` over `scores.get(score)(y_pred)`, so it is weighted,
     resettable and reduced correctly across replicas under `tf.distribute`.
-    Labels are ignored. On in-distribution data a rising value during training
-    means the features move closer to their prototypes.
+    Labels are ignored. It is a running average of the score, not a measure of
+    detection quality: on an IsoMax+ head it also moves with the learned
+    distance scale (it typically falls while accuracy rises). To watch OOD
+    detection during training use `keras_isomax.callbacks.OODMonitor`.
 
     Args:
         score: Name of a score in `keras_isomax.scores` (`"minimum_distance"`,

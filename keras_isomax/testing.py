@@ -14,6 +14,7 @@ import numpy as np
 
 
 def normalize(v, eps=1e-12):
+    """`v / max(||v||, eps)` along the last axis, in float64 (PyTorch's `F.normalize`)."""
     v = np.asarray(v, np.float64)
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), eps)
 
@@ -39,16 +40,19 @@ def _exact_distances(xn, pn):
 
 
 def logits(x, prototypes, scale=1.0, temperature=1.0):
+    """IsoMax+ logits `-|scale| * ||norm(x) - norm(p_c)|| / temperature`, `(..., C)`."""
     return -abs(scale) * distances(x, prototypes) / temperature
 
 
 def log_softmax(z):
+    """`log(softmax(z))` along the last axis, in float64 (max-shifted)."""
     z = np.asarray(z, np.float64)
     m = z.max(axis=-1, keepdims=True)
     return z - m - np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True))
 
 
 def isomax_loss(labels, z, entropic_scale=10.0):
+    """Per-example IsoMax+ loss: `-log softmax(entropic_scale * z)[label]` (class-id labels)."""
     lp = log_softmax(entropic_scale * np.asarray(z, np.float64))
     labels = np.asarray(labels).reshape(lp.shape[:-1]).astype(int)
     return -np.take_along_axis(lp, labels[..., None], axis=-1)[..., 0]
