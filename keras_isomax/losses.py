@@ -70,7 +70,7 @@ def isomax_plus_loss(y_true, y_pred, entropic_scale=DEFAULT_ENTROPIC_SCALE):
         )
     log_probs = ops.log_softmax(entropic_scale * y_pred, axis=-1)
 
-    if _is_one_hot(y_true, y_pred):
+    if _is_one_hot(y_true.shape, y_pred.shape):
         if _utils.is_eager(y_true):
             _check_one_hot(y_true)
         targets = ops.cast(y_true, log_probs.dtype)
@@ -131,13 +131,13 @@ def _check_one_hot(y_true):
         )
 
 
-def _is_one_hot(y_true, y_pred):
-    rank = len(y_pred.shape)
+def _is_one_hot(true_shape, pred_shape):
+    """Whether labels of `true_shape` are `(..., C)` targets for logits of `pred_shape`."""
     return (
-        len(y_true.shape) == rank
-        and y_pred.shape[-1] != 1
-        and y_true.shape[-1] is not None
-        and y_true.shape[-1] == y_pred.shape[-1]
+        len(true_shape) == len(pred_shape)
+        and pred_shape[-1] != 1
+        and true_shape[-1] is not None
+        and true_shape[-1] == pred_shape[-1]
     )
 
 
@@ -178,6 +178,12 @@ class IsoMaxPlusLoss(keras.losses.Loss):
         name: Name of the loss instance. Defaults to `"isomax_plus_loss"`.
         dtype: Dtype of the loss computation. Defaults to `None` (floatx).
 
+    Raises:
+        ValueError: If `entropic_scale` is not a positive finite number; when
+            called eagerly, on the labels `isomax_plus_loss` rejects (sparse
+            labels out of range, integer `(B, C)` targets that are not one-hot
+            rows).
+
     Example:
 
     >>> import keras
@@ -196,6 +202,16 @@ class IsoMaxPlusLoss(keras.losses.Loss):
         scale = _check_entropic_scale(entropic_scale)
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.entropic_scale = scale
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        # `keras.losses.Loss.__call__` casts `y_true` to the loss dtype before
+        # `call`: integer `(..., C)` targets are checked here, while they are
+        # still integers (as floats they would pass as soft targets).
+        if not isinstance(y_true, dict) and _utils.is_eager(y_true):
+            labels = ops.convert_to_tensor(y_true)
+            if _is_one_hot(labels.shape, ops.shape(y_pred)):
+                _check_one_hot(labels)
+        return super().__call__(y_true, y_pred, sample_weight=sample_weight)
 
     def call(self, y_true, y_pred):
         return isomax_plus_loss(y_true, y_pred, entropic_scale=self.entropic_scale)

@@ -143,3 +143,48 @@ def test_half_precision_logits_are_computed_in_float32(rng):
     loss = isomax_plus_loss(y, z.astype("float16"))
     assert keras.backend.standardize_dtype(loss.dtype) == "float32"
     np.testing.assert_allclose(loss, isomax_loss(y, z.astype("float16")), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "row", [[0, 1, 2], [1, 1, 0], [0, 0, 0], [0, 2, 0]], ids=["ramp", "two_ones", "zeros", "a_two"]
+)
+@pytest.mark.parametrize("dtype", ["int32", "int64", "uint8"])
+def test_integer_targets_must_be_one_hot_through_function_and_class(rng, row, dtype):
+    z = _logits(rng, batch=8, num_classes=3)
+    y = np.eye(3, dtype=dtype)[rng.integers(0, 3, size=8)]
+    y[int(rng.integers(0, 8))] = row  # One bad row among valid ones.
+    message = r"must be one-hot rows.*1 of 8 rows.*Received: y_true rows such as"
+    with pytest.raises(ValueError, match=message):
+        isomax_plus_loss(y, z)
+    with pytest.raises(ValueError, match=message):
+        IsoMaxPlusLoss()(y, z)  # Keras' Loss.__call__ casts y_true to float before `call`.
+    with pytest.raises(ValueError, match=message):
+        IsoMaxPlusLoss(reduction=None)(y, z, sample_weight=np.ones(8, "float32"))
+
+
+def test_valid_integer_one_hot_targets_pass_through_the_class(rng):
+    z = _logits(rng, batch=8, num_classes=4)
+    labels = rng.integers(0, 4, size=8)
+    w = rng.uniform(0.1, 2.0, size=8).astype("float32")
+    expected = np.sum(isomax_loss(labels, z) * w) / 8
+    loss = IsoMaxPlusLoss()(np.eye(4, dtype="int64")[labels], z, sample_weight=w)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [2, 0.5, 37.0])
+def test_class_uses_its_own_entropic_scale(rng, scale):
+    z = _logits(rng)
+    y = rng.integers(0, 5, size=9)
+    reference = isomax_loss(y, z, entropic_scale=float(scale))
+    assert not np.allclose(reference, isomax_loss(y, z))  # The scale matters here.
+    np.testing.assert_allclose(
+        IsoMaxPlusLoss(entropic_scale=scale)(y, z), reference.mean(), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        IsoMaxPlusLoss(entropic_scale=scale, reduction=None)(y, z),
+        isomax_plus_loss(y, z, entropic_scale=scale),
+        rtol=1e-6,
+        atol=1e-7,
+    )
+    clone = IsoMaxPlusLoss.from_config(IsoMaxPlusLoss(entropic_scale=scale).get_config())
+    np.testing.assert_allclose(clone(y, z), reference.mean(), rtol=1e-5, atol=1e-6)
