@@ -213,7 +213,12 @@ def threshold_at_tpr(in_scores, tpr=0.95, *, midpoint=False):
             margin for recomputed scores). Defaults to `False`.
 
     Returns:
-        The threshold, a Python float.
+        The threshold, a Python float. With `midpoint=True` it is rounded to
+        the nearest float32 (the precision in which the library stores and
+        serves thresholds) when that value still separates the two scores;
+        when the two scores are adjacent float32 numbers no float32 lies
+        between them, and the accepted score itself is returned, so that a
+        float32 threshold accepts the same inputs.
 
     Raises:
         ValueError: If `in_scores` is empty, not 1-D or holds NaN, or `tpr`
@@ -228,10 +233,28 @@ def threshold_at_tpr(in_scores, tpr=0.95, *, midpoint=False):
     index = int(np.argmax(accepted >= tpr))
     threshold = float(values[index])
     if midpoint and index + 1 < values.shape[0]:
-        middle = 0.5 * (threshold + float(values[index + 1]))
-        if math.isfinite(middle):
-            threshold = middle
+        threshold = _separating_midpoint(threshold, float(values[index + 1]))
     return threshold
+
+
+def _separating_midpoint(upper, lower):
+    """A threshold `t` with `lower < t <= upper`, halfway if possible, in float32 if possible.
+
+    Thresholds are stored in float32 variables: the float64 midpoint of two
+    close float32 scores can round down to the lower one, which would then be
+    accepted too.
+    """
+    middle = 0.5 * (upper + lower)
+    if not math.isfinite(middle):
+        return upper
+    with np.errstate(over="ignore"):
+        rounded = float(np.float32(middle))
+        upper_is_float32 = float(np.float32(upper)) == upper
+    if lower < rounded <= upper:
+        return rounded
+    if upper_is_float32:
+        return upper  # Adjacent float32 scores: nothing lies between them.
+    return middle  # Scores finer than float32: only a float64 threshold separates them.
 
 
 def expected_calibration_error(probabilities, labels, num_bins=15):
