@@ -178,6 +178,7 @@ def _smallest_acceptable(scores, tpr):
     tpr=_TPR,
     midpoint=st.booleans(),
 )
+@example(scores=np.array([1.0, 1.0 + 2.0**-23], "float32"), tpr=0.5, midpoint=True)
 def test_threshold_at_tpr_accepts_the_fewest_possible(scores, tpr, midpoint):
     threshold = threshold_at_tpr(scores, tpr, midpoint=midpoint)
     count, lowest = _smallest_acceptable(scores.tolist(), tpr)
