@@ -43,7 +43,9 @@ def isomax_plus_loss(y_true, y_pred, entropic_scale=DEFAULT_ENTROPIC_SCALE):
     `loss=isomax_plus_loss` saves and reloads (after `import keras_isomax`).
 
     Raises:
-        ValueError: If the shapes of `y_true` and `y_pred` do not match,
+        ValueError: If `y_pred` has no classes axis (a scalar, or a last
+            dimension that is 0 or unknown), the shapes of `y_true` and
+            `y_pred` do not match,
             `entropic_scale` is not a positive finite number, or (in eager
             mode) a sparse label is out of range or not an integer, or integer
             `(..., C)` labels are not one-hot.
@@ -62,12 +64,12 @@ def isomax_plus_loss(y_true, y_pred, entropic_scale=DEFAULT_ENTROPIC_SCALE):
     if keras.backend.standardize_dtype(y_pred.dtype) not in ("float32", "float64"):
         y_pred = ops.cast(y_pred, "float32")
     y_true = ops.convert_to_tensor(y_true)
-    num_classes = y_pred.shape[-1]
-    if len(y_pred.shape) < 1 or num_classes is None:
+    if len(y_pred.shape) < 1 or y_pred.shape[-1] is None or y_pred.shape[-1] < 1:
         raise ValueError(
-            "`y_pred` must have a defined last dimension (the classes). "
+            "`y_pred` must have a defined, non-zero last dimension (the classes). "
             f"Received: y_pred.shape={y_pred.shape}"
         )
+    num_classes = y_pred.shape[-1]
     log_probs = ops.log_softmax(entropic_scale * y_pred, axis=-1)
 
     if _is_one_hot(y_true.shape, y_pred.shape):
@@ -118,8 +120,6 @@ def _check_one_hot(y_true):
     if "int" not in keras.backend.standardize_dtype(y_true.dtype):
         return
     values = np.asarray(ops.convert_to_numpy(y_true))
-    if values.size == 0:
-        return
     rows = values.reshape(-1, values.shape[-1])
     bad = np.any((rows != 0) & (rows != 1), axis=-1) | (rows.sum(axis=-1) != 1)
     if bad.any():
@@ -134,9 +134,8 @@ def _check_one_hot(y_true):
 def _is_one_hot(true_shape, pred_shape):
     """Whether labels of `true_shape` are `(..., C)` targets for logits of `pred_shape`."""
     return (
-        len(true_shape) == len(pred_shape)
+        len(true_shape) == len(pred_shape) > 0
         and pred_shape[-1] != 1
-        and true_shape[-1] is not None
         and true_shape[-1] == pred_shape[-1]
     )
 
@@ -147,8 +146,6 @@ def _compatible(shape_a, shape_b):
 
 def _check_labels(labels, num_classes):
     values = np.asarray(ops.convert_to_numpy(labels))
-    if values.size == 0:
-        return
     bad = ~np.isfinite(values) | (values < 0) | (values >= num_classes)
     bad |= np.isfinite(values) & (np.floor(values) != values)
     if bad.any():
