@@ -307,9 +307,10 @@ def expected_calibration_error(probabilities, labels, num_bins=15):
     confidence = probs.max(axis=-1)
     correct = np.argmax(probs, axis=-1) == labels
     # Bin k holds confidences in (k/B, (k+1)/B] (edges from `linspace`, as in
-    # Guo et al.'s code); a confidence of exactly 0 joins bin 0.
+    # Guo et al.'s code); a confidence of exactly 0 joins bin 0. The last upper
+    # edge is exactly 1.0, so every confidence in [0, 1] gets a bin below B.
     uppers = np.linspace(0.0, 1.0, num_bins + 1)[1:]
-    bins = np.minimum(np.searchsorted(uppers, confidence, side="left"), num_bins - 1)
+    bins = np.searchsorted(uppers, confidence, side="left")
     n = confidence.shape[0]
     conf_sum = np.bincount(bins, weights=confidence, minlength=num_bins)
     acc_sum = np.bincount(bins, weights=correct.astype(np.float64), minlength=num_bins)

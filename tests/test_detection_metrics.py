@@ -281,6 +281,25 @@ def test_ece_matches_reference(rng, num_bins):
     assert got == expected_calibration_error(probs, one_hot, num_bins=num_bins)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 40])
+def test_ece_binary_one_hot_labels_and_exact_probabilities(rng, rows):
+    # Two classes, confidences 1.0, 0.5 and on bin edges: one-hot labels equal class ids.
+    p = rng.choice([0.5, 0.6, 0.75, 0.9, 1.0, 0.0, 0.1, 0.3], size=rows)
+    probs = np.stack([p, 1.0 - p], axis=1)
+    labels = rng.integers(0, 2, rows)
+    expected = _reference_ece(probs, labels, num_bins=10)
+    for targets in (labels, np.eye(2, dtype="int64")[labels], np.eye(2)[labels]):
+        got = expected_calibration_error(probs, targets, num_bins=10)
+        assert math.isclose(got, expected, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.25, np.nan, np.inf])
+def test_ece_rejects_values_that_are_not_probabilities(bad):
+    probs = np.array([[0.2, 0.8], [bad, 0.5]])
+    with pytest.raises(ValueError, match=r"finite and in \[0, 1\]"):
+        expected_calibration_error(probs, np.array([1, 0]))
+
+
 def test_ece_edge_values_and_errors():
     perfect = np.array([[1.0, 0.0], [0.0, 1.0]])
     assert expected_calibration_error(perfect, np.array([0, 1])) == 0.0

@@ -179,6 +179,9 @@ def _smallest_acceptable(scores, tpr):
     midpoint=st.booleans(),
 )
 @example(scores=np.array([1.0, 1.0 + 2.0**-23], "float32"), tpr=0.5, midpoint=True)
+@example(scores=np.array([1.0, 1.0 + 2.0**-40]), tpr=0.5, midpoint=True)
+@example(scores=np.array([1.0, 1.0 + 2.0**-22], "float32"), tpr=0.5, midpoint=True)
+@example(scores=np.array([-3.0, 5.0, 5.0, 7.0]), tpr=0.5, midpoint=True)
 def test_threshold_at_tpr_accepts_the_fewest_possible(scores, tpr, midpoint):
     threshold = threshold_at_tpr(scores, tpr, midpoint=midpoint)
     count, lowest = _smallest_acceptable(scores.tolist(), tpr)
@@ -190,14 +193,27 @@ def test_threshold_at_tpr_accepts_the_fewest_possible(scores, tpr, midpoint):
     below = max(lower)
     assert below < threshold <= lowest
     middle = 0.5 * (lowest + below)
-    if math.isfinite(middle):
-        # Halfway, to float32 rounding (or the accepted score itself when no
-        # float32 lies between two adjacent float32 scores).
-        half_step = float(np.spacing(np.float32(abs(middle))))
-        assert threshold == lowest or abs(threshold - middle) <= half_step
-    if float(np.float32(lowest)) == lowest and float(np.float32(below)) == below:
-        # Stored as float32 (a layer or detector variable), it still separates them.
+    float32_between = _float32_strictly_between(below, lowest)
+    if not math.isfinite(middle):
+        assert threshold == lowest
+    elif float32_between:
+        # Halfway, rounded to float32 (how thresholds are stored): it then
+        # still separates the two scores once stored.
+        assert abs(threshold - middle) <= float(np.spacing(np.float32(abs(middle))))
         assert below < float(np.float32(threshold)) <= lowest
+    elif float(np.float32(lowest)) == lowest:
+        assert threshold == lowest  # Adjacent float32 scores: nothing lies between.
+    else:
+        assert threshold == middle  # Finer than float32: the float64 midpoint.
+
+
+def _float32_strictly_between(low, high):
+    """Whether some float32 value v has low < v < high."""
+    with np.errstate(over="ignore"):
+        candidate = np.float32(low)  # The nearest float32; the next one up if not above.
+        if float(candidate) <= low:
+            candidate = np.nextafter(candidate, np.float32(np.inf))
+    return low < float(candidate) < high
 
 
 # ----------------------------------------- calibrate_threshold: acceptance rate
