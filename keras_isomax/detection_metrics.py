@@ -275,8 +275,8 @@ def expected_calibration_error(probabilities, labels, num_bins=15):
 
     Raises:
         ValueError: If the shapes disagree, the arrays are empty, the
-            probabilities are outside `[0, 1]` or not finite, or `num_bins`
-            is not a positive integer.
+            probabilities are outside `[0, 1]` or not finite, a label is not
+            a class id in `[0, C)`, or `num_bins` is not a positive integer.
 
     Example:
 
@@ -292,7 +292,7 @@ def expected_calibration_error(probabilities, labels, num_bins=15):
     if labels.ndim == 2 and labels.shape == probs.shape and probs.shape[-1] > 1:
         labels = np.argmax(labels, axis=-1)
     labels = labels.reshape(-1)
-    if probs.ndim != 2 or probs.shape[0] == 0 or probs.shape[0] != labels.shape[0]:
+    if probs.ndim != 2 or probs.size == 0 or probs.shape[0] != labels.shape[0]:
         raise ValueError(
             "`probabilities` must be a non-empty (N, C) array with one label per "
             f"row. Received: probabilities.shape={probs.shape}, "
@@ -303,6 +303,14 @@ def expected_calibration_error(probabilities, labels, num_bins=15):
             "`probabilities` must be finite and in [0, 1] (pass softmax "
             "outputs, not logits). Received: probabilities in "
             f"[{np.nanmin(probs)}, {np.nanmax(probs)}]"
+        )
+    classes = probs.shape[1]
+    invalid = ~np.isin(labels, np.arange(classes))
+    if invalid.any():
+        raise ValueError(
+            f"`labels` must be class ids in [0, {classes}) (or one-hot rows); "
+            f"{int(invalid.sum())} of {labels.shape[0]} are not. Received: labels such as "
+            f"{labels[invalid][:5].tolist()}"
         )
     confidence = probs.max(axis=-1)
     correct = np.argmax(probs, axis=-1) == labels

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from keras_isomax import IsoMaxPlusLayer, calibrate_threshold, detectors, ood_metrics, testing
-from keras_isomax.detection_metrics import threshold_at_tpr
+from keras_isomax.detection_metrics import roc_curve, threshold_at_tpr
 
 # Deterministic example sequence per test, no example database on disk, no
 # per-example deadline (a loaded 2-core machine stalls at random).
@@ -161,7 +161,27 @@ def test_ood_metrics_symmetries(pair):
         assert shifted == m
 
 
+@FAST
+@given(pair=score_pairs())
+def test_roc_curve_matches_a_threshold_sweep(pair):
+    in_scores, out_scores = pair
+    fpr, tpr, thresholds = roc_curve(in_scores, out_scores)
+    a, b = in_scores.tolist(), out_scores.tolist()
+    expected = _thresholds(a, b)  # +inf, then every distinct score, highest first.
+    np.testing.assert_array_equal(thresholds, np.array(expected, np.float64))
+    assert fpr[0] == tpr[0] == 0.0  # Accept none (even a score of +inf).
+    for i, t in enumerate(expected[1:], start=1):
+        assert tpr[i] == pytest.approx(_accepted(a, t) / len(a), abs=1e-15)
+        assert fpr[i] == pytest.approx(_accepted(b, t) / len(b), abs=1e-15)
+
+
 # ------------------------------------------------------ threshold_at_tpr alone
+
+
+def test_threshold_at_tpr_defaults_to_95_percent(rng):
+    scores = rng.permutation(np.arange(100.0))  # 95 accepted: 5.0 and above.
+    assert threshold_at_tpr(scores) == 5.0
+    assert threshold_at_tpr(scores, midpoint=True) == 4.5
 
 
 def _smallest_acceptable(scores, tpr):
