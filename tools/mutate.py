@@ -808,6 +808,8 @@ def main(argv=None):
                 with open(target, "w", encoding="utf-8") as f:
                     f.write(original)
             mark = {"killed": ".", "survived": "S", "timeout": "T", "error": "E"}[m.status]
+            if m.status == "survived" and m.why_equivalent:
+                mark = "="  # Survived, listed as equivalent.
             print(
                 f"{mark} #{m.index} {m.path}:{m.line} {m.change} [{m.seconds:.1f} s] {m.detail}",
                 flush=True,
