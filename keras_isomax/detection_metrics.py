@@ -213,7 +213,12 @@ def threshold_at_tpr(in_scores, tpr=0.95, *, midpoint=False):
             margin for recomputed scores). Defaults to `False`.
 
     Returns:
-        The threshold, a Python float.
+        The threshold, a Python float. With `midpoint=True` it is rounded to
+        the nearest float32 (the precision in which the library stores and
+        serves thresholds) when that value still separates the two scores;
+        when the two scores are adjacent float32 numbers no float32 lies
+        between them, and the accepted score itself is returned, so that a
+        float32 threshold accepts the same inputs.
 
     Raises:
         ValueError: If `in_scores` is empty, not 1-D or holds NaN, or `tpr`
@@ -228,10 +233,28 @@ def threshold_at_tpr(in_scores, tpr=0.95, *, midpoint=False):
     index = int(np.argmax(accepted >= tpr))
     threshold = float(values[index])
     if midpoint and index + 1 < values.shape[0]:
-        middle = 0.5 * (threshold + float(values[index + 1]))
-        if math.isfinite(middle):
-            threshold = middle
+        threshold = _separating_midpoint(threshold, float(values[index + 1]))
     return threshold
+
+
+def _separating_midpoint(upper, lower):
+    """A threshold `t` with `lower < t <= upper`, halfway if possible, in float32 if possible.
+
+    Thresholds are stored in float32 variables: the float64 midpoint of two
+    close float32 scores can round down to the lower one, which would then be
+    accepted too.
+    """
+    middle = 0.5 * (upper + lower)
+    if not math.isfinite(middle):
+        return upper
+    with np.errstate(over="ignore"):
+        rounded = float(np.float32(middle))
+        upper_is_float32 = float(np.float32(upper)) == upper
+    if lower < rounded <= upper:
+        return rounded
+    if upper_is_float32:
+        return upper  # Adjacent float32 scores: nothing lies between them.
+    return middle  # Scores finer than float32: only a float64 threshold separates them.
 
 
 def expected_calibration_error(probabilities, labels, num_bins=15):
@@ -252,8 +275,8 @@ def expected_calibration_error(probabilities, labels, num_bins=15):
 
     Raises:
         ValueError: If the shapes disagree, the arrays are empty, the
-            probabilities are outside `[0, 1]` or not finite, or `num_bins`
-            is not a positive integer.
+            probabilities are outside `[0, 1]` or not finite, a label is not
+            a class id in `[0, C)`, or `num_bins` is not a positive integer.
 
     Example:
 
@@ -269,7 +292,7 @@ def expected_calibration_error(probabilities, labels, num_bins=15):
     if labels.ndim == 2 and labels.shape == probs.shape and probs.shape[-1] > 1:
         labels = np.argmax(labels, axis=-1)
     labels = labels.reshape(-1)
-    if probs.ndim != 2 or probs.shape[0] == 0 or probs.shape[0] != labels.shape[0]:
+    if probs.ndim != 2 or probs.size == 0 or probs.shape[0] != labels.shape[0]:
         raise ValueError(
             "`probabilities` must be a non-empty (N, C) array with one label per "
             f"row. Received: probabilities.shape={probs.shape}, "
@@ -281,12 +304,21 @@ def expected_calibration_error(probabilities, labels, num_bins=15):
             "outputs, not logits). Received: probabilities in "
             f"[{np.nanmin(probs)}, {np.nanmax(probs)}]"
         )
+    classes = probs.shape[1]
+    invalid = ~np.isin(labels, np.arange(classes))
+    if invalid.any():
+        raise ValueError(
+            f"`labels` must be class ids in [0, {classes}) (or one-hot rows); "
+            f"{int(invalid.sum())} of {labels.shape[0]} are not. Received: labels such as "
+            f"{labels[invalid][:5].tolist()}"
+        )
     confidence = probs.max(axis=-1)
     correct = np.argmax(probs, axis=-1) == labels
     # Bin k holds confidences in (k/B, (k+1)/B] (edges from `linspace`, as in
-    # Guo et al.'s code); a confidence of exactly 0 joins bin 0.
+    # Guo et al.'s code); a confidence of exactly 0 joins bin 0. The last upper
+    # edge is exactly 1.0, so every confidence in [0, 1] gets a bin below B.
     uppers = np.linspace(0.0, 1.0, num_bins + 1)[1:]
-    bins = np.minimum(np.searchsorted(uppers, confidence, side="left"), num_bins - 1)
+    bins = np.searchsorted(uppers, confidence, side="left")
     n = confidence.shape[0]
     conf_sum = np.bincount(bins, weights=confidence, minlength=num_bins)
     acc_sum = np.bincount(bins, weights=correct.astype(np.float64), minlength=num_bins)

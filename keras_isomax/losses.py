@@ -43,7 +43,9 @@ def isomax_plus_loss(y_true, y_pred, entropic_scale=DEFAULT_ENTROPIC_SCALE):
     `loss=isomax_plus_loss` saves and reloads (after `import keras_isomax`).
 
     Raises:
-        ValueError: If the shapes of `y_true` and `y_pred` do not match,
+        ValueError: If `y_pred` has no classes axis (a scalar, or a last
+            dimension that is 0 or unknown), the shapes of `y_true` and
+            `y_pred` do not match,
             `entropic_scale` is not a positive finite number, or (in eager
             mode) a sparse label is out of range or not an integer, or integer
             `(..., C)` labels are not one-hot.
@@ -62,15 +64,15 @@ def isomax_plus_loss(y_true, y_pred, entropic_scale=DEFAULT_ENTROPIC_SCALE):
     if keras.backend.standardize_dtype(y_pred.dtype) not in ("float32", "float64"):
         y_pred = ops.cast(y_pred, "float32")
     y_true = ops.convert_to_tensor(y_true)
-    num_classes = y_pred.shape[-1]
-    if len(y_pred.shape) < 1 or num_classes is None:
+    if len(y_pred.shape) < 1 or y_pred.shape[-1] is None or y_pred.shape[-1] < 1:
         raise ValueError(
-            "`y_pred` must have a defined last dimension (the classes). "
+            "`y_pred` must have a defined, non-zero last dimension (the classes). "
             f"Received: y_pred.shape={y_pred.shape}"
         )
+    num_classes = y_pred.shape[-1]
     log_probs = ops.log_softmax(entropic_scale * y_pred, axis=-1)
 
-    if _is_one_hot(y_true, y_pred):
+    if _is_one_hot(y_true.shape, y_pred.shape):
         if _utils.is_eager(y_true):
             _check_one_hot(y_true)
         targets = ops.cast(y_true, log_probs.dtype)
@@ -118,8 +120,6 @@ def _check_one_hot(y_true):
     if "int" not in keras.backend.standardize_dtype(y_true.dtype):
         return
     values = np.asarray(ops.convert_to_numpy(y_true))
-    if values.size == 0:
-        return
     rows = values.reshape(-1, values.shape[-1])
     bad = np.any((rows != 0) & (rows != 1), axis=-1) | (rows.sum(axis=-1) != 1)
     if bad.any():
@@ -131,13 +131,12 @@ def _check_one_hot(y_true):
         )
 
 
-def _is_one_hot(y_true, y_pred):
-    rank = len(y_pred.shape)
+def _is_one_hot(true_shape, pred_shape):
+    """Whether labels of `true_shape` are `(..., C)` targets for logits of `pred_shape`."""
     return (
-        len(y_true.shape) == rank
-        and y_pred.shape[-1] != 1
-        and y_true.shape[-1] is not None
-        and y_true.shape[-1] == y_pred.shape[-1]
+        len(true_shape) == len(pred_shape) > 0
+        and pred_shape[-1] != 1
+        and true_shape[-1] == pred_shape[-1]
     )
 
 
@@ -147,8 +146,6 @@ def _compatible(shape_a, shape_b):
 
 def _check_labels(labels, num_classes):
     values = np.asarray(ops.convert_to_numpy(labels))
-    if values.size == 0:
-        return
     bad = ~np.isfinite(values) | (values < 0) | (values >= num_classes)
     bad |= np.isfinite(values) & (np.floor(values) != values)
     if bad.any():
@@ -178,6 +175,12 @@ class IsoMaxPlusLoss(keras.losses.Loss):
         name: Name of the loss instance. Defaults to `"isomax_plus_loss"`.
         dtype: Dtype of the loss computation. Defaults to `None` (floatx).
 
+    Raises:
+        ValueError: If `entropic_scale` is not a positive finite number; when
+            called eagerly, on the labels `isomax_plus_loss` rejects (sparse
+            labels out of range, integer `(B, C)` targets that are not one-hot
+            rows).
+
     Example:
 
     >>> import keras
@@ -196,6 +199,16 @@ class IsoMaxPlusLoss(keras.losses.Loss):
         scale = _check_entropic_scale(entropic_scale)
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.entropic_scale = scale
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        # `keras.losses.Loss.__call__` casts `y_true` to the loss dtype before
+        # `call`: integer `(..., C)` targets are checked here, while they are
+        # still integers (as floats they would pass as soft targets).
+        if not isinstance(y_true, dict) and _utils.is_eager(y_true):
+            labels = ops.convert_to_tensor(y_true)
+            if _is_one_hot(labels.shape, ops.shape(y_pred)):
+                _check_one_hot(labels)
+        return super().__call__(y_true, y_pred, sample_weight=sample_weight)
 
     def call(self, y_true, y_pred):
         return isomax_plus_loss(y_true, y_pred, entropic_scale=self.entropic_scale)

@@ -281,6 +281,77 @@ def test_ece_matches_reference(rng, num_bins):
     assert got == expected_calibration_error(probs, one_hot, num_bins=num_bins)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 40])
+def test_ece_binary_one_hot_labels_and_exact_probabilities(rng, rows):
+    # Two classes, confidences 1.0, 0.5 and on bin edges: one-hot labels equal class ids.
+    p = rng.choice([0.5, 0.6, 0.75, 0.9, 1.0, 0.0, 0.1, 0.3], size=rows)
+    probs = np.stack([p, 1.0 - p], axis=1)
+    labels = rng.integers(0, 2, rows)
+    expected = _reference_ece(probs, labels, num_bins=10)
+    for targets in (labels, np.eye(2, dtype="int64")[labels], np.eye(2)[labels]):
+        got = expected_calibration_error(probs, targets, num_bins=10)
+        assert math.isclose(got, expected, abs_tol=1e-12)
+
+
+def test_ece_default_has_15_bins(rng):
+    logits = rng.normal(size=(500, 4)) * 3.0
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    labels = rng.integers(0, 4, 500)
+    expected = _reference_ece(probs, labels, num_bins=15)
+    assert math.isclose(expected_calibration_error(probs, labels), expected, abs_tol=1e-12)
+    assert not math.isclose(expected, _reference_ece(probs, labels, num_bins=16), abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (4, 0), (3,), (2, 2, 2)])
+def test_ece_needs_a_non_empty_matrix(shape):
+    probs = np.full(shape, 0.5)
+    labels = np.zeros(shape[0] if len(shape) else 0, "int64")
+    with pytest.raises(ValueError, match=r"non-empty \(N, C\) array.*Received"):
+        expected_calibration_error(probs, labels)
+
+
+def test_ece_of_one_example_and_one_class():
+    assert expected_calibration_error(np.array([[1.0]]), np.array([0])) == 0.0
+    assert expected_calibration_error(np.array([[0.75]]), np.array([0]), num_bins=4) == 0.25
+
+
+@pytest.mark.parametrize("num_bins", [15, 4])
+def test_ece_low_confidences_fill_the_first_bins(rng, num_bins):
+    # 40 classes, nearly flat: confidences around 1/40 to 1/5, in the first bins.
+    logits = rng.normal(size=(3000, 40)) * rng.uniform(0.0, 2.0, size=(3000, 1))
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    confidence = probs.max(axis=1)
+    assert (confidence <= 1 / num_bins).any() and (confidence > 1 / num_bins).any()
+    # Right in the first bin (accuracy above confidence), wrong above it: the
+    # bins' gaps have opposite signs, so merging bins would change the ECE.
+    predicted = probs.argmax(axis=1)
+    labels = np.where(confidence <= 1 / num_bins, predicted, (predicted + 1) % 40)
+    expected = _reference_ece(probs, labels, num_bins=num_bins)
+    got = expected_calibration_error(probs, labels, num_bins=num_bins)
+    assert math.isclose(got, expected, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("labels", [[0, 2], [-1, 0], [0, 0.5]])
+def test_ece_rejects_labels_that_are_not_class_ids(labels):
+    probs = np.array([[0.2, 0.8], [0.6, 0.4]])
+    with pytest.raises(ValueError, match=r"class ids in \[0, 2\).*Received: labels"):
+        expected_calibration_error(probs, np.array(labels))
+
+
+def test_ece_one_class_labels_of_shape_n_1_are_class_ids():
+    probs = np.array([[0.9], [0.7]])
+    assert math.isclose(expected_calibration_error(probs, np.array([[0], [0]])), 0.2)
+    with pytest.raises(ValueError, match=r"class ids in \[0, 1\)"):
+        expected_calibration_error(probs, np.array([[0], [1]]))
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.25, np.nan, np.inf])
+def test_ece_rejects_values_that_are_not_probabilities(bad):
+    probs = np.array([[0.2, 0.8], [bad, 0.5]])
+    with pytest.raises(ValueError, match=r"finite and in \[0, 1\]"):
+        expected_calibration_error(probs, np.array([1, 0]))
+
+
 def test_ece_edge_values_and_errors():
     perfect = np.array([[1.0, 0.0], [0.0, 1.0]])
     assert expected_calibration_error(perfect, np.array([0, 1])) == 0.0
