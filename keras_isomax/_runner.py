@@ -293,7 +293,7 @@ class ModelRunner:
                     progress.add(len(feats))
                     yield Batch(feats, None, labels, ~np.isfinite(feats).all(axis=1))
                     continue
-                outputs = self.net.predict_on_batch(x)
+                outputs = _predict_batch(self.net, x)
                 feats, logits = self._split(outputs)
                 logits = np.asarray(ops.convert_to_numpy(logits))
                 if logits.ndim != 2:
@@ -347,7 +347,7 @@ class ModelRunner:
         if sharded is not None:  # Each device runs the forward pass on its share.
             out = self._features_net(sharded, training=False)
         else:
-            out = self._features_net.predict_on_batch(x)
+            out = _predict_batch(self._features_net, x)
         feats = np.asarray(ops.convert_to_numpy(out))
         feats = feats.reshape(len(feats), -1).astype(np.float32, copy=False)
         nonfinite = _data.nonfinite_flags(x)
@@ -400,6 +400,17 @@ class ModelRunner:
                 "head, or score a model that outputs logits.",
                 stacklevel=4,
             )
+
+
+def _predict_batch(net, x):
+    """`net.predict_on_batch(x)`, or `net.predict` for a model made under a
+    `tf.distribute` strategy with several replicas: Keras' `predict_on_batch`
+    runs the whole batch on every replica there and concatenates the copies."""
+    strategy = getattr(net, "distribute_strategy", None)
+    if strategy is not None and getattr(strategy, "num_replicas_in_sync", 1) > 1:
+        rows = len(keras.tree.flatten(x)[0])
+        return net.predict(x, batch_size=rows, verbose=0)
+    return net.predict_on_batch(x)
 
 
 def _distributed_input(x, distribution):

@@ -361,6 +361,8 @@ class Detector(keras.layers.Layer):
                 feature width differs from what it was fitted on.
         """
         self._check_fitted()
+        if self._runner is not None and self._runner.model is model:
+            return self  # Already bound: the model may have trained on since (a monitor).
         runner = self._model_runner(model)
         if self.model_fingerprint is not None:
             fingerprint = runner.fingerprint()
