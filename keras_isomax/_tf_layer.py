@@ -1,0 +1,330 @@
+"""TensorFlow-only part of `IsoMaxPlusLayer`: fused logits and the inference cache.
+
+`keras_isomax.layers` imports this module on the TensorFlow backend only; JAX and
+PyTorch run the backend-neutral math of `layers.py` under their own autodiff.
+
+Without XLA, TensorFlow runs every element-wise operation as its own pass over
+memory, and its autodiff adds more passes per operation. `isomax_logits`
+computes the layer's logits with few `(N, C)` passes and gives the whole
+computation one gradient: those for the features and the prototypes reduce to two
+matrix products with one `(N, C)` coefficient matrix, plus a correction per row
+(docs/layer_design.md derives it).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from keras_isomax._numerics import NORM_EPSILON, SQUARED_FLOOR
+
+
+_TRANSPOSED_PRODUCT = True
+
+
+def first_argmin(values: tf.Tensor) -> tf.Tensor:
+    """`(N,)` int32: the index of each row's minimum (TensorFlow's `ArgMin`, one pass)."""
+    return tf.math.argmin(values, axis=-1, output_type=tf.int32)
+
+
+def cache_allowed() -> bool:
+    """Whether this call may use an `InferenceCache`.
+
+    Not for `tf.distribute` replicas (they would write one cache at once), nor
+    under XLA, which copies every variable a compiled function may write, on
+    each call.
+    """
+    return not tf.distribute.has_strategy() and tf.__internal__.get_enclosing_xla_context() is None
+
+
+def isomax_logits(
+    x: tf.Tensor, prototypes: tf.Tensor, scale: tf.Tensor, cache: InferenceCache | None = None
+) -> tf.Tensor:
+    """IsoMax+ logits `-scale * ||x/||x|| - p/||p|| ||` `(N, C)`, differentiable.
+
+    The distances come from one matrix product (`||a||^2 + ||b||^2 - 2 a.b` of
+    the normalised vectors, floored at `SQUARED_FLOOR` before the square root);
+    each row's nearest prototype's is recomputed from the difference of the
+    normalised vectors. Rows of `x` with NaN or Inf give NaN logits.
+
+    Args:
+        x: Features `(N, F)`.
+        prototypes: Prototypes `(C, F)`, not normalised.
+        scale: Scalar `|s| / T`.
+        cache: An `InferenceCache` to read the normalised prototypes from
+            (verified against `prototypes`), or `None` to normalise them here.
+            Defaults to `None`.
+
+    Returns:
+        Logits `(N, C)`.
+    """
+    if cache is None:
+        return _live_logits(x, prototypes, scale)
+    kernel, bias, inverse_norms = cache.normalized(prototypes)
+    return _cached_logits(x, prototypes, scale, kernel, bias, inverse_norms)
+
+
+# ------------------------------------------------------------------ forward
+
+
+def _inverse(norm):
+    """`1 / max(norm, eps)`: the factor that normalises a vector of this norm."""
+    return 1.0 / tf.maximum(norm, NORM_EPSILON)
+
+
+def _norms(v, keepdims=False):
+    """The Euclidean norms of the rows of `v`.
+
+    `EuclideanNorm` reads `v` once, without a temporary; XLA, which has no
+    kernel for it (and fuses the square into the sum), gets the sum of squares.
+    """
+    if tf.__internal__.get_enclosing_xla_context() is not None:
+        return tf.sqrt(tf.reduce_sum(tf.square(v), axis=-1, keepdims=keepdims))
+    return tf.math.reduce_euclidean_norm(v, axis=-1, keepdims=keepdims)
+
+
+def _row_norms(v):
+    """`(norm, inverse)`, each `(N, 1)`, of the rows of `v`."""
+    norm = _norms(v, keepdims=True)
+    return norm, _inverse(norm)
+
+
+class _Rows:
+    """The normalised features of a call: `xn = x * inverse`, `||xn||^2` and the NaN guard."""
+
+    def __init__(self, x, scale):
+        self.norm, self.inverse = _row_norms(x)
+        self.normalized = x * self.inverse
+        self.squared = tf.square(self.norm * self.inverse)  # 1, or less for a clamped norm.
+        # -scale per row, NaN for rows with NaN or Inf (whatever a kernel does with NaN).
+        self.factor = 0.0 * self.norm - scale  # (N, 1)
+
+
+def _logits_with_nearest(rows, prototypes, p_inverse, squared, distances):
+    """Replaces each row's nearest distance by the exact one; returns `(logits, state)`."""
+    nearest = first_argmin(squared)  # (N,)
+    at_nearest = tf.stack([tf.range(tf.shape(nearest)[0]), nearest], axis=1)  # (N, 2)
+    # Normalised like the features (the same function of the same values: a
+    # feature vector equal to a prototype is at distance 0 exactly).
+    neighbor = tf.gather(prototypes, nearest) * tf.gather(p_inverse, nearest)[:, None]
+    exact = tf.sqrt(tf.reduce_sum(tf.math.squared_difference(rows.normalized, neighbor), -1))
+    distances = tf.tensor_scatter_nd_update(distances, at_nearest, exact)
+    state = {
+        "nearest": nearest,
+        "at_nearest": at_nearest,
+        "neighbor": neighbor,
+        "exact": exact,
+        "distances": distances,
+    }
+    return distances * rows.factor, state
+
+
+@tf.custom_gradient
+def _live_logits(x, prototypes, scale):
+    rows = _Rows(x, scale)
+    # The prototypes' norms in one read; the normalisation is applied to the (N, C) product.
+    p_norm = _norms(prototypes)  # (C,)
+    p_inverse = _inverse(p_norm)
+    p_squared = tf.square(p_norm * p_inverse)
+    # (P xn^T)^T: without oneDNN, TensorFlow's kernel for xn P^T (a transposed
+    # right operand) takes 2-3x longer; with it, both take the same time.
+    if _TRANSPOSED_PRODUCT:
+        cross = tf.transpose(tf.matmul(prototypes, rows.normalized, transpose_b=True))  # (N, C)
+    else:
+        cross = tf.matmul(rows.normalized, prototypes, transpose_b=True)
+    squared = (cross * (-2.0 * p_inverse) + p_squared) + rows.squared
+    distances = tf.sqrt(tf.maximum(squared, SQUARED_FLOOR))
+    logits, state = _logits_with_nearest(rows, prototypes, p_inverse, squared, distances)
+
+    def grad(upstream):
+        return _backward(
+            upstream, rows, prototypes, p_norm, p_inverse, state, lambda w, _: w * cross
+        )
+
+    return logits, grad
+
+
+@tf.custom_gradient
+def _cached_logits(x, prototypes, scale, kernel, bias, inverse_norms):
+    rows = _Rows(x, scale)
+    # One product gives ||pn||^2 - 2 xn.pn + ||xn||^2: kernel = [-2 pn^T; 1], bias = ||pn||^2.
+    augmented = tf.concat([rows.normalized, rows.squared], axis=-1)  # (N, F + 1)
+    squared = tf.nn.relu(tf.nn.bias_add(tf.matmul(augmented, kernel), bias))
+    distances = tf.sqrt(squared)
+    logits, state = _logits_with_nearest(rows, prototypes, inverse_norms, squared, distances)
+
+    def grad(upstream):
+        p_norm = _norms(prototypes)
+
+        def weighted_cosine(_, coefficient):
+            # coefficient * xn.pn, from the squared distances (where the
+            # coefficient is not 0, they were not clamped).
+            return coefficient * (0.5 * ((rows.squared + bias) - squared))
+
+        d_x, d_prototypes, d_scale = _backward(
+            upstream, rows, prototypes, p_norm, _inverse(p_norm), state, weighted_cosine
+        )
+        return d_x, d_prototypes, d_scale, None, None, None
+
+    return logits, grad
+
+
+# ----------------------------------------------------------------- backward
+
+
+def _normalize_backward(normalized, norm, inverse, upstream):
+    """Gradient through `normalized = v * inverse` for the rows `v` of norm `norm`.
+
+    `inverse * (u - n (n . u))` where the norm exceeds epsilon (the projection
+    drops the radial part); `inverse * u` where it is clamped (a linear map).
+    """
+    radial = tf.reduce_sum(normalized * upstream, axis=-1, keepdims=True)
+    radial = tf.where(norm > NORM_EPSILON, radial, tf.zeros_like(radial))
+    return inverse * (upstream - normalized * radial)
+
+
+def _backward(upstream, rows, prototypes, p_norm, p_inverse, state, weighted_cosine):
+    """Gradients `(d_x, d_prototypes, d_scale)` of the logits, given `upstream` `(N, C)`.
+
+    With `w_ij = g_ij * p_inverse_j / distance_ij` (0 where the floor holds),
+    `dL/d(x_i . p_j) = -factor_i * w_ij` for the distances from the matrix
+    product: the products `w^T (factor * xn)` and `w P` carry them. The
+    normalisations add a radial term per row, a scalar sum over the `(N, C)`
+    matrix; each row's nearest prototype (the exact distance) adds its entry to
+    `w` and one more radial term. `weighted_cosine(w, coefficient)` returns
+    `coefficient * xn.pn` `(N, C)`. The derivation: docs/layer_design.md.
+    """
+    distances = state["distances"]
+    g = tf.convert_to_tensor(upstream, distances.dtype)
+    factor = rows.factor  # (N, 1)
+    f = factor[:, 0]
+    xn = rows.normalized
+    at_nearest = state["at_nearest"]
+    d_scale = -tf.reduce_sum(g * distances)
+    # dL/d(squared) = g * factor / (2 * distance): 0 where the floor holds, and
+    # at the nearest prototypes, whose distance is the exact one.
+    floor_distance = tf.sqrt(tf.constant(SQUARED_FLOOR, distances.dtype))
+    coefficient = tf.where(distances > floor_distance, g, tf.zeros_like(g)) / distances
+    coefficient = tf.tensor_scatter_nd_update(coefficient, at_nearest, tf.zeros_like(f))
+    # The radial terms of the normalised prototypes: the projection of their
+    # normalisation (sum_i factor_i coefficient_ij xn_i.pn_j per prototype),
+    # or, for a clamped norm, the gradient of ||pn_j||^2 in the distance.
+    w = coefficient * p_inverse
+    radial = tf.linalg.matvec(weighted_cosine(w, coefficient), f, transpose_a=True)  # (C,)
+    radial = tf.cond(
+        tf.reduce_any(p_norm <= NORM_EPSILON),
+        lambda: tf.where(
+            p_norm > NORM_EPSILON, radial, tf.linalg.matvec(coefficient, f, transpose_a=True)
+        ),
+        lambda: radial,
+    )
+    # The exact distance to the nearest prototype, ||xn - neighbor|| with
+    # neighbor = p_k * p_inverse_k: dL/dxn = factor * e * (xn - neighbor).
+    nearest = state["nearest"]
+    exact = state["exact"]
+    positive = exact > 0
+    e = tf.where(positive, tf.gather_nd(g, at_nearest), tf.zeros_like(exact)) / tf.where(
+        positive, exact, tf.ones_like(exact)
+    )
+    neighbor_inverse = tf.gather(p_inverse, nearest)
+    # Its -factor * e * p_inverse_k * (xn_i in dL/dp_k, p_k in dL/dxn_i) parts
+    # ride on the products; the rest of dL/dp_k is radial: p_inverse_k^2 *
+    # factor * e * (1 + neighbor.(xn - neighbor)), without the projection for a
+    # clamped norm.
+    w = tf.tensor_scatter_nd_update(w, at_nearest, e * neighbor_inverse)
+    neighbor = state["neighbor"]
+    difference = xn - neighbor
+    projected = tf.where(
+        tf.gather(p_norm, nearest) > NORM_EPSILON,
+        tf.reduce_sum(neighbor * difference, axis=-1),
+        tf.zeros_like(exact),
+    )
+    radial = radial + tf.math.unsorted_segment_sum(
+        f * e * (1.0 + projected), nearest, tf.shape(prototypes)[0]
+    )
+    d_prototypes = -tf.matmul(w, xn * factor, transpose_a=True)  # (C, F)
+    d_prototypes = d_prototypes + prototypes * (radial * tf.square(p_inverse))[:, None]
+    d_xn = factor * (e[:, None] * xn - tf.matmul(w, prototypes))  # (N, F)
+    # The gradient of ||xn||^2 in the distances: radial, the projection below
+    # removes it unless the norm is clamped.
+    d_xn = tf.cond(
+        tf.reduce_any(rows.norm <= NORM_EPSILON),
+        lambda: d_xn + xn * (factor * tf.reduce_sum(coefficient, axis=-1, keepdims=True)),
+        lambda: d_xn,
+    )
+    d_x = _normalize_backward(xn, rows.norm, rows.inverse, d_xn)
+    return d_x, d_prototypes, d_scale
+
+
+# ------------------------------------------------------------------- cache
+
+
+class InferenceCache:
+    """The normalised prototypes of TensorFlow inference calls, verified.
+
+    Holds the `(F + 1, C)` kernel `[-2 pn^T; 1]`, the `(C,)` bias `||pn||^2` and
+    inverse norms of the normalised prototypes `pn`, with a copy of the
+    prototypes they were computed from (`source`). Each call compares the
+    prototypes with `source`, element by element, and recomputes all of them on
+    any difference, so no write (optimizer step, `assign`, checkpoint restore,
+    a raw `tf.Variable` op) can leave it stale, and every call computes the same
+    way: repeated calls on the same weights give identical results. A hit
+    spares the norms and gives a `Dense` head's matrix product (kernel in
+    `(F, C)` order; bias and ReLU fused). A plain object, so that neither Keras
+    nor TensorFlow saves its variables.
+
+    Args:
+        num_classes: `C`.
+        feature_dim: `F`.
+        dtype: The prototypes' dtype.
+    """
+
+    def __init__(self, num_classes: int, feature_dim: int, dtype: tf.DType) -> None:
+        # Created with the layer's weights, uninitialised (`Empty`): pages are
+        # only taken when the first call writes them. Full shapes, because XLA
+        # cannot change a variable's shape.
+        def empty(*shape):
+            return tf.raw_ops.Empty(shape=shape, dtype=dtype, init=False)
+
+        with tf.init_scope():
+            self.filled = tf.Variable(False, trainable=False, name="cache_filled")
+            self.source = tf.Variable(
+                empty(num_classes, feature_dim), trainable=False, name="cache_source"
+            )
+            self.kernel = tf.Variable(
+                empty(feature_dim + 1, num_classes), trainable=False, name="cache_kernel"
+            )
+            self.bias = tf.Variable(empty(num_classes), trainable=False, name="cache_bias")
+            self.inverse_norms = tf.Variable(
+                empty(num_classes), trainable=False, name="cache_inverse_norms"
+            )
+
+    def normalized(self, prototypes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """`(kernel, bias, inverse_norms)` of `prototypes`, read or recomputed."""
+        variables = (self.kernel, self.bias, self.inverse_norms)
+
+        def hit():
+            return tuple(v.read_value() for v in variables)
+
+        def refresh():
+            values = _normalized_kernel(prototypes)
+            # The source last: a concurrent call that finds it equal to the
+            # prototypes also finds their kernel.
+            with tf.control_dependencies([v.assign(t) for v, t in zip(variables, values)]):
+                written = [self.source.assign(prototypes), self.filled.assign(True)]
+            with tf.control_dependencies(written):
+                return tuple(tf.identity(t) for t in values)
+
+        fresh = tf.logical_and(
+            self.filled.read_value(),
+            tf.reduce_all(tf.equal(self.source.read_value(), prototypes)),
+        )
+        return tf.cond(fresh, hit, refresh)
+
+
+def _normalized_kernel(prototypes):
+    """`([-2 pn^T; 1], ||pn||^2, inverse norms)` of the prototypes `(C, F)`."""
+    norm, inverse = _row_norms(prototypes)  # (C, 1)
+    normalized = prototypes * inverse
+    ones = tf.ones((1, tf.shape(prototypes)[0]), prototypes.dtype)
+    kernel = tf.concat([tf.transpose(-2.0 * normalized), ones], axis=0)  # (F + 1, C)
+    return kernel, tf.square(norm * inverse)[:, 0], inverse[:, 0]
