@@ -22,11 +22,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MIB = 1024**2
 WORKER_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": "65536",  # Large blocks are mmapped and returned on free.
     "TF_CPP_MIN_LOG_LEVEL": "3",
     "KERAS_BACKEND": "tensorflow",
     "TF_FORCE_GPU_ALLOW_GROWTH": "true",  # Measure what a step needs, not the reservation.
 }
+# For memory workers only: large blocks are mmapped and returned on free, so
+# that the peak RSS sees every temporary (and timings would pay page faults).
+MEMORY_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 HEAD_NAMES = {
     "dense": "Dense + softmax",
     "dense_isoloss": "Dense + IsoMax+ loss",
@@ -61,8 +63,8 @@ def interleaved(fns, reps, warmup=2, min_seconds=0.05, sync_fn=None):
     wall-clock time and the process's CPU time (all threads) are recorded.
 
     Returns:
-        `{name: {"wall": [...], "cpu": [...]}}`, seconds per call, one value
-        per repetition.
+        `{name: {"wall": [...], "cpu": [...], "calls_per_rep": n}}`, seconds
+        per call, one value per repetition.
     """
     sync_fn = sync_fn or sync
     names = list(fns)
@@ -73,7 +75,7 @@ def interleaved(fns, reps, warmup=2, min_seconds=0.05, sync_fn=None):
             sync_fn(fns[name]())
             first[name] = time.perf_counter() - start
     inner = max(1, math.ceil(min_seconds / max(min(first.values()), 1e-6)))
-    times = {name: {"wall": [], "cpu": []} for name in names}
+    times = {name: {"wall": [], "cpu": [], "calls_per_rep": inner} for name in names}
     for rep in range(reps):
         order = names[rep % len(names) :] + names[: rep % len(names)]
         if rep % 2:
@@ -139,25 +141,29 @@ def machine():
 
 
 def library_fingerprint():
-    """Short SHA-1 of `keras_isomax/layers.py` as imported, and the git commit if known.
+    """Short SHA-1 of the layer's source files as imported (`layers.py`, and
+    `_tf_layer.py` / `_numerics.py` where present), and the git commit if known.
 
-    Recorded in the report and by every measurement subprocess, so that a run
-    whose workers saw a different layer (edited during the run) says so.
+    Recorded by every measurement process, so that a run whose workers saw a
+    different layer (edited during the run) says so.
     """
     import keras_isomax.layers as layers_module
 
-    path = Path(layers_module.__file__)
-    digest = hashlib.sha1(path.read_bytes()).hexdigest()[:10]
+    package = Path(layers_module.__file__).parent
+    digest = hashlib.sha1()
+    for name in ("layers.py", "_tf_layer.py", "_numerics.py"):
+        if (package / name).exists():
+            digest.update((package / name).read_bytes())
     try:
         commit = subprocess.run(
-            ["git", "-C", str(path.parent), "log", "-1", "--format=%h", "--", "."],
+            ["git", "-C", str(package), "log", "-1", "--format=%h", "--", "."],
             capture_output=True,
             text=True,
             timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return digest, commit
+    return digest.hexdigest()[:10], commit
 
 
 # ------------------------------------------------------------- reference
@@ -356,16 +362,34 @@ class PeakMemory:
         return False
 
 
-def run_worker(script, args, timeout=1800, flag="--worker"):
-    """Runs `script <flag> args...` in a subprocess and returns its JSON result."""
-    env = {**os.environ, **WORKER_ENV}
+def run_worker(
+    script, args, timeout=1800, flag="--worker", env=None, stream_stderr=False, memory=True
+):
+    """Runs `script <flag> args...` in a subprocess and returns its JSON result.
+
+    `env` adds to (or overrides) this process's environment and `WORKER_ENV`
+    (with `memory`, also `MEMORY_WORKER_ENV`: for memory measurements, not
+    timings); with `stream_stderr`, the worker's progress lines go to this
+    process's stderr as they come.
+    """
+    env = {**os.environ, **WORKER_ENV, **(MEMORY_WORKER_ENV if memory else {}), **(env or {})}
+    if not memory:
+        for key in MEMORY_WORKER_ENV:
+            env.pop(key, None)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (env.get("PYTHONPATH", ""), str(ROOT)) if p
     )  # An explicit PYTHONPATH (another checkout of the library) comes first.
     cmd = [sys.executable, str(script), flag, *[str(a) for a in args]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    proc = subprocess.run(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=None if stream_stderr else subprocess.PIPE,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
     return {"error": f"worker exited {proc.returncode}: " + " | ".join(tail)}

@@ -17,7 +17,6 @@ import tensorflow as tf
 
 from keras_isomax._numerics import NORM_EPSILON, SQUARED_FLOOR
 
-
 _TRANSPOSED_PRODUCT = True
 
 
@@ -94,9 +93,23 @@ class _Rows:
     def __init__(self, x, scale):
         self.norm, self.inverse = _row_norms(x)
         self.normalized = x * self.inverse
-        self.squared = tf.square(self.norm * self.inverse)  # 1, or less for a clamped norm.
+        clamped = self.norm <= NORM_EPSILON
+        # ||xn||^2: exactly 1 unless the norm is clamped (0 for a zero vector).
+        self.squared = tf.where(clamped, tf.square(self.norm * self.inverse), 1.0)
+        self.any_clamped = tf.reduce_any(clamped)
         # -scale per row, NaN for rows with NaN or Inf (whatever a kernel does with NaN).
         self.factor = 0.0 * self.norm - scale  # (N, 1)
+
+    def correct(self, squared, clip=False):
+        """`squared` computed with `||xn||^2 = 1` for every row, corrected for the
+        rows with a clamped norm (none in most batches: the other rows' values
+        are the same either way, bit for bit)."""
+
+        def corrected():
+            value = squared - (1.0 - self.squared)
+            return tf.nn.relu(value) if clip else value
+
+        return tf.cond(self.any_clamped, corrected, lambda: squared)
 
 
 def _logits_with_nearest(rows, prototypes, p_inverse, squared, distances):
@@ -131,7 +144,7 @@ def _live_logits(x, prototypes, scale):
         cross = tf.transpose(tf.matmul(prototypes, rows.normalized, transpose_b=True))  # (N, C)
     else:
         cross = tf.matmul(rows.normalized, prototypes, transpose_b=True)
-    squared = (cross * (-2.0 * p_inverse) + p_squared) + rows.squared
+    squared = rows.correct(cross * (-2.0 * p_inverse) + (p_squared + 1.0))
     distances = tf.sqrt(tf.maximum(squared, SQUARED_FLOOR))
     logits, state = _logits_with_nearest(rows, prototypes, p_inverse, squared, distances)
 
@@ -146,9 +159,10 @@ def _live_logits(x, prototypes, scale):
 @tf.custom_gradient
 def _cached_logits(x, prototypes, scale, kernel, bias, inverse_norms):
     rows = _Rows(x, scale)
-    # One product gives ||pn||^2 - 2 xn.pn + ||xn||^2: kernel = [-2 pn^T; 1], bias = ||pn||^2.
-    augmented = tf.concat([rows.normalized, rows.squared], axis=-1)  # (N, F + 1)
-    squared = tf.nn.relu(tf.nn.bias_add(tf.matmul(augmented, kernel), bias))
+    # One product (bias and ReLU fused) gives ||pn||^2 - 2 xn.pn + ||xn||^2:
+    # kernel = -2 pn^T, bias = ||pn||^2 + 1.
+    squared = tf.nn.relu(tf.nn.bias_add(tf.matmul(rows.normalized, kernel), bias))
+    squared = rows.correct(squared, clip=True)
     distances = tf.sqrt(squared)
     logits, state = _logits_with_nearest(rows, prototypes, inverse_norms, squared, distances)
 
@@ -158,7 +172,7 @@ def _cached_logits(x, prototypes, scale, kernel, bias, inverse_norms):
         def weighted_cosine(_, coefficient):
             # coefficient * xn.pn, from the squared distances (where the
             # coefficient is not 0, they were not clamped).
-            return coefficient * (0.5 * ((rows.squared + bias) - squared))
+            return coefficient * (0.5 * ((rows.squared + (bias - 1.0)) - squared))
 
         d_x, d_prototypes, d_scale = _backward(
             upstream, rows, prototypes, p_norm, _inverse(p_norm), state, weighted_cosine
@@ -225,14 +239,15 @@ def _backward(upstream, rows, prototypes, p_norm, p_inverse, state, weighted_cos
     e = tf.where(positive, tf.gather_nd(g, at_nearest), tf.zeros_like(exact)) / tf.where(
         positive, exact, tf.ones_like(exact)
     )
-    neighbor_inverse = tf.gather(p_inverse, nearest)
-    # Its -factor * e * p_inverse_k * (xn_i in dL/dp_k, p_k in dL/dxn_i) parts
-    # ride on the products; the rest of dL/dp_k is radial: p_inverse_k^2 *
-    # factor * e * (1 + neighbor.(xn - neighbor)), without the projection for a
-    # clamped norm.
-    w = tf.tensor_scatter_nd_update(w, at_nearest, e * neighbor_inverse)
     neighbor = state["neighbor"]
     difference = xn - neighbor
+    # dL/dxn: the products' part, then the exact distance's, factor * e * (xn - neighbor).
+    d_xn = factor * (e[:, None] * difference - tf.matmul(w, prototypes))  # (N, F)
+    # dL/dp_k of the exact distance: its -factor * e * p_inverse_k * xn_i part
+    # rides on the product (the entry of w at the nearest prototype); the rest
+    # is radial, p_inverse_k^2 * factor * e * (1 + neighbor.(xn - neighbor)),
+    # without the projection for a clamped norm.
+    w = tf.tensor_scatter_nd_update(w, at_nearest, e * tf.gather(p_inverse, nearest))
     projected = tf.where(
         tf.gather(p_norm, nearest) > NORM_EPSILON,
         tf.reduce_sum(neighbor * difference, axis=-1),
@@ -243,7 +258,6 @@ def _backward(upstream, rows, prototypes, p_norm, p_inverse, state, weighted_cos
     )
     d_prototypes = -tf.matmul(w, xn * factor, transpose_a=True)  # (C, F)
     d_prototypes = d_prototypes + prototypes * (radial * tf.square(p_inverse))[:, None]
-    d_xn = factor * (e[:, None] * xn - tf.matmul(w, prototypes))  # (N, F)
     # The gradient of ||xn||^2 in the distances: radial, the projection below
     # removes it unless the norm is clamped.
     d_xn = tf.cond(
@@ -261,7 +275,7 @@ def _backward(upstream, rows, prototypes, p_norm, p_inverse, state, weighted_cos
 class InferenceCache:
     """The normalised prototypes of TensorFlow inference calls, verified.
 
-    Holds the `(F + 1, C)` kernel `[-2 pn^T; 1]`, the `(C,)` bias `||pn||^2` and
+    Holds the `(F, C)` kernel `-2 pn^T`, the `(C,)` bias `||pn||^2 + 1` and
     inverse norms of the normalised prototypes `pn`, with a copy of the
     prototypes they were computed from (`source`). Each call compares the
     prototypes with `source`, element by element, and recomputes all of them on
@@ -291,7 +305,7 @@ class InferenceCache:
                 empty(num_classes, feature_dim), trainable=False, name="cache_source"
             )
             self.kernel = tf.Variable(
-                empty(feature_dim + 1, num_classes), trainable=False, name="cache_kernel"
+                empty(feature_dim, num_classes), trainable=False, name="cache_kernel"
             )
             self.bias = tf.Variable(empty(num_classes), trainable=False, name="cache_bias")
             self.inverse_norms = tf.Variable(
@@ -322,9 +336,7 @@ class InferenceCache:
 
 
 def _normalized_kernel(prototypes):
-    """`([-2 pn^T; 1], ||pn||^2, inverse norms)` of the prototypes `(C, F)`."""
+    """`(-2 pn^T, ||pn||^2 + 1, inverse norms)` of the prototypes `(C, F)`."""
     norm, inverse = _row_norms(prototypes)  # (C, 1)
-    normalized = prototypes * inverse
-    ones = tf.ones((1, tf.shape(prototypes)[0]), prototypes.dtype)
-    kernel = tf.concat([tf.transpose(-2.0 * normalized), ones], axis=0)  # (F + 1, C)
-    return kernel, tf.square(norm * inverse)[:, 0], inverse[:, 0]
+    kernel = tf.transpose(-2.0 * (prototypes * inverse))  # (F, C)
+    return kernel, tf.square(norm * inverse)[:, 0] + 1.0, inverse[:, 0]

@@ -180,6 +180,54 @@ def test_gradients_match_finite_differences(rng, near):
     )
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_clamped_norms_match_reference(rng, training):
+    """Feature vectors and prototypes with norms below 1e-12 (clamped, as PyTorch's
+    `F.normalize` clamps them): logits and gradients equal the float64 reference,
+    on the training path and on the inference path (`training=False`)."""
+    num_classes, feature_dim = 5, 6
+    layer = _built_layer(num_classes, feature_dim, rng, dtype="float64")
+    p = rng.normal(size=(num_classes, feature_dim))
+    p[3] *= 1e-13
+    layer.prototypes.assign(p)
+    layer.distance_scale.assign(1.3)
+    x = rng.normal(size=(4, feature_dim))
+    x[1] = 0.0
+    x[2] *= 3e-13
+    weights = rng.normal(size=(4, num_classes))
+    layer(x, training=training)  # On the inference path: fills the cache, read below.
+    x_t = tf.Variable(x)
+    with tf.GradientTape() as tape:
+        logits = layer(x_t, training=training)
+        loss = tf.reduce_sum(weights * logits)
+    gx, gp = tape.gradient(loss, [x_t, layer.prototypes])
+    np.testing.assert_allclose(logits, ref_logits(x, p, scale=1.3), rtol=1e-10, atol=1e-12)
+
+    def numeric(f, value):
+        # Central differences, steps relative to each row's norm (clamped rows stay clamped).
+        grad = np.zeros_like(value)
+        for i in np.ndindex(value.shape):
+            step = (
+                1e-6 * np.linalg.norm(value[i[0]]) if np.linalg.norm(value[i[0]]) > 1e-9 else 1e-20
+            )
+            up, down = value.copy(), value.copy()
+            up[i] += step
+            down[i] -= step
+            grad[i] = (f(up) - f(down)) / (2 * step)
+        return grad
+
+    def objective(x_, p_):
+        return float(np.sum(weights * ref_logits(x_, p_, scale=1.3)))
+
+    for got, expected in (
+        (gx, numeric(lambda v: objective(v, p), x)),
+        (gp, numeric(lambda v: objective(x, v), p)),
+    ):
+        # Per row: a clamped row's gradient is ~1e12 times larger than the others'.
+        scale = np.abs(expected).max(axis=1, keepdims=True)
+        np.testing.assert_allclose(got / scale, expected / scale, rtol=0, atol=1e-6)
+
+
 def test_no_nan_at_zero_distance_or_zero_features(rng):
     layer = _built_layer(4, 8, rng)
     p = layer.prototypes.numpy()
@@ -454,10 +502,9 @@ def test_inference_cache_is_read_and_never_stale(rng, tmp_path):
 
     check()
     cache = _cache_of(head)
-    # The cache holds the normalised prototypes, (F, C), scaled by -2, and a row of ones ...
+    # The cache holds the normalised prototypes, (F, C), scaled by -2 ...
     pn = l2_normalize(head.prototypes).numpy().astype(np.float64)
-    np.testing.assert_allclose(cache.kernel.numpy()[:-1], -2.0 * pn.T, atol=2e-7)
-    np.testing.assert_array_equal(cache.kernel.numpy()[-1], 1.0)
+    np.testing.assert_allclose(cache.kernel.numpy(), -2.0 * pn.T, atol=2e-7)
     # ... and is what an unchanged call reads: spoil it, the logits change.
     cache.kernel.assign(tf.zeros_like(cache.kernel))
     assert not np.allclose(model(x, training=False), model(x, training=True), atol=1e-3)
