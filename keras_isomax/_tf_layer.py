@@ -17,8 +17,6 @@ import tensorflow as tf
 
 from keras_isomax._numerics import NORM_EPSILON, SQUARED_FLOOR
 
-_TRANSPOSED_PRODUCT = True
-
 
 def first_argmin(values: tf.Tensor) -> tf.Tensor:
     """`(N,)` int32: the index of each row's minimum (TensorFlow's `ArgMin`, one pass)."""
@@ -140,10 +138,7 @@ def _live_logits(x, prototypes, scale):
     p_squared = tf.square(p_norm * p_inverse)
     # (P xn^T)^T: without oneDNN, TensorFlow's kernel for xn P^T (a transposed
     # right operand) takes 2-3x longer; with it, both take the same time.
-    if _TRANSPOSED_PRODUCT:
-        cross = tf.transpose(tf.matmul(prototypes, rows.normalized, transpose_b=True))  # (N, C)
-    else:
-        cross = tf.matmul(rows.normalized, prototypes, transpose_b=True)
+    cross = tf.transpose(tf.matmul(prototypes, rows.normalized, transpose_b=True))  # (N, C)
     squared = rows.correct(cross * (-2.0 * p_inverse) + (p_squared + 1.0))
     distances = tf.sqrt(tf.maximum(squared, SQUARED_FLOOR))
     logits, state = _logits_with_nearest(rows, prototypes, p_inverse, squared, distances)
