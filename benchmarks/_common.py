@@ -16,7 +16,9 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -42,7 +44,7 @@ HEAD_NAMES = {
 # ---------------------------------------------------------------- timing
 
 
-def sync(out):
+def sync(out: Any) -> None:
     """Waits for TensorFlow results (and the GPU's queue)."""
     import numpy as np
     import tensorflow as tf
@@ -53,7 +55,13 @@ def sync(out):
         tf.test.experimental.sync_devices()
 
 
-def interleaved(fns, reps, warmup=2, min_seconds=0.05, sync_fn=None):
+def interleaved(
+    fns: dict[str, Callable[[], Any]],
+    reps: int,
+    warmup: int = 2,
+    min_seconds: float = 0.05,
+    sync_fn: Callable[[Any], None] | None = None,
+) -> dict[str, dict[str, Any]]:
     """Times callables side by side.
 
     Each callable is warmed up, then every repetition times each once, in an
@@ -90,7 +98,7 @@ def interleaved(fns, reps, warmup=2, min_seconds=0.05, sync_fn=None):
     return times
 
 
-def summarize(times, clock, baseline="dense"):
+def summarize(times: dict, clock: str, baseline: str = "dense") -> dict[str, dict[str, float]]:
     """Medians (ms) and paired ratios against `baseline`, for the `clock` given.
 
     The wall-clock ratio is always included as `wall_ratio`.
@@ -114,14 +122,14 @@ def summarize(times, clock, baseline="dense"):
     return out
 
 
-def load_average():
+def load_average() -> str:
     try:
         return "{:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
     except OSError:
         return "n/a"
 
 
-def set_threads(threads):
+def set_threads(threads: int) -> None:
     """TensorFlow intra/inter-op threads (0: TensorFlow's default)."""
     if threads:
         import tensorflow as tf
@@ -130,7 +138,7 @@ def set_threads(threads):
         tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
-def machine():
+def machine() -> str:
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -140,7 +148,7 @@ def machine():
     return f"{os.cpu_count()}-core CPU, no GPU"
 
 
-def library_fingerprint():
+def library_fingerprint() -> tuple[str, str]:
     """Short SHA-1 of the layer's source files as imported (`layers.py`, and
     `_tf_layer.py` / `_numerics.py` where present), and the git commit if known.
 
@@ -169,7 +177,7 @@ def library_fingerprint():
 # ------------------------------------------------------------- reference
 
 
-def reference_distances(x, prototypes, chunk=64):
+def reference_distances(x: Any, prototypes: Any, chunk: int = 64) -> Any:
     """Float64 exact distances between L2-normalised rows (the benchmarks' oracle):
     `keras_isomax.testing.distances`, chunked over the rows of `x`."""
     from keras_isomax import testing
@@ -180,7 +188,7 @@ def reference_distances(x, prototypes, chunk=64):
 # ----------------------------------------------------------------- heads
 
 
-def make_head(kind, num_classes):
+def make_head(kind: str, num_classes: int) -> tuple[Any, Any, Callable]:
     """Returns `(layer, loss_fn, score_fn)` for a head kind (see `HEAD_NAMES`).
 
     `isomax` is the library's public layer. `mm_only`/`mm_rev` are lower bounds
@@ -232,7 +240,7 @@ def make_head(kind, num_classes):
     return _PrototypeHead(name="head"), isomax_loss, scores.minimum_distance_score
 
 
-def optimizer():
+def optimizer() -> Any:
     """The paper's optimizer (SGD, Nesterov momentum 0.9); a small learning rate
     keeps the random-data benchmark numerically steady over many steps."""
     import keras
@@ -240,7 +248,7 @@ def optimizer():
     return keras.optimizers.SGD(learning_rate=1e-3, momentum=0.9, nesterov=True)
 
 
-def train_fn(model, loss_fn, jit):
+def train_fn(model: Any, loss_fn: Callable, jit: bool) -> Callable:
     """A compiled training step `(x, y) -> loss` of a whole model."""
     import tensorflow as tf
 
@@ -258,7 +266,7 @@ def train_fn(model, loss_fn, jit):
     return step
 
 
-def infer_fn(model, score_fn, jit):
+def infer_fn(model: Any, score_fn: Callable, jit: bool) -> Callable:
     """A compiled `x -> score(model(x))`."""
     import tensorflow as tf
 
@@ -269,7 +277,14 @@ def infer_fn(model, score_fn, jit):
     return infer
 
 
-def head_step_fn(kind, num_classes, feature_dim, train=True, jit=False, call_training=True):
+def head_step_fn(
+    kind: str,
+    num_classes: int,
+    feature_dim: int,
+    train: bool = True,
+    jit: bool = False,
+    call_training: bool = True,
+) -> tuple[Callable, Any]:
     """The head alone on features `x` `(B, F)`.
 
     Training: loss, gradients for the head's weights and for `x` (what the
@@ -309,13 +324,13 @@ def head_step_fn(kind, num_classes, feature_dim, train=True, jit=False, call_tra
 # ---------------------------------------------------------------- memory
 
 
-def proc_status_kib(field):
+def proc_status_kib(field: str) -> int | None:
     with open("/proc/self/status") as f:
         match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
     return int(match.group(1)) if match else None
 
 
-def reset_peak_rss():
+def reset_peak_rss() -> bool:
     """Resets VmHWM to the current RSS; False where the kernel does not allow it."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -333,12 +348,12 @@ class PeakMemory:
     where the peak cannot be reset, `peak_bytes` stays `None`.
     """
 
-    def __init__(self, gpu):
+    def __init__(self, gpu: bool) -> None:
         self.gpu = gpu
         self.peak_bytes = None
         self.method = None
 
-    def __enter__(self):
+    def __enter__(self) -> PeakMemory:
         if self.gpu:
             import tensorflow as tf
 
@@ -351,7 +366,7 @@ class PeakMemory:
             self.method = "peak RSS (VmHWM after clear_refs) - RSS before"
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> bool:
         if self.gpu:
             import tensorflow as tf
 
@@ -363,8 +378,14 @@ class PeakMemory:
 
 
 def run_worker(
-    script, args, timeout=1800, flag="--worker", env=None, stream_stderr=False, memory=True
-):
+    script: Path,
+    args: list,
+    timeout: float = 1800,
+    flag: str = "--worker",
+    env: dict[str, str] | None = None,
+    stream_stderr: bool = False,
+    memory: bool = True,
+) -> dict:
     """Runs `script <flag> args...` in a subprocess and returns its JSON result.
 
     `env` adds to (or overrides) this process's environment and `WORKER_ENV`

@@ -71,7 +71,7 @@ def render_ratio_table(record: dict[str, Any]) -> str:
     cells: dict[tuple, dict[tuple, str]] = {}
     dense_ms: dict[tuple, dict[tuple, str]] = {}
     columns: list[tuple] = []
-    reps = set()
+    reps: dict[tuple, set] = {}
     for run in record["runs"]:
         for entry in run["results"]:
             column = (run["onednn"], bool(entry["xla"]))
@@ -80,13 +80,13 @@ def render_ratio_table(record: dict[str, Any]) -> str:
             row = (entry["classes"], entry["features"], entry["phase"])
             cells.setdefault(row, {})[column] = ratio_cell(entry["times"], clock)
             dense_ms.setdefault(row, {})[column] = _ms(entry["times"]["dense"][clock])
-            reps.add(len(entry["times"]["dense"][clock]))
+            reps.setdefault(row[:2], set()).add(len(entry["times"]["dense"][clock]))
     columns.sort(key=lambda c: (c[1], c[0] != "on"))  # no XLA first; oneDNN on first.
     unit = "CPU" if clock == "cpu" else "wall-clock"
     header = (
         "| C | F | phase | "
         + " | ".join(_setting_label(*c) for c in columns)
-        + f" | Dense, {unit} ms ({' / '.join(_setting_label(*c) for c in columns)}) |"
+        + f" | Dense {unit} ms (same columns) |"
     )
     lines = [header, "|---:|---:|---|" + "---:|" * (len(columns) + 1)]
     for row in sorted(cells, key=lambda r: (r[0], r[1], r[2] != "train")):
@@ -99,11 +99,16 @@ def render_ratio_table(record: dict[str, Any]) -> str:
             + " |"
         )
     batch = sorted({e["batch_size"] for run in record["runs"] for e in run["results"]})
+    counts = {config: _join(sorted(n)) for config, n in sorted(reps.items())}
+    usual = max(set(counts.values()), key=list(counts.values()).count)
+    exceptions = [f"C = {c:,}: {n}" for (c, _), n in counts.items() if n != usual]
     description = (
-        f"Median of the per-repetition ratios IsoMax+ / Dense [interquartile range], "
+        f"Cells: median of the per-repetition ratios IsoMax+ / Dense [interquartile range], "
         f"{'process CPU time' if clock == 'cpu' else 'wall-clock time'}, "
         f"{settings.get('threads', '?')} TensorFlow thread(s), batch "
-        f"{', '.join(str(b) for b in batch)}, {_join(sorted(reps))} interleaved repetitions."
+        f"{', '.join(str(b) for b in batch)}, {usual} interleaved repetitions"
+        + (f" ({'; '.join(exceptions)})" if exceptions else "")
+        + ". Last column: the Dense head's median time in each setting."
     )
     return "\n".join(lines) + "\n\n" + description + "\n\n" + provenance(record)
 

@@ -286,7 +286,7 @@ def _head_section(args, log, jit):
             fwd, _ = head_step_fn(kind, num_classes, feature_dim, train=False, jit=jit)
             fns["infer"][kind] = functools.partial(fwd, x, y)
         # The largest heads take seconds per step: fewer repetitions there.
-        reps = args.reps if num_classes * feature_dim < 10**7 else max(3, (args.reps + 1) // 2)
+        reps = args.reps if num_classes * feature_dim <= 3 * 10**7 else max(3, (args.reps + 1) // 2)
         for phase in ("train", "infer"):
             entries.append(
                 {

@@ -194,12 +194,13 @@ def _normalize_backward(normalized, norm, inverse, upstream):
 def _backward(upstream, rows, prototypes, p_norm, p_inverse, state, weighted_cosine):
     """Gradients `(d_x, d_prototypes, d_scale)` of the logits, given `upstream` `(N, C)`.
 
-    With `w_ij = g_ij * p_inverse_j / distance_ij` (0 where the floor holds),
-    `dL/d(x_i . p_j) = -factor_i * w_ij` for the distances from the matrix
-    product: the products `w^T (factor * xn)` and `w P` carry them. The
-    normalisations add a radial term per row, a scalar sum over the `(N, C)`
-    matrix; each row's nearest prototype (the exact distance) adds its entry to
-    `w` and one more radial term. `weighted_cosine(w, coefficient)` returns
+    With `w_ij = g_ij * p_inverse_j / distance_ij` (0 at or below the floor),
+    `dL/d(x_i . p_j) = -factor_i * w_ij`: the products `w^T (factor * xn)` and
+    `w P` carry the gradients of the distances. The normalisations add a
+    radial term per row, a scalar sum over the `(N, C)` matrix. Each row's
+    nearest prototype (its exact distance `||xn - neighbor||`) has its entry in
+    `w` for the prototypes' product; the features get its gradient from the
+    difference itself. `weighted_cosine(w, coefficient)` returns
     `coefficient * xn.pn` `(N, C)`. The derivation: docs/layer_design.md.
     """
     distances = state["distances"]
@@ -208,17 +209,29 @@ def _backward(upstream, rows, prototypes, p_norm, p_inverse, state, weighted_cos
     f = factor[:, 0]
     xn = rows.normalized
     at_nearest = state["at_nearest"]
+    nearest = state["nearest"]
     d_scale = -tf.reduce_sum(g * distances)
-    # dL/d(squared) = g * factor / (2 * distance): 0 where the floor holds, and
-    # at the nearest prototypes, whose distance is the exact one.
+    # dL/d(squared) = factor * g / (2 * distance); 0 where the distance is at
+    # the floor's square root or below (the nearest's exact one included).
     floor_distance = tf.sqrt(tf.constant(SQUARED_FLOOR, distances.dtype))
-    coefficient = tf.where(distances > floor_distance, g, tf.zeros_like(g)) / distances
-    coefficient = tf.tensor_scatter_nd_update(coefficient, at_nearest, tf.zeros_like(f))
-    # The radial terms of the normalised prototypes: the projection of their
-    # normalisation (sum_i factor_i coefficient_ij xn_i.pn_j per prototype),
-    # or, for a clamped norm, the gradient of ||pn_j||^2 in the distance.
+    coefficient = tf.math.divide_no_nan(
+        tf.where(distances > floor_distance, g, tf.zeros_like(g)), distances
+    )
     w = coefficient * p_inverse
-    radial = tf.linalg.matvec(weighted_cosine(w, coefficient), f, transpose_a=True)  # (C,)
+    e = tf.gather_nd(coefficient, at_nearest)  # (N,): g / distance at the nearest prototype
+    # The radial terms of the normalised prototypes: the projection of their
+    # normalisation, sum_i factor_i coefficient_ij xn_i.pn_j per prototype; at
+    # the nearest prototype, factor_i e_i (1 + neighbor.(xn - neighbor)) instead.
+    # For a clamped norm (a linear normalisation): the gradient of ||pn||^2 in
+    # the distance, sum_i factor_i coefficient_ij.
+    weighted = weighted_cosine(w, coefficient)
+    neighbor = state["neighbor"]
+    difference = xn - neighbor
+    nearest_term = e * (1.0 + tf.reduce_sum(neighbor * difference, axis=-1))
+    correction = f * (nearest_term - tf.gather_nd(weighted, at_nearest))
+    radial = tf.linalg.matvec(weighted, f, transpose_a=True) + tf.math.unsorted_segment_sum(
+        correction, nearest, tf.shape(prototypes)[0]
+    )  # (C,)
     radial = tf.cond(
         tf.reduce_any(p_norm <= NORM_EPSILON),
         lambda: tf.where(
@@ -226,38 +239,19 @@ def _backward(upstream, rows, prototypes, p_norm, p_inverse, state, weighted_cos
         ),
         lambda: radial,
     )
-    # The exact distance to the nearest prototype, ||xn - neighbor|| with
-    # neighbor = p_k * p_inverse_k: dL/dxn = factor * e * (xn - neighbor).
-    nearest = state["nearest"]
-    exact = state["exact"]
-    positive = exact > 0
-    e = tf.where(positive, tf.gather_nd(g, at_nearest), tf.zeros_like(exact)) / tf.where(
-        positive, exact, tf.ones_like(exact)
-    )
-    neighbor = state["neighbor"]
-    difference = xn - neighbor
-    # dL/dxn: the products' part, then the exact distance's, factor * e * (xn - neighbor).
-    d_xn = factor * (e[:, None] * difference - tf.matmul(w, prototypes))  # (N, F)
-    # dL/dp_k of the exact distance: its -factor * e * p_inverse_k * xn_i part
-    # rides on the product (the entry of w at the nearest prototype); the rest
-    # is radial, p_inverse_k^2 * factor * e * (1 + neighbor.(xn - neighbor)),
-    # without the projection for a clamped norm.
-    w = tf.tensor_scatter_nd_update(w, at_nearest, e * tf.gather(p_inverse, nearest))
-    projected = tf.where(
-        tf.gather(p_norm, nearest) > NORM_EPSILON,
-        tf.reduce_sum(neighbor * difference, axis=-1),
-        tf.zeros_like(exact),
-    )
-    radial = radial + tf.math.unsorted_segment_sum(
-        f * e * (1.0 + projected), nearest, tf.shape(prototypes)[0]
-    )
     d_prototypes = -tf.matmul(w, xn * factor, transpose_a=True)  # (C, F)
     d_prototypes = d_prototypes + prototypes * (radial * tf.square(p_inverse))[:, None]
+    # dL/dxn: the product without the nearest prototypes, whose part comes
+    # from the difference, factor * e * (xn - neighbor).
+    w = tf.tensor_scatter_nd_update(w, at_nearest, tf.zeros_like(e))
+    d_xn = factor * (e[:, None] * difference - tf.matmul(w, prototypes))  # (N, F)
     # The gradient of ||xn||^2 in the distances: radial, the projection below
     # removes it unless the norm is clamped.
     d_xn = tf.cond(
         tf.reduce_any(rows.norm <= NORM_EPSILON),
-        lambda: d_xn + xn * (factor * tf.reduce_sum(coefficient, axis=-1, keepdims=True)),
+        lambda: (
+            d_xn + xn * (factor * (tf.reduce_sum(coefficient, axis=-1, keepdims=True) - e[:, None]))
+        ),
         lambda: d_xn,
     )
     d_x = _normalize_backward(xn, rows.norm, rows.inverse, d_xn)
