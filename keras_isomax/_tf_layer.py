@@ -56,8 +56,8 @@ def isomax_logits(
     """
     if cache is None:
         return _live_logits(x, prototypes, scale)
-    kernel, bias, inverse_norms = cache.normalized(prototypes)
-    return _cached_logits(x, prototypes, scale, kernel, bias, inverse_norms)
+    kernel, bias, normalized = cache.normalized(prototypes)
+    return _cached_logits(x, prototypes, scale, kernel, bias, normalized)
 
 
 # ------------------------------------------------------------------ forward
@@ -110,13 +110,16 @@ class _Rows:
         return tf.cond(self.any_clamped, corrected, lambda: squared)
 
 
-def _logits_with_nearest(rows, prototypes, p_inverse, squared, distances):
-    """Replaces each row's nearest distance by the exact one; returns `(logits, state)`."""
+def _logits_with_nearest(rows, squared, distances, neighbors):
+    """Replaces each row's nearest distance by the exact one; returns `(logits, state)`.
+
+    `neighbors(nearest)` returns the normalised prototypes of the indices
+    `nearest`, normalised like the features (the same function of the same
+    values: a feature vector equal to a prototype is at distance 0 exactly).
+    """
     nearest = first_argmin(squared)  # (N,)
     at_nearest = tf.stack([tf.range(tf.shape(nearest)[0]), nearest], axis=1)  # (N, 2)
-    # Normalised like the features (the same function of the same values: a
-    # feature vector equal to a prototype is at distance 0 exactly).
-    neighbor = tf.gather(prototypes, nearest) * tf.gather(p_inverse, nearest)[:, None]
+    neighbor = neighbors(nearest)
     exact = tf.sqrt(tf.reduce_sum(tf.math.squared_difference(rows.normalized, neighbor), -1))
     distances = tf.tensor_scatter_nd_update(distances, at_nearest, exact)
     state = {
@@ -141,7 +144,12 @@ def _live_logits(x, prototypes, scale):
     cross = tf.transpose(tf.matmul(prototypes, rows.normalized, transpose_b=True))  # (N, C)
     squared = rows.correct(cross * (-2.0 * p_inverse) + (p_squared + 1.0))
     distances = tf.sqrt(tf.maximum(squared, SQUARED_FLOOR))
-    logits, state = _logits_with_nearest(rows, prototypes, p_inverse, squared, distances)
+    logits, state = _logits_with_nearest(
+        rows,
+        squared,
+        distances,
+        lambda nearest: tf.gather(prototypes, nearest) * tf.gather(p_inverse, nearest)[:, None],
+    )
 
     def grad(upstream):
         return _backward(
@@ -152,14 +160,16 @@ def _live_logits(x, prototypes, scale):
 
 
 @tf.custom_gradient
-def _cached_logits(x, prototypes, scale, kernel, bias, inverse_norms):
+def _cached_logits(x, prototypes, scale, kernel, bias, normalized):
     rows = _Rows(x, scale)
     # One product (bias and ReLU fused) gives ||pn||^2 - 2 xn.pn + ||xn||^2:
     # kernel = -2 pn^T, bias = ||pn||^2 + 1.
     squared = tf.nn.relu(tf.nn.bias_add(tf.matmul(rows.normalized, kernel), bias))
     squared = rows.correct(squared, clip=True)
     distances = tf.sqrt(squared)
-    logits, state = _logits_with_nearest(rows, prototypes, inverse_norms, squared, distances)
+    logits, state = _logits_with_nearest(
+        rows, squared, distances, lambda nearest: tf.gather(normalized, nearest)
+    )
 
     def grad(upstream):
         p_norm = _norms(prototypes)
@@ -264,9 +274,11 @@ def _backward(upstream, rows, prototypes, p_norm, p_inverse, state, weighted_cos
 class InferenceCache:
     """The normalised prototypes of TensorFlow inference calls, verified.
 
-    Holds the `(F, C)` kernel `-2 pn^T`, the `(C,)` bias `||pn||^2 + 1` and
-    inverse norms of the normalised prototypes `pn`, with a copy of the
-    prototypes they were computed from (`source`). Each call compares the
+    Holds the `(F, C)` kernel `-2 pn^T` and the `(C,)` bias `||pn||^2 + 1` of
+    the normalised prototypes `pn`, `pn` itself `(C, F)` (the rows the exact
+    nearest distances read), and a copy of the prototypes they were computed
+    from (`source`; TensorFlow shares its buffer with the prototypes until
+    they change). Each call compares the
     prototypes with `source`, element by element, and recomputes all of them on
     any difference, so no write (optimizer step, `assign`, checkpoint restore,
     a raw `tf.Variable` op) can leave it stale, and every call computes the same
@@ -297,13 +309,13 @@ class InferenceCache:
                 empty(feature_dim, num_classes), trainable=False, name="cache_kernel"
             )
             self.bias = tf.Variable(empty(num_classes), trainable=False, name="cache_bias")
-            self.inverse_norms = tf.Variable(
-                empty(num_classes), trainable=False, name="cache_inverse_norms"
+            self.prototypes = tf.Variable(
+                empty(num_classes, feature_dim), trainable=False, name="cache_prototypes"
             )
 
     def normalized(self, prototypes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """`(kernel, bias, inverse_norms)` of `prototypes`, read or recomputed."""
-        variables = (self.kernel, self.bias, self.inverse_norms)
+        """`(kernel, bias, normalized)` of `prototypes`, read or recomputed."""
+        variables = (self.kernel, self.bias, self.prototypes)
 
         def hit():
             return tuple(v.read_value() for v in variables)
@@ -325,7 +337,7 @@ class InferenceCache:
 
 
 def _normalized_kernel(prototypes):
-    """`(-2 pn^T, ||pn||^2 + 1, inverse norms)` of the prototypes `(C, F)`."""
+    """`(-2 pn^T, ||pn||^2 + 1, pn)` of the prototypes `(C, F)`."""
     norm, inverse = _row_norms(prototypes)  # (C, 1)
-    kernel = tf.transpose(-2.0 * (prototypes * inverse))  # (F, C)
-    return kernel, tf.square(norm * inverse)[:, 0] + 1.0, inverse[:, 0]
+    normalized = prototypes * inverse
+    return tf.transpose(-2.0 * normalized), tf.square(norm * inverse)[:, 0] + 1.0, normalized

@@ -188,8 +188,8 @@ class IsoMaxPlusLayer(keras.layers.Layer):
         inference_cache: Whether inference calls (`training=False`, as in
             `predict` and `evaluate`) on the TensorFlow backend keep the
             normalised prototypes between calls, checked against the
-            prototypes on every call (two more `num_classes x F` arrays).
-            Defaults to `True`.
+            prototypes on every call (up to three more `num_classes x F`
+            arrays). Defaults to `True`.
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
 
     Input shape:
