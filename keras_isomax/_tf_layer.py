@@ -69,13 +69,16 @@ def _inverse(norm):
 
 
 def _norms(v, keepdims=False):
-    """The Euclidean norms of the rows of `v`.
+    """The Euclidean norms of the rows of `v` `(N, F)`.
 
-    `EuclideanNorm` reads `v` once, without a temporary; XLA, which has no
-    kernel for it (and fuses the square into the sum), gets the sum of squares.
+    `EuclideanNorm` reads `v` once, without a temporary. XLA has no kernel for
+    it, and on the CPU its code for a row-wise sum of squares is slow (without
+    oneDNN), and a batched dot product (`einsum`) too (with oneDNN): under XLA
+    the squared norms are a matrix-vector product with a vector of ones.
     """
     if tf.__internal__.get_enclosing_xla_context() is not None:
-        return tf.sqrt(tf.reduce_sum(tf.square(v), axis=-1, keepdims=keepdims))
+        norm = tf.sqrt(tf.matmul(tf.square(v), tf.ones((v.shape[-1], 1), v.dtype)))
+        return norm if keepdims else norm[:, 0]
     return tf.math.reduce_euclidean_norm(v, axis=-1, keepdims=keepdims)
 
 
