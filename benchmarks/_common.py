@@ -16,17 +16,21 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MIB = 1024**2
 WORKER_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": "65536",  # Large blocks are mmapped and returned on free.
     "TF_CPP_MIN_LOG_LEVEL": "3",
     "KERAS_BACKEND": "tensorflow",
     "TF_FORCE_GPU_ALLOW_GROWTH": "true",  # Measure what a step needs, not the reservation.
 }
+# For memory workers only: large blocks are mmapped and returned on free, so
+# that the peak RSS sees every temporary (and timings would pay page faults).
+MEMORY_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 HEAD_NAMES = {
     "dense": "Dense + softmax",
     "dense_isoloss": "Dense + IsoMax+ loss",
@@ -40,7 +44,7 @@ HEAD_NAMES = {
 # ---------------------------------------------------------------- timing
 
 
-def sync(out):
+def sync(out: Any) -> None:
     """Waits for TensorFlow results (and the GPU's queue)."""
     import numpy as np
     import tensorflow as tf
@@ -51,7 +55,13 @@ def sync(out):
         tf.test.experimental.sync_devices()
 
 
-def interleaved(fns, reps, warmup=2, min_seconds=0.05, sync_fn=None):
+def interleaved(
+    fns: dict[str, Callable[[], Any]],
+    reps: int,
+    warmup: int = 2,
+    min_seconds: float = 0.05,
+    sync_fn: Callable[[Any], None] | None = None,
+) -> dict[str, dict[str, Any]]:
     """Times callables side by side.
 
     Each callable is warmed up, then every repetition times each once, in an
@@ -61,8 +71,8 @@ def interleaved(fns, reps, warmup=2, min_seconds=0.05, sync_fn=None):
     wall-clock time and the process's CPU time (all threads) are recorded.
 
     Returns:
-        `{name: {"wall": [...], "cpu": [...]}}`, seconds per call, one value
-        per repetition.
+        `{name: {"wall": [...], "cpu": [...], "calls_per_rep": n}}`, seconds
+        per call, one value per repetition.
     """
     sync_fn = sync_fn or sync
     names = list(fns)
@@ -73,7 +83,7 @@ def interleaved(fns, reps, warmup=2, min_seconds=0.05, sync_fn=None):
             sync_fn(fns[name]())
             first[name] = time.perf_counter() - start
     inner = max(1, math.ceil(min_seconds / max(min(first.values()), 1e-6)))
-    times = {name: {"wall": [], "cpu": []} for name in names}
+    times = {name: {"wall": [], "cpu": [], "calls_per_rep": inner} for name in names}
     for rep in range(reps):
         order = names[rep % len(names) :] + names[: rep % len(names)]
         if rep % 2:
@@ -88,7 +98,7 @@ def interleaved(fns, reps, warmup=2, min_seconds=0.05, sync_fn=None):
     return times
 
 
-def summarize(times, clock, baseline="dense"):
+def summarize(times: dict, clock: str, baseline: str = "dense") -> dict[str, dict[str, float]]:
     """Medians (ms) and paired ratios against `baseline`, for the `clock` given.
 
     The wall-clock ratio is always included as `wall_ratio`.
@@ -112,14 +122,14 @@ def summarize(times, clock, baseline="dense"):
     return out
 
 
-def load_average():
+def load_average() -> str:
     try:
         return "{:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
     except OSError:
         return "n/a"
 
 
-def set_threads(threads):
+def set_threads(threads: int) -> None:
     """TensorFlow intra/inter-op threads (0: TensorFlow's default)."""
     if threads:
         import tensorflow as tf
@@ -128,7 +138,7 @@ def set_threads(threads):
         tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
-def machine():
+def machine() -> str:
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -138,32 +148,36 @@ def machine():
     return f"{os.cpu_count()}-core CPU, no GPU"
 
 
-def library_fingerprint():
-    """Short SHA-1 of `keras_isomax/layers.py` as imported, and the git commit if known.
+def library_fingerprint() -> tuple[str, str]:
+    """Short SHA-1 of the layer's source files as imported (`layers.py`, and
+    `_tf_layer.py` / `_numerics.py` where present), and the git commit if known.
 
-    Recorded in the report and by every measurement subprocess, so that a run
-    whose workers saw a different layer (edited during the run) says so.
+    Recorded by every measurement process, so that a run whose workers saw a
+    different layer (edited during the run) says so.
     """
     import keras_isomax.layers as layers_module
 
-    path = Path(layers_module.__file__)
-    digest = hashlib.sha1(path.read_bytes()).hexdigest()[:10]
+    package = Path(layers_module.__file__).parent
+    digest = hashlib.sha1()
+    for name in ("layers.py", "_tf_layer.py", "_numerics.py"):
+        if (package / name).exists():
+            digest.update((package / name).read_bytes())
     try:
         commit = subprocess.run(
-            ["git", "-C", str(path.parent), "log", "-1", "--format=%h", "--", "."],
+            ["git", "-C", str(package), "log", "-1", "--format=%h", "--", "."],
             capture_output=True,
             text=True,
             timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return digest, commit
+    return digest.hexdigest()[:10], commit
 
 
 # ------------------------------------------------------------- reference
 
 
-def reference_distances(x, prototypes, chunk=64):
+def reference_distances(x: Any, prototypes: Any, chunk: int = 64) -> Any:
     """Float64 exact distances between L2-normalised rows (the benchmarks' oracle):
     `keras_isomax.testing.distances`, chunked over the rows of `x`."""
     from keras_isomax import testing
@@ -174,7 +188,7 @@ def reference_distances(x, prototypes, chunk=64):
 # ----------------------------------------------------------------- heads
 
 
-def make_head(kind, num_classes):
+def make_head(kind: str, num_classes: int) -> tuple[Any, Any, Callable]:
     """Returns `(layer, loss_fn, score_fn)` for a head kind (see `HEAD_NAMES`).
 
     `isomax` is the library's public layer. `mm_only`/`mm_rev` are lower bounds
@@ -226,7 +240,7 @@ def make_head(kind, num_classes):
     return _PrototypeHead(name="head"), isomax_loss, scores.minimum_distance_score
 
 
-def optimizer():
+def optimizer() -> Any:
     """The paper's optimizer (SGD, Nesterov momentum 0.9); a small learning rate
     keeps the random-data benchmark numerically steady over many steps."""
     import keras
@@ -234,7 +248,7 @@ def optimizer():
     return keras.optimizers.SGD(learning_rate=1e-3, momentum=0.9, nesterov=True)
 
 
-def train_fn(model, loss_fn, jit):
+def train_fn(model: Any, loss_fn: Callable, jit: bool) -> Callable:
     """A compiled training step `(x, y) -> loss` of a whole model."""
     import tensorflow as tf
 
@@ -252,7 +266,7 @@ def train_fn(model, loss_fn, jit):
     return step
 
 
-def infer_fn(model, score_fn, jit):
+def infer_fn(model: Any, score_fn: Callable, jit: bool) -> Callable:
     """A compiled `x -> score(model(x))`."""
     import tensorflow as tf
 
@@ -263,7 +277,14 @@ def infer_fn(model, score_fn, jit):
     return infer
 
 
-def head_step_fn(kind, num_classes, feature_dim, train=True, jit=False, call_training=True):
+def head_step_fn(
+    kind: str,
+    num_classes: int,
+    feature_dim: int,
+    train: bool = True,
+    jit: bool = False,
+    call_training: bool = True,
+) -> tuple[Callable, Any]:
     """The head alone on features `x` `(B, F)`.
 
     Training: loss, gradients for the head's weights and for `x` (what the
@@ -303,13 +324,13 @@ def head_step_fn(kind, num_classes, feature_dim, train=True, jit=False, call_tra
 # ---------------------------------------------------------------- memory
 
 
-def proc_status_kib(field):
+def proc_status_kib(field: str) -> int | None:
     with open("/proc/self/status") as f:
         match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
     return int(match.group(1)) if match else None
 
 
-def reset_peak_rss():
+def reset_peak_rss() -> bool:
     """Resets VmHWM to the current RSS; False where the kernel does not allow it."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -327,12 +348,12 @@ class PeakMemory:
     where the peak cannot be reset, `peak_bytes` stays `None`.
     """
 
-    def __init__(self, gpu):
+    def __init__(self, gpu: bool) -> None:
         self.gpu = gpu
         self.peak_bytes = None
         self.method = None
 
-    def __enter__(self):
+    def __enter__(self) -> PeakMemory:
         if self.gpu:
             import tensorflow as tf
 
@@ -345,7 +366,7 @@ class PeakMemory:
             self.method = "peak RSS (VmHWM after clear_refs) - RSS before"
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> bool:
         if self.gpu:
             import tensorflow as tf
 
@@ -356,16 +377,40 @@ class PeakMemory:
         return False
 
 
-def run_worker(script, args, timeout=1800, flag="--worker"):
-    """Runs `script <flag> args...` in a subprocess and returns its JSON result."""
-    env = {**os.environ, **WORKER_ENV}
+def run_worker(
+    script: Path,
+    args: list,
+    timeout: float = 1800,
+    flag: str = "--worker",
+    env: dict[str, str] | None = None,
+    stream_stderr: bool = False,
+    memory: bool = True,
+) -> dict:
+    """Runs `script <flag> args...` in a subprocess and returns its JSON result.
+
+    `env` adds to (or overrides) this process's environment and `WORKER_ENV`
+    (with `memory`, also `MEMORY_WORKER_ENV`: for memory measurements, not
+    timings); with `stream_stderr`, the worker's progress lines go to this
+    process's stderr as they come.
+    """
+    env = {**os.environ, **WORKER_ENV, **(MEMORY_WORKER_ENV if memory else {}), **(env or {})}
+    if not memory:
+        for key in MEMORY_WORKER_ENV:
+            env.pop(key, None)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (env.get("PYTHONPATH", ""), str(ROOT)) if p
     )  # An explicit PYTHONPATH (another checkout of the library) comes first.
     cmd = [sys.executable, str(script), flag, *[str(a) for a in args]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    proc = subprocess.run(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=None if stream_stderr else subprocess.PIPE,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
     return {"error": f"worker exited {proc.returncode}: " + " | ".join(tail)}

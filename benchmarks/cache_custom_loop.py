@@ -3,30 +3,33 @@
 The layer's TensorFlow inference cache serves `training=False` calls. In a custom
 loop that passes `training=False` under a `GradientTape` (for example to keep
 BatchNorm frozen) the prototypes change after every step, so every call refills
-the cache (the check, the normalised `(F, C)` kernel, a copy of the prototypes)
-and its gradient goes through the cache's custom gradient. This measures that
-step against the same loop with `training=True` (head alone, features in, the
-benchmarks' SGD with Nesterov momentum, one thread, CPU time, interleaved).
+the cache (the check, the normalised `(F + 1, C)` kernel, a copy of the
+prototypes). This measures that step against the same loop with `training=True`
+(head alone, features in, the benchmarks' SGD with Nesterov momentum, one
+thread, process CPU time, interleaved repetitions).
 
-    python benchmarks/cache_custom_loop.py [--configs 1000x2048,10000x2048] [--reps 7]
+    python benchmarks/cache_custom_loop.py [--configs 1000x2048,10000x2048] [--reps 9]
+
+Results: `benchmarks/results/cache_custom_loop.json` (per-repetition times).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-import time
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
-from _common import head_step_fn, load_average, set_threads  # noqa: E402
+from _common import head_step_fn, interleaved, load_average, set_threads  # noqa: E402
+from _results import write_result  # noqa: E402
 
 
-def measure(num_classes, feature_dim, batch_size, reps):
-    """Median CPU ms of one step with `training=True` and with `training=False`."""
+def measure(num_classes: int, feature_dim: int, batch_size: int, reps: int) -> dict:
+    """Per-repetition CPU and wall times of one step with `training=True` and `False`."""
     import numpy as np
     import tensorflow as tf
 
@@ -34,37 +37,65 @@ def measure(num_classes, feature_dim, batch_size, reps):
     x = tf.constant(rng.normal(size=(batch_size, feature_dim)).astype("float32"))
     y = tf.constant(rng.integers(0, num_classes, batch_size))
     steps = {
-        training: head_step_fn("isomax", num_classes, feature_dim, call_training=training)[0]
-        for training in (True, False)
+        name: functools.partial(
+            head_step_fn("isomax", num_classes, feature_dim, call_training=training)[0], x, y
+        )
+        for name, training in (("training_true", True), ("training_false", False))
     }
-    for step in steps.values():
-        step(x, y)
-        step(x, y)
-    times = {k: [] for k in steps}
-    for _ in range(reps):
-        for training, step in steps.items():
-            start = time.process_time()
-            [np.asarray(t) for t in step(x, y)]
-            times[training].append(time.process_time() - start)
-    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+    before = load_average()
+    times = interleaved(steps, reps)
+    return {
+        "classes": num_classes,
+        "features": feature_dim,
+        "batch_size": batch_size,
+        "times": times,
+        "load": [before, load_average()],
+    }
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="1000x2048,10000x2048", help="Comma list of CxF.")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument(
+        "--results-dir",
+        default=str(_HERE / "results"),
+        help="Where cache_custom_loop.json goes. Default: benchmarks/results.",
+    )
+    parser.add_argument("--no-results", action="store_true", help="Write no result file.")
     args = parser.parse_args(argv)
     set_threads(1)
     print(f"load average at start: {load_average()}")
+    results = []
     for config in args.configs.split(","):
         num_classes, feature_dim = (int(v) for v in config.split("x"))
-        ms = measure(num_classes, feature_dim, args.batch_size, args.reps)
-        print(
-            f"C={num_classes} F={feature_dim}: training=True {ms[True]:.1f} ms, "
-            f"training=False {ms[False]:.1f} ms, ratio {ms[False] / ms[True]:.2f} "
-            f"(load {load_average()})"
+        entry = measure(num_classes, feature_dim, args.batch_size, args.reps)
+        results.append(entry)
+        cpu = {k: sorted(v["cpu"])[len(v["cpu"]) // 2] * 1e3 for k, v in entry["times"].items()}
+        ratios = sorted(
+            a / b
+            for a, b in zip(
+                entry["times"]["training_false"]["cpu"],
+                entry["times"]["training_true"]["cpu"],
+                strict=True,
+            )
         )
+        print(
+            f"C={num_classes} F={feature_dim}: training=True {cpu['training_true']:.1f} ms, "
+            f"training=False {cpu['training_false']:.1f} ms (CPU medians), ratio "
+            f"{ratios[len(ratios) // 2]:.2f} (median of {len(ratios)} paired repetitions; "
+            f"load {entry['load'][0]} -> {entry['load'][1]})"
+        )
+    if not args.no_results:
+        payload = {
+            "settings": {"threads": 1, "clock": "cpu", "reps": args.reps},
+            "results": results,
+        }
+        path = write_result(
+            "cache_custom_loop", payload, path=Path(args.results_dir) / "cache_custom_loop.json"
+        )
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

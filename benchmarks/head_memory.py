@@ -27,6 +27,8 @@ The naive implementation is measured at small B (its memory is linear in B)
 and the slope is extrapolated to B=256.
 
     python benchmarks/head_memory.py [--batch-size 256 --classes 10000 --features 2048]
+
+Results: `benchmarks/results/head_memory.json` (rendered by `_render_speed.py`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
 from _common import MIB, PeakMemory, run_worker  # noqa: E402
+from _render_speed import render_head_memory  # noqa: E402
+from _results import command_line, machine_info, write_result  # noqa: E402
 
 HEADS = ("dense", "isomax", "naive")
 
@@ -107,13 +111,17 @@ def _worker(argv):
             [np.asarray(t) for t in out]
             times.append(time.perf_counter() - start)
         peaks.append(mem.peak_bytes)
+    from _results import machine_info
+
     return {
         "peak_bytes": max(p for p in peaks) if None not in peaks else None,
+        "peaks_bytes": peaks,
         "resident_growth_bytes": resident_growth,
-        "seconds": float(np.median(times)),
+        "seconds": times,
         "method": mem.method,
         "device": "GPU" if gpu else "CPU",
         "layers_sha1": library_fingerprint()[0],
+        "machine": machine_info(),
     }
 
 
@@ -121,8 +129,12 @@ def _worker(argv):
 
 
 def large_head_check(
-    batch_size=256, classes=10_000, features=2048, naive_batches=(2, 4, 8), threads=0
-):
+    batch_size: int = 256,
+    classes: int = 10_000,
+    features: int = 2048,
+    naive_batches: tuple[int, ...] = (2, 4, 8),
+    threads: int = 0,
+) -> dict:
     """Measures the peak memory of each head; returns a dict of results."""
     here = Path(__file__).resolve()
     naive_bytes = batch_size * classes * features * 4
@@ -164,87 +176,7 @@ def large_head_check(
     return results
 
 
-def _gib(n):
-    return "n/a" if n is None else f"{n / 1024**3:.2f} GiB"
-
-
-def _mib(n):
-    return "n/a" if n is None else f"{n / MIB:,.0f} MiB"
-
-
-def format_large_head(results):
-    """Markdown for `large_head_check` results."""
-    b, c, f = results["batch_size"], results["classes"], results["features"]
-    lines = [
-        "Forward + backward of the head alone (features in; loss; gradients for the "
-        f"features and the head's weights; SGD update), B={b}, C={c:,}, F={f:,}.",
-        "",
-    ]
-    check = results["method_check"]
-    if check.get("peak_bytes") is not None:
-        lines.append(
-            f"Method check: a known {_mib(check['expected_bytes'])} allocation read "
-            f"{_mib(check['peak_bytes'])} ({check['method']})."
-        )
-        lines.append("")
-    lines += [
-        "| head | peak transient memory | time / step | vs B*C*F*4 |",
-        "| --- | ---: | ---: | ---: |",
-    ]
-    names = {
-        "dense": "Dense + softmax cross-entropy",
-        "isomax": "IsoMaxPlusLayer (library)",
-    }
-    naive = results["naive_tensor_bytes"]
-    for head, r in results["heads"].items():
-        if "error" in r:
-            lines.append(f"| {names[head]} | failed: {r['error']} | | |")
-            continue
-        peak = r["peak_bytes"]
-        share = "n/a" if peak is None else f"1/{naive / max(peak, 1):,.0f}"
-        lines.append(f"| {names[head]} | {_mib(peak)} | {r['seconds']:.2f} s | {share} |")
-    for r in results["naive"]:
-        if "error" in r:
-            lines.append(f"| naive exact differences, B={r['batch_size']} | failed | | |")
-            continue
-        lines.append(
-            f"| naive exact differences, B={r['batch_size']} | {_mib(r['peak_bytes'])} | "
-            f"{r['seconds']:.2f} s | |"
-        )
-    if "naive_extrapolated_bytes" in results:
-        slope = results["naive_slope_bytes_per_example"]
-        lines.append(
-            f"| naive, extrapolated to B={b} ({_mib(slope)} per example, "
-            f"{slope / (c * f * 4):.1f} x C*F*4) | {_gib(results['naive_extrapolated_bytes'])} "
-            f"| | |"
-        )
-    lines += [
-        "",
-        "Inference + score (`training=False`, as `predict`), the same B, C, F: memory kept "
-        "by the first two steps (RSS growth: tracing, and IsoMax+'s inference cache) and the "
-        "peak transient memory of the next step.",
-        "",
-        "| head | kept by the first steps | peak transient memory | time / step |",
-        "| --- | ---: | ---: | ---: |",
-    ]
-    for head, r in results.get("inference", {}).items():
-        if "error" in r:
-            lines.append(f"| {names[head]} | failed: {r['error']} | | |")
-            continue
-        lines.append(
-            f"| {names[head]} | {_mib(r['resident_growth_bytes'])} | {_mib(r['peak_bytes'])} "
-            f"| {r['seconds']:.2f} s |"
-        )
-    shas = sorted({r["layers_sha1"] for r in results["heads"].values() if "layers_sha1" in r})
-    lines += [
-        "",
-        f"B*C*F*4 bytes = {naive / 1e9:.1f} GB ({_gib(naive)}). keras_isomax/layers.py sha1 "
-        f"{', '.join(shas)}.",
-    ]
-    return "\n".join(lines)
-
-
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if "--worker" in argv:
         print("RESULT " + json.dumps(_worker(argv)), flush=True)
@@ -255,9 +187,27 @@ def main(argv=None):
     parser.add_argument("--features", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=0, help="0: TensorFlow's default.")
     parser.add_argument("--json", help="Also write the raw results to this JSON file.")
+    parser.add_argument(
+        "--results-dir",
+        default=str(_HERE / "results"),
+        help="Where head_memory.json goes. Default: benchmarks/results.",
+    )
+    parser.add_argument("--no-results", action="store_true", help="Write no result file.")
     args = parser.parse_args(argv)
     results = large_head_check(args.batch_size, args.classes, args.features, threads=args.threads)
-    print(format_large_head(results))
+    machine = next(
+        (r["machine"] for r in results["heads"].values() if "machine" in r), machine_info()
+    )
+    record = {"command": command_line(), "machine": machine, **results}
+    if not args.no_results:
+        gpu = any(r.get("device") == "GPU" for r in results["heads"].values())
+        name = "head_memory_gpu" if gpu else "head_memory"
+        path = write_result(
+            name, results, machine=machine, path=Path(args.results_dir) / f"{name}.json"
+        )
+        record = json.loads(path.read_text())
+        print(f"wrote {path}", file=sys.stderr)
+    print(render_head_memory(lambda name: record))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

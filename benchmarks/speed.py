@@ -1,45 +1,49 @@
-"""Speed and memory of the IsoMax+ head against a Dense + softmax head.
+"""Speed of the IsoMax+ head against a Dense + softmax head, as ratios measured side by side.
 
-Everything is measured side by side in one run, as ratios IsoMax+ / Dense on
-the same backbone, batch and device:
+Two tables, each measured with TensorFlow's oneDNN kernels on and off (one
+worker process per setting: `TF_ENABLE_ONEDNN_OPTS=1` / `=0`; each records the
+setting TensorFlow reports), without and with XLA:
 
-1. Whole training step (forward, backward, SGD update) and inference + OOD
-   score (IsoMax+: logits -> minimum distance score; Dense: logits -> maximum
-   softmax probability) on a CNN backbone, for (C, F) in
-   {(10, 128), (100, 512), (1000, 2048), (10000, 2048)}.
-2. The head alone (features in), B=256 by default for the issue's configs,
-   with an ablation ladder of reference points (Dense with the IsoMax+ loss,
-   the bare matrix product) beside the library's `IsoMaxPlusLayer`.
-3. Peak memory of a training step per configuration and head (each in its own
-   subprocess; see `head_memory.py` for the method and the B=256, C=10,000,
-   F=2,048 large-head check).
-4. The scoring cost of a post-hoc detector on the same features: pytorch-ood's
-   Mahalanobis detector, when installed.
+1. `head`: the head alone, features in, batch 256, (C, F) in (1,000, 2,048),
+   (10,000, 2,048), (100,000, 512). Training step as `fit` runs it (the head
+   called with `training=True`; loss, gradients for the head's weights and for
+   the features, SGD update) and inference as `predict` runs it
+   (`training=False`) + OOD score. Results: `benchmarks/results/speed_head.json`.
+2. `step`: the whole training step and inference + score on a ResNet-20
+   backbone, batch 64, (C, F) in (10, 128), (100, 512), (1,000, 2,048),
+   (10,000, 2,048). Results: `benchmarks/results/speed_resnet20.json`.
 
-Only the library's public layer is timed (helpers in `_common.py`).
+Baselines: `Dense(C)` logits + `SparseCategoricalCrossentropy(from_logits=True)`
+(what `fit` runs for a Dense + softmax classifier), score = maximum softmax
+probability; IsoMax+: `IsoMaxPlusLayer(C)` + `IsoMaxPlusLoss`, score = minimum
+distance (the largest logit). Only the library's public layer is timed
+(helpers in `_common.py`).
 
-Noise control for a shared machine: all functions are compiled `tf.function`s
-(`--jit` adds XLA), warmed up, then measured interleaved (each repetition runs
-every head once, in a rotating order), many times; tables give medians and the
-median of the per-repetition ratios (paired, so slow phases of the machine
-cancel) with its interquartile range. Load averages are printed.
+Noise control for a shared machine: one TensorFlow thread and process CPU time
+(on a CPU-only machine), compiled `tf.function`s, warmed up, then repetitions
+that run every head once in a rotating order (`_common.interleaved`); the JSON
+files keep every repetition's time for both heads, so that the paired ratios
+(IsoMax+ / Dense per repetition) can be recomputed. Load averages are recorded.
+`benchmarks/_render_speed.py` renders the tables from the JSON files.
 
-    python benchmarks/speed.py --quick               # about 2 minutes
-    python benchmarks/speed.py --markdown out.md     # the full run
+    python benchmarks/speed.py                  # both tables, oneDNN on and off, XLA off and on
+    python benchmarks/speed.py --quick          # smoke test, about 2 minutes, writes nothing
+
+Optional sections: `ablation` (reference heads beside the two, in the head
+table), `memory` (peak memory of a backbone step, `speed_memory.json`),
+`posthoc` (pytorch-ood's Mahalanobis scoring cost, `speed_posthoc.json`).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
 import os
-import platform
 import sys
 import time
-import warnings
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -50,6 +54,14 @@ os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 _HERE = Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
+
+HEAD_CONFIGS = ((1000, 2048), (10000, 2048), (100000, 512))
+STEP_CONFIGS = ((10, 128), (100, 512), (1000, 2048), (10000, 2048))
+MODEL_HEADS = ("dense", "isomax")
+# The head-alone ablation: reference points (Dense with the IsoMax+ loss; the
+# bare matrix product in each orientation) beside the library's layer.
+LADDER = ("dense", "dense_isoloss", "mm_only", "mm_rev", "isomax")
+ONEDNN_ENV = {"on": "1", "off": "0"}
 
 
 def _posthoc_worker(argv):
@@ -128,46 +140,21 @@ try:
 except ImportError:  # Running from a source checkout without installing.
     sys.path.insert(0, str(_HERE.parent))
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from _common import (  # noqa: E402
-    HEAD_NAMES,
-    PeakMemory,
-    head_step_fn,
-    infer_fn,
-    interleaved,
-    library_fingerprint,
-    load_average,
-    machine,
-    make_head,
-    reference_distances,
-    run_worker,
-    set_threads,
-    summarize,
-    sync,
-    train_fn,
-)
+from _common import HEAD_NAMES, load_average, run_worker  # noqa: E402
+from _results import machine_info, write_result  # noqa: E402
 
-from keras_isomax import IsoMaxPlusLayer  # noqa: E402
-
-CONFIGS = ((10, 128), (100, 512), (1000, 2048), (10000, 2048))
-MODEL_HEADS = ("dense", "isomax")
-# The head-alone ablation: reference points (Dense with the IsoMax+ loss; the
-# bare matrix product in each orientation) beside the library's layer.
-LADDER = ("dense", "dense_isoloss", "mm_only", "mm_rev", "isomax")
-
-
-# ------------------------------------------------------------- backbones
+# ------------------------------------------------------ timing worker (TensorFlow)
 
 
 def _conv_bn(x, filters, kernel=3, strides=1, relu=True):
+    import keras
+
     x = keras.layers.Conv2D(filters, kernel, strides, padding="same", use_bias=False)(x)
     x = keras.layers.BatchNormalization()(x)
     return keras.layers.ReLU()(x) if relu else x
 
 
-def build_backbone(name, feature_dim, image_size=32):
+def build_backbone(name: str, feature_dim: int, image_size: int = 32) -> Any:
     """A CNN from images `(image_size, image_size, 3)` to features `(F,)`.
 
     - `"resnet20"`: the CIFAR ResNet-20 (He et al. 2016: 3 stages of 3 basic
@@ -179,6 +166,8 @@ def build_backbone(name, feature_dim, image_size=32):
     - `"resnet50"`: `keras.applications.ResNet50(weights=None)` without top
       (2048 channels; a 1x1 convolution maps them to F when F differs).
     """
+    import keras
+
     inputs = keras.Input((image_size, image_size, 3))
     if name == "resnet50":
         base = keras.applications.ResNet50(
@@ -213,8 +202,13 @@ def build_backbone(name, feature_dim, image_size=32):
     return keras.Model(inputs, features, name=f"{name}_f{feature_dim}")
 
 
-def build_models(backbone, num_classes, feature_dim, heads, image_size):
-    """One model per head, all with the same backbone weights."""
+def build_models(
+    backbone: str, num_classes: int, feature_dim: int, heads: tuple[str, ...], image_size: int
+) -> dict[str, tuple[Any, Any, Any]]:
+    """One `(model, loss, score_fn)` per head, all with the same backbone weights."""
+    import keras
+    from _common import make_head
+
     keras.utils.set_random_seed(0)
     reference = build_backbone(backbone, feature_dim, image_size)
     weights = reference.get_weights()
@@ -228,20 +222,20 @@ def build_models(backbone, num_classes, feature_dim, heads, image_size):
     return models
 
 
-# ---------------------------------------------------------------- timing
-
-
-def _gpu_available():
-    return bool(tf.config.list_physical_devices("GPU"))
-
-
-def check_nearest_precision(rng, num_classes=1000, feature_dim=512, n=400):
-    """Relative error of the layer's distance to the nearest prototype (float32
-    vs the float64 reference), features at distances 1e-4 .. 1 from a prototype.
+def check_nearest_precision(rng: Any, num_classes: int = 1000, feature_dim: int = 512) -> dict:
+    """Relative error of the timed layer's distance to the nearest prototype
+    (float32, `training=False` as `predict` calls it, vs the float64 reference),
+    400 features at distances 1e-4 .. 1 from a prototype.
 
     Returns:
         `{band: max relative error}` for the bands [1e-4, 0.05) and [0.05, 1.5).
     """
+    import numpy as np
+    from _common import reference_distances
+
+    from keras_isomax import IsoMaxPlusLayer
+
+    n = 400
     layer = IsoMaxPlusLayer(num_classes)
     layer.build((None, feature_dim))
     p = layer.prototypes.numpy()
@@ -251,94 +245,153 @@ def check_nearest_precision(rng, num_classes=1000, feature_dim=512, n=400):
     direction /= np.linalg.norm(direction, axis=1, keepdims=True)
     x = (pn[rng.integers(0, num_classes, size=n)] + radii[:, None] * direction).astype("float32")
     expected = reference_distances(x, p).min(axis=1)
-    got = -np.asarray(layer(x), np.float64).max(axis=1)  # scale 1, temperature 1
-    rel = np.abs(got - expected) / expected
     bands = {"[1e-4, 0.05)": (1e-4, 0.05), "[0.05, 1.5)": (0.05, 1.5)}
-    return {
-        k: float(rel[(expected >= lo) & (expected < hi)].max()) for k, (lo, hi) in bands.items()
-    }
-
-
-# -------------------------------------------------------------- sections
-
-
-def whole_step_section(args, log, jit):
-    results = {}
-    for num_classes, feature_dim in args.configs:
-        log(f"whole step C={num_classes} F={feature_dim} jit={jit} (load {load_average()})")
-        models = build_models(args.backbone, num_classes, feature_dim, MODEL_HEADS, args.image_size)
-        rng = np.random.default_rng(1)
-        x = tf.constant(
-            rng.uniform(size=(args.batch_size, args.image_size, args.image_size, 3)), tf.float32
-        )
-        y = tf.constant(rng.integers(0, num_classes, size=args.batch_size), tf.int32)
-        train = {
-            k: functools.partial(train_fn(m, loss, jit), x, y) for k, (m, loss, _) in models.items()
+    out = {}
+    for training in (True, False):
+        got = -np.asarray(layer(x, training=training), np.float64).max(axis=1)  # |s| = T = 1
+        rel = np.abs(got - expected) / expected
+        out["train" if training else "infer"] = {
+            k: float(rel[(expected >= lo) & (expected < hi)].max()) for k, (lo, hi) in bands.items()
         }
-        infer = {k: functools.partial(infer_fn(m, s, jit), x) for k, (m, _, s) in models.items()}
-        load = load_average()
-        results[(num_classes, feature_dim)] = {
-            "train": summarize(interleaved(train, args.reps), args.clock),
-            "infer": summarize(interleaved(infer, args.reps), args.clock),
-            "load": f"{load} / {load_average()}",
-        }
-        keras.utils.clear_session()
-    return results
+    return out
 
 
-def head_section(args, log, heads, jit):
-    results = {}
-    for num_classes, feature_dim in args.configs:
-        log(f"head alone C={num_classes} F={feature_dim} jit={jit} (load {load_average()})")
+def _measure(fns: dict, reps: int) -> dict:
+    """`interleaved` times (per repetition) with the load average around them."""
+    from _common import interleaved
+
+    before = load_average()
+    times = interleaved(fns, reps)
+    return {"times": times, "load": [before, load_average()]}
+
+
+def _head_section(args, log, jit):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from _common import head_step_fn
+
+    heads = LADDER if args.ablation else MODEL_HEADS
+    entries = []
+    for num_classes, feature_dim in args.head_configs:
+        log(f"head alone C={num_classes} F={feature_dim} XLA={jit} (load {load_average()})")
         rng = np.random.default_rng(2)
-        x = tf.constant(rng.normal(size=(args.batch_size, feature_dim)), tf.float32)
-        y = tf.constant(rng.integers(0, num_classes, size=args.batch_size), tf.int32)
+        x = tf.constant(rng.normal(size=(args.head_batch_size, feature_dim)), tf.float32)
+        y = tf.constant(rng.integers(0, num_classes, size=args.head_batch_size), tf.int32)
         keras.utils.set_random_seed(0)
-        train, infer = {}, {}
+        fns = {"train": {}, "infer": {}}
         for kind in heads:
             step, _ = head_step_fn(kind, num_classes, feature_dim, train=True, jit=jit)
-            train[kind] = functools.partial(step, x, y)
+            fns["train"][kind] = functools.partial(step, x, y)
             fwd, _ = head_step_fn(kind, num_classes, feature_dim, train=False, jit=jit)
-            infer[kind] = functools.partial(fwd, x, y)
-        reps = args.reps if num_classes * feature_dim < 10**7 else max(3, (args.reps + 1) // 2)
-        load = load_average()
-        results[(num_classes, feature_dim)] = {
-            "train": summarize(interleaved(train, reps), args.clock),
-            "infer": summarize(interleaved(infer, reps), args.clock),
-            "load": f"{load} / {load_average()}",
-        }
-        keras.utils.clear_session()
-    return results
-
-
-def memory_section(args, log):
-    results = {}
-    for num_classes, feature_dim in args.configs:
-        for kind in MODEL_HEADS:
-            log(f"memory C={num_classes} F={feature_dim} {kind} (load {load_average()})")
-            results[(num_classes, feature_dim, kind)] = run_worker(
-                Path(__file__),
-                [
-                    "--head",
-                    kind,
-                    "--classes",
-                    num_classes,
-                    "--features",
-                    feature_dim,
-                    "--batch-size",
-                    args.batch_size,
-                    "--backbone",
-                    args.backbone,
-                    "--image-size",
-                    args.image_size,
-                    "--threads",
-                    args.threads,
-                ],
+            fns["infer"][kind] = functools.partial(fwd, x, y)
+        # The largest heads take seconds per step: fewer repetitions there.
+        reps = args.reps if num_classes * feature_dim <= 3 * 10**7 else max(3, (args.reps + 1) // 2)
+        for phase in ("train", "infer"):
+            entries.append(
+                {
+                    "classes": num_classes,
+                    "features": feature_dim,
+                    "batch_size": args.head_batch_size,
+                    "xla": jit,
+                    "phase": phase,
+                    **_measure(fns[phase], reps),
+                }
             )
-    return results
+        keras.utils.clear_session()
+    return entries
+
+
+def _step_section(args, log, jit):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from _common import infer_fn, train_fn
+
+    entries = []
+    for num_classes, feature_dim in args.step_configs:
+        log(f"{args.backbone} C={num_classes} F={feature_dim} XLA={jit} (load {load_average()})")
+        models = build_models(args.backbone, num_classes, feature_dim, MODEL_HEADS, args.image_size)
+        rng = np.random.default_rng(1)
+        shape = (args.step_batch_size, args.image_size, args.image_size, 3)
+        x = tf.constant(rng.uniform(size=shape), tf.float32)
+        y = tf.constant(rng.integers(0, num_classes, size=args.step_batch_size), tf.int32)
+        fns = {
+            "train": {
+                k: functools.partial(train_fn(m, loss, jit), x, y)
+                for k, (m, loss, _) in models.items()
+            },
+            "infer": {
+                k: functools.partial(infer_fn(m, s, jit), x) for k, (m, _, s) in models.items()
+            },
+        }
+        for phase in ("train", "infer"):
+            entries.append(
+                {
+                    "classes": num_classes,
+                    "features": feature_dim,
+                    "batch_size": args.step_batch_size,
+                    "xla": jit,
+                    "phase": phase,
+                    **_measure(fns[phase], args.step_reps),
+                }
+            )
+        keras.utils.clear_session()
+    return entries
+
+
+def _timing_worker(argv):
+    """Runs the timing sections in this process (TensorFlow imported here)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--timing-worker", action="store_true")
+    parser.add_argument("--config-json", required=True)
+    args = argparse.Namespace(**json.loads(parser.parse_args(argv).config_json))
+    args.head_configs = [tuple(c) for c in args.head_configs]
+    args.step_configs = [tuple(c) for c in args.step_configs]
+    started = time.time()
+
+    def log(message):
+        print(f"[{time.time() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+    import numpy as np
+    import tensorflow as tf
+    from _common import library_fingerprint, machine, set_threads
+    from _results import onednn_setting
+
+    set_threads(args.threads)
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    # "auto": what Keras' fit does, XLA on a GPU and not on a CPU.
+    args.jit_modes = [gpu if mode == "auto" else mode for mode in args.jit_modes]
+    out = {
+        "onednn": onednn_setting(),
+        "machine": machine_info(),
+        "device": machine(),
+        "gpu": gpu,
+        "layers_sha1": library_fingerprint()[0],
+        "load_start": load_average(),
+        "nearest_precision": check_nearest_precision(np.random.default_rng(0)),
+        "head": [],
+        "step": [],
+    }
+    log(f"oneDNN {out['onednn']}; {out['device']}")
+    for jit in args.jit_modes:
+        if "head" in args.sections:
+            out["head"] += _head_section(args, log, jit)
+        if "step" in args.sections:
+            out["step"] += _step_section(args, log, jit)
+    out["load_end"] = load_average()
+    out["seconds"] = time.time() - started
+    return out
+
+
+# ------------------------------------------------------ memory worker (TensorFlow)
 
 
 def _memory_worker(argv):
+    import numpy as np
+    import tensorflow as tf
+    from _common import PeakMemory, infer_fn, library_fingerprint, set_threads, sync, train_fn
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--head", required=True)
@@ -350,9 +403,9 @@ def _memory_worker(argv):
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     set_threads(args.threads)
-    gpu = _gpu_available()
+    gpu = bool(tf.config.list_physical_devices("GPU"))
     model, loss_fn, score_fn = build_models(
-        args.backbone, args.classes, args.features, [args.head], args.image_size
+        args.backbone, args.classes, args.features, (args.head,), args.image_size
     )[args.head]
     rng = np.random.default_rng(1)
     x = tf.constant(
@@ -374,333 +427,316 @@ def _memory_worker(argv):
     return out
 
 
-def posthoc_section(args, log):
+# ------------------------------------------------------------- orchestration
+
+
+def _memory_section(args, log):
+    results = {}
+    for num_classes, feature_dim in args.step_configs:
+        for kind in MODEL_HEADS:
+            log(f"memory C={num_classes} F={feature_dim} {kind} (load {load_average()})")
+            results[f"{num_classes}x{feature_dim}:{kind}"] = run_worker(
+                Path(__file__),
+                [
+                    *("--head", kind, "--classes", num_classes, "--features", feature_dim),
+                    *("--batch-size", args.step_batch_size, "--backbone", args.backbone),
+                    *("--image-size", args.image_size, "--threads", args.threads),
+                ],
+            )
+    return results
+
+
+def _posthoc_section(args, log):
     """Scoring cost of pytorch-ood's Mahalanobis detector, in a subprocess.
 
     torch is imported in a process of its own: importing it into a process
     that already runs TensorFlow crashed here (segfault in libc).
     """
     log(f"posthoc (load {load_average()})")
-    configs = ",".join(f"{c}x{f}" for c, f in args.configs)
-    result = run_worker(
+    return run_worker(
         Path(__file__),
         [
-            "--configs",
-            configs,
-            "--batch-size",
-            args.batch_size,
-            "--reps",
-            args.reps,
-            "--threads",
-            args.threads,
-            "--clock",
-            args.clock,
+            *("--configs", ",".join(f"{c}x{f}" for c, f in args.head_configs)),
+            *("--batch-size", args.head_batch_size, "--reps", args.reps),
+            *("--threads", args.threads, "--clock", "cpu"),
         ],
         flag="--posthoc-worker",
+        memory=False,
     )
-    if "configs" in result:
-        result["configs"] = {
-            tuple(int(v) for v in key.split("x")): value for key, value in result["configs"].items()
-        }
-    return result
 
 
-# ---------------------------------------------------------------- output
+def _parse_configs(parser, text):
+    try:
+        return [tuple(int(v) for v in c.lower().split("x")) for c in text.split(",")]
+    except ValueError:
+        parser.error(f"--configs must look like 10x128,1000x2048. Received: {text!r}")
 
 
-def _fmt_ratio(s):
-    return f"{s['ratio']:.2f} [{s['ratio_q25']:.2f}, {s['ratio_q75']:.2f}] ({s['wall_ratio']:.2f})"
-
-
-def format_ratio_table(results, heads, kind, clock):
-    unit = "CPU ms" if clock == "cpu" else "ms"
-    cells = []
-    for h in heads:
-        cells.append(f"{HEAD_NAMES[h]} {unit}")
-        if h != "dense":
-            cells.append("ratio")
-    lines = ["| C | F | " + " | ".join(cells) + " | load before / after |"]
-    lines.append("|" + " ---: |" * (len(cells) + 3))
-    for (num_classes, feature_dim), r in results.items():
-        s = r[kind]
-        row = []
-        for h in heads:
-            row.append(f"{s[h]['median_ms']:.1f}")
-            if h != "dense":
-                row.append(_fmt_ratio(s[h]))
-        lines.append(
-            f"| {num_classes:,} | {feature_dim:,} | " + " | ".join(row) + f" | {r['load']} |"
-        )
-    return "\n".join(lines)
-
-
-def format_memory(results, args):
-    lines = [
-        "| C | F | head | params | train-step peak | ratio | inference peak | ratio |"
-        " B*C*4 | C*F*4 |",
-        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    method = None
-    mib = 1024**2
-    for (num_classes, feature_dim, kind), r in results.items():
-        if "error" in r:
-            lines.append(f"| {num_classes} | {feature_dim} | {kind} | failed: {r['error']} |")
-            continue
-        method = r.get("method", method)
-        base = results.get((num_classes, feature_dim, "dense"), {})
-
-        def ratio(key, r=r, base=base):
-            if not base.get(key) or r.get(key) is None:
-                return "n/a"
-            return f"{r[key] / base[key]:.2f}"
-
-        def size(value):
-            return "n/a" if value is None else f"{value / mib:,.1f} MiB"
-
-        lines.append(
-            f"| {num_classes:,} | {feature_dim:,} | {HEAD_NAMES[kind]} | {r['params']:,} | "
-            f"{size(r['train_peak_bytes'])} | {ratio('train_peak_bytes')} | "
-            f"{size(r['infer_peak_bytes'])} | {ratio('infer_peak_bytes')} | "
-            f"{args.batch_size * num_classes * 4 / mib:,.2f} MiB | "
-            f"{num_classes * feature_dim * 4 / mib:,.1f} MiB |"
-        )
-    if method:
-        shas = sorted({r["layers_sha1"] for r in results.values() if "layers_sha1" in r})
-        lines += [
-            "",
-            f"Measured as: {method}, during one step after two warm-up steps, each case in "
-            "its own process (see benchmarks/head_memory.py), without XLA; layers.py sha1 "
-            f"{', '.join(shas)}.",
-        ]
-    return "\n".join(lines)
-
-
-def format_posthoc(results, head_results, clock):
-    if "error" in results:
-        return f"Not measured: {results['error']}."
-    unit = "CPU ms" if clock == "cpu" else "ms"
-    lines = [
-        f"pytorch-ood {results['version']} (torch {results['torch']}): "
-        "`Mahalanobis.predict_features` on one batch of features (it loops over the "
-        "classes in Python: timed on at most 20 classes and scaled to C, the loop being "
-        "linear in C), and the same scores computed with two matrix products "
-        "(`efficient`, ours), beside the IsoMax+ and Dense heads' own inference + score "
-        "(head alone, table above). The Mahalanobis cost comes on top of the "
-        "classifier's forward pass; the IsoMax+ score is the max of logits the head "
-        "already computes.",
-        "",
-        f"| C | F | IsoMax+ head + MDS {unit} | Dense head + MSP {unit} | "
-        f"Mahalanobis, pytorch-ood {unit} | Mahalanobis, two matmuls {unit} |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for (num_classes, feature_dim), r in results["configs"].items():
-        head = head_results.get((num_classes, feature_dim), {}).get("infer", {})
-        iso = head.get("isomax", {}).get("median_ms")
-        dense = head.get("dense", {}).get("median_ms")
-        scaled = r["pytorch_ood_measured_classes"] < num_classes
-        note = f" (x{num_classes // r['pytorch_ood_measured_classes']})" if scaled else ""
-        lines.append(
-            f"| {num_classes:,} | {feature_dim:,} | "
-            f"{'n/a' if iso is None else f'{iso:.2f}'} | "
-            f"{'n/a' if dense is None else f'{dense:.2f}'} | "
-            f"{r['pytorch_ood_ms']:,.1f}{note} | {r['efficient_ms']:.2f} |"
-        )
-    return "\n".join(lines)
-
-
-def parse_args(argv):
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="About 2 minutes: small backbone, 3 configurations, few repetitions, "
-        "whole-step and head-alone sections only.",
+        "--sections",
+        default="head,step",
+        help="Comma list of: head, step (alias resnet20), ablation (adds reference heads to the "
+        "head table), memory, posthoc. Default: head,step.",
     )
-    parser.add_argument("--configs", default=None, help="Comma list of CxF, e.g. 10x128,1000x2048.")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--configs", default=None, help="CxF list for every section, e.g. 10x128,1000x2048."
+    )
+    parser.add_argument(
+        "--head-configs",
+        default=",".join(f"{c}x{f}" for c, f in HEAD_CONFIGS),
+        help="CxF list of the head table. Default: %(default)s.",
+    )
+    parser.add_argument(
+        "--step-configs",
+        default=",".join(f"{c}x{f}" for c, f in STEP_CONFIGS),
+        help="CxF list of the backbone table. Default: %(default)s.",
+    )
+    parser.add_argument("--batch-size", type=int, default=None, help="For every section.")
+    parser.add_argument("--head-batch-size", type=int, default=256)
+    parser.add_argument("--step-batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--backbone", default=None, choices=("resnet20", "small", "resnet50"))
-    parser.add_argument("--reps", type=int, default=None, help="Interleaved repetitions.")
+    parser.add_argument("--backbone", default="resnet20", choices=("resnet20", "small", "resnet50"))
+    parser.add_argument(
+        "--reps", type=int, default=None, help="Interleaved repetitions (head). Default: 9."
+    )
+    parser.add_argument(
+        "--step-reps",
+        type=int,
+        default=None,
+        help="Interleaved repetitions (backbone). Default: --reps if given, else 5.",
+    )
     parser.add_argument(
         "--jit",
-        default="auto",
-        choices=("auto", "on", "off", "both"),
-        help="XLA for both heads: 'auto' does what Keras' model.fit does (XLA on a GPU, "
-        "not on a CPU-only machine); 'both' measures both, Keras' choice first. "
-        "Default: auto.",
+        default="both",
+        choices=("both", "off", "on", "auto"),
+        help="XLA for both heads: 'both' measures without, then with XLA; 'auto' does what "
+        "Keras' fit does (XLA on a GPU, not on a CPU). Default: both.",
+    )
+    parser.add_argument(
+        "--onednn",
+        default="both",
+        choices=("both", "on", "off", "inherit"),
+        help="TensorFlow's oneDNN kernels in the measuring processes: 'both' runs one worker "
+        "with TF_ENABLE_ONEDNN_OPTS=1 and one with =0; 'inherit' keeps this environment. "
+        "Default: both.",
     )
     parser.add_argument(
         "--threads",
         type=int,
-        default=None,
-        help="TensorFlow intra/inter-op threads; 0 = TensorFlow's default. Default: 1 on a "
-        "CPU-only machine (CPU time is then a clean measure of work on a shared machine), "
-        "0 with a GPU.",
+        default=1,
+        help="TensorFlow intra/inter-op threads; 0 = TensorFlow's default. Default: 1 (CPU time "
+        "is then a clean measure of work on a shared machine).",
     )
     parser.add_argument(
-        "--clock",
-        default=None,
-        choices=("cpu", "wall"),
-        help="Time reported in the tables; the other clock's ratio is shown in parentheses. "
-        "Default: 'cpu' (process CPU time) on a CPU-only machine, 'wall' with a GPU.",
+        "--results-dir",
+        default=str(_HERE / "results"),
+        help="Where speed_head.json / speed_resnet20.json go. Default: benchmarks/results.",
     )
+    parser.add_argument("--no-results", action="store_true", help="Write no result files.")
     parser.add_argument(
-        "--sections",
-        default=None,
-        help="Comma list of: step,head,ablation,memory,posthoc. Default: all "
-        "(--quick: step,head). The B=256, C=10,000 memory check is "
-        "benchmarks/head_memory.py.",
+        "--quick",
+        action="store_true",
+        help="Smoke test (about 2 minutes): C = 1,000 head, small backbone, 3 repetitions, "
+        "this environment's oneDNN setting, no XLA, no result files.",
     )
-    parser.add_argument("--machine", default=None, help="Machine description for the report.")
-    parser.add_argument("--markdown", help="Also write the report to this Markdown file.")
-    parser.add_argument("--json", help="Write the raw results to this JSON file.")
+    parser.add_argument("--machine", default=None, help="A description stored with the results.")
+    parser.add_argument("--markdown", help="Also write the rendered tables to this file.")
+    parser.add_argument("--json", help="Also write the raw results to this JSON file.")
     args = parser.parse_args(argv)
-    if args.configs:
-        try:
-            args.configs = [
-                tuple(int(v) for v in c.lower().split("x")) for c in args.configs.split(",")
-            ]
-        except ValueError:
-            parser.error(f"--configs must look like 10x128,1000x2048; got {args.configs!r}")
-    elif args.quick:
-        args.configs = [(10, 128), (100, 512), (1000, 2048)]
-    else:
-        args.configs = list(CONFIGS)
-    gpu = _gpu_available()
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    sections = {"step" if s == "resnet20" else s for s in sections}
+    unknown = sections - {"head", "step", "ablation", "memory", "posthoc"}
+    if unknown:
+        parser.error(f"Unknown sections {sorted(unknown)}. Received: --sections={args.sections}")
+    if "ablation" in sections:
+        sections.add("head")
+    args.ablation = "ablation" in sections
+    args.sections = sorted(sections)
+    args.head_configs = _parse_configs(parser, args.configs or args.head_configs)
+    args.step_configs = _parse_configs(parser, args.configs or args.step_configs)
+    if args.batch_size:
+        args.head_batch_size = args.step_batch_size = args.batch_size
+    args.step_reps = args.step_reps or args.reps or 5
+    args.reps = args.reps or 9
     if args.quick:
-        args.backbone = args.backbone or "small"
-        args.reps = args.reps or 5
-        args.sections = args.sections or "step,head"
-    args.backbone = args.backbone or "resnet20"
-    args.reps = args.reps or 15
-    args.sections = (args.sections or "step,head,ablation,memory,posthoc").split(",")
-    if args.threads is None:
-        args.threads = 0 if gpu else 1
-    args.clock = args.clock or ("wall" if gpu else "cpu")
-    args.jit_modes = {
-        "auto": [gpu],
-        "on": [True],
-        "off": [False],
-        "both": [gpu, not gpu],  # What Keras' model.fit does here first.
-    }[args.jit]
+        args.head_configs = args.head_configs if args.configs else [(1000, 2048)]
+        args.step_configs = args.step_configs if args.configs else [(10, 128), (1000, 2048)]
+        args.backbone = "small"
+        args.reps = args.step_reps = 3
+        args.onednn = "inherit" if args.onednn == "both" else args.onednn
+        args.jit = "off" if args.jit == "both" else args.jit
+        args.no_results = True
     return args
 
 
-def main(argv=None):
+def _jit_modes(jit, gpu):
+    return {"both": [False, True], "off": [False], "on": [True], "auto": [gpu]}[jit]
+
+
+def _onednn_settings(choice):
+    return {"both": ["on", "off"], "on": ["on"], "off": ["off"], "inherit": [None]}[choice]
+
+
+def _run_timing(args, log):
+    """One timing worker per oneDNN setting; returns their results."""
+    runs = []
+    for setting in _onednn_settings(args.onednn):
+        env = {} if setting is None else {"TF_ENABLE_ONEDNN_OPTS": ONEDNN_ENV[setting]}
+        config = {
+            "sections": [s for s in args.sections if s in ("head", "step")],
+            "ablation": args.ablation,
+            "head_configs": args.head_configs,
+            "step_configs": args.step_configs,
+            "head_batch_size": args.head_batch_size,
+            "step_batch_size": args.step_batch_size,
+            "image_size": args.image_size,
+            "backbone": args.backbone,
+            "reps": args.reps,
+            "step_reps": args.step_reps,
+            "threads": args.threads,
+            # The worker knows whether it has a GPU: "auto" is resolved there.
+            "jit_modes": _jit_modes(args.jit, gpu=False) if args.jit != "auto" else ["auto"],
+        }
+        log(f"timing worker, oneDNN {setting or 'as inherited'} (load {load_average()})")
+        result = run_worker(
+            Path(__file__),
+            ["--config-json", json.dumps(config)],
+            flag="--timing-worker",
+            env=env,
+            timeout=4 * 3600,
+            stream_stderr=True,
+            memory=False,
+        )
+        result["onednn_requested"] = setting or "inherited"
+        runs.append(result)
+    return runs
+
+
+def _write(args, name, payload, machine, log):
+    if args.no_results:
+        return None
+    path = write_result(
+        name, payload, machine=machine, path=Path(args.results_dir) / f"{name}.json"
+    )
+    log(f"wrote {path}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if "--worker" in argv:
         print("RESULT " + json.dumps(_memory_worker(argv)), flush=True)
         return
+    if "--timing-worker" in argv:
+        print("RESULT " + json.dumps(_timing_worker(argv)), flush=True)
+        return
     args = parse_args(argv)
-    set_threads(args.threads)
     started = time.time()
 
     def log(message):
         print(f"[{time.time() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
 
-    fingerprint, commit = library_fingerprint()
-    clock_name = "process CPU time (all threads)" if args.clock == "cpu" else "wall-clock time"
-    other = "wall-clock" if args.clock == "cpu" else "CPU-time"
-    header = [
-        "# keras-isomax speed and memory benchmark",
-        "",
-        f"- Command: `python benchmarks/speed.py {' '.join(argv)}`",
-        f"- Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
-        f"- Machine: {args.machine or machine()}; {platform.machine()}; TensorFlow "
-        f"{tf.__version__}, Keras {keras.__version__}, Python {platform.python_version()}",
-        f"- Backbone: {args.backbone} on {args.image_size}x{args.image_size}x3 images; batch "
-        f"{args.batch_size}; {args.reps} interleaved repetitions; TensorFlow threads: "
-        f"{args.threads or 'default'}; optimizer SGD (Nesterov momentum 0.9)",
-        f"- Times: {clock_name}, median over repetitions",
-        f"- Library: keras_isomax/layers.py sha1 {fingerprint}"
-        + (f" (last commit touching keras_isomax: {commit})" if commit else ""),
-        f"- Load average (1/5/15 min) at start: {load_average()}",
-        "",
-        "Ratio columns: IsoMax+ / Dense, the median of the per-repetition ratios "
-        f"[interquartile range] ({other} ratio). Dense + softmax is the baseline "
-        "(`Dense(C)` logits, sparse softmax cross-entropy; score: max softmax probability).",
-    ]
-    raw = {"args": {k: v for k, v in vars(args).items()}, "layers_sha1": fingerprint}
-    report = ["\n".join(header)]
-
-    def emit(*lines):
-        """Prints a finished section at once (and rewrites the output files), so
-        that a run stopped by a time limit keeps what it measured."""
-        block = "\n".join(lines)
-        report.append(block)
-        print(block + "\n", flush=True)
-        if args.markdown:
-            Path(args.markdown).write_text("\n\n".join(report) + "\n")
-        if args.json:
-            Path(args.json).write_text(json.dumps(raw, indent=2, default=str))
-
-    print(report[0] + "\n", flush=True)
-    head_results = {}
-    precision = check_nearest_precision(np.random.default_rng(0))
-    raw["nearest_precision"] = precision
-    emit(
-        "Exactness check of the layer timed here: relative error of the distance to the "
-        "nearest prototype (float32 vs float64; C=1,000, F=512, 400 features at distances "
-        "1e-4 .. 1 from a prototype), max per band: "
-        + ", ".join(f"{k} {v:.1e}" for k, v in precision.items())
-        + "."
-    )
-    for jit in args.jit_modes:
-        tag = "XLA" if jit else "no XLA"
-        if "step" in args.sections:
-            r = whole_step_section(args, log, jit)
-            raw[f"step_{tag}"] = {f"{c}x{f}": v for (c, f), v in r.items()}
-            emit(
-                f"## Whole training step on the backbone ({tag})",
-                "",
-                "Forward, backward and SGD update of backbone + head.",
-                "",
-                format_ratio_table(r, MODEL_HEADS, "train", args.clock),
-            )
-            emit(
-                f"## Inference + OOD score on the backbone ({tag})",
-                "",
-                "Dense: max softmax probability; IsoMax+: minimum distance score (max logit).",
-                "",
-                format_ratio_table(r, MODEL_HEADS, "infer", args.clock),
-            )
-        if "head" in args.sections or "ablation" in args.sections:
-            heads = LADDER if "ablation" in args.sections else MODEL_HEADS
-            r = head_section(args, log, heads, jit)
-            if not jit or not head_results:
-                head_results = r
-            raw[f"head_{tag}"] = {f"{c}x{f}": v for (c, f), v in r.items()}
-            emit(
-                f"## The head alone, features in: training step ({tag})",
-                "",
-                "Loss, gradients for the head's weights and for the features, SGD update.",
-                "",
-                format_ratio_table(r, heads, "train", args.clock),
-            )
-            emit(
-                f"## The head alone: inference + score ({tag})",
-                "",
-                format_ratio_table(r, heads, "infer", args.clock),
-            )
+    log(f"load average at start: {load_average()}")
+    settings = {
+        "threads": args.threads,
+        "clock": "cpu" if args.threads else "wall",
+        "head_batch_size": args.head_batch_size,
+        "step_batch_size": args.step_batch_size,
+        "reps": args.reps,
+        "step_reps": args.step_reps,
+        "backbone": args.backbone,
+        "image_size": args.image_size,
+        "optimizer": "SGD(learning_rate=1e-3, momentum=0.9, nesterov=True)",
+        "heads": {k: HEAD_NAMES[k] for k in (LADDER if args.ablation else MODEL_HEADS)},
+        "description": args.machine,
+    }
+    raw = {"settings": settings}
+    written = {}
+    if "head" in args.sections or "step" in args.sections:
+        runs = _run_timing(args, log)
+        failed = [r for r in runs if "error" in r]
+        for run in failed:
+            log(f"worker failed (oneDNN {run['onednn_requested']}): {run['error']}")
+        runs = [r for r in runs if "error" not in r]
+        if runs:
+            gpu = any(r.get("gpu") for r in runs)
+            machine = {
+                **runs[0]["machine"],
+                "onednn": ", ".join(dict.fromkeys(r["onednn"] for r in runs)),
+                "device": runs[0]["device"],
+            }
+            suffix = "_gpu" if gpu else ""
+            for section, name in (("head", "speed_head"), ("step", f"speed_{args.backbone}")):
+                if section not in args.sections:
+                    continue
+                payload = {
+                    "section": section,
+                    "settings": settings,
+                    "runs": [
+                        {
+                            key: run[key]
+                            for key in (
+                                "onednn_requested",
+                                "onednn",
+                                "machine",
+                                "device",
+                                "layers_sha1",
+                                "load_start",
+                                "load_end",
+                                "seconds",
+                                "nearest_precision",
+                            )
+                        }
+                        | {"results": run[section]}
+                        for run in runs
+                    ],
+                }
+                raw[name] = payload
+                written[name + suffix] = _write(args, name + suffix, payload, machine, log)
     if "memory" in args.sections:
-        r = memory_section(args, log)
-        seen = {v.get("layers_sha1") for v in r.values() if "layers_sha1" in v}
-        if seen - {fingerprint}:
-            warnings.warn(
-                f"layers.py changed during the run: the memory workers saw {sorted(seen)}, "
-                f"the timing sections {fingerprint}",
-                stacklevel=1,
-            )
-        raw["memory"] = {f"{c}x{f}:{k}": v for (c, f, k), v in r.items()}
-        emit("## Peak memory of a step on the backbone", "", format_memory(r, args))
+        raw["speed_memory"] = {"settings": settings, "results": _memory_section(args, log)}
+        written["speed_memory"] = _write(
+            args, "speed_memory", raw["speed_memory"], machine_info(), log
+        )
     if "posthoc" in args.sections:
-        r = posthoc_section(args, log)
-        raw["posthoc"] = {
-            **{k: v for k, v in r.items() if k != "configs"},
-            "configs": {f"{c}x{f}": v for (c, f), v in r.get("configs", {}).items()},
-        }
-        emit("## Post-hoc detector scoring cost", "", format_posthoc(r, head_results, args.clock))
-    emit(f"Load average at end: {load_average()}; total time {time.time() - started:.0f} s.")
+        raw["speed_posthoc"] = {"settings": settings, "results": _posthoc_section(args, log)}
+        written["speed_posthoc"] = _write(
+            args, "speed_posthoc", raw["speed_posthoc"], machine_info(), log
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(raw, indent=1) + "\n")
+    report = _report(raw, written, args)
+    print(report)
+    if args.markdown:
+        Path(args.markdown).write_text(report + "\n")
+    log(f"load average at end: {load_average()}; total time {time.time() - started:.0f} s")
+
+
+def _report(raw, written, args):
+    """The tables of this run, rendered as `benchmarks/_render_speed.py` renders them."""
+    import _render_speed
+
+    blocks = []
+    for name in ("speed_head", f"speed_{args.backbone}"):
+        if name not in raw:
+            continue
+        record = {"command": "(this run)", "machine": {}, **raw[name]}
+        blocks.append(_render_speed.render_ratio_table(record))
+    if "speed_memory" in raw:
+        blocks.append("Peak memory of a backbone step (bytes):\n\n```\n")
+        blocks[-1] += json.dumps(raw["speed_memory"]["results"], indent=1) + "\n```"
+    if "speed_posthoc" in raw:
+        blocks.append(
+            "Post-hoc scoring cost:\n\n```\n"
+            + json.dumps(raw["speed_posthoc"]["results"], indent=1)
+            + "\n```"
+        )
+    files = [str(p) for p in written.values() if p]
+    if files:
+        blocks.append("Written: " + ", ".join(files))
+    return "\n\n".join(blocks)
 
 
 if __name__ == "__main__":

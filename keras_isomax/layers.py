@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
+from collections.abc import Iterator
+from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 
-_NORM_EPSILON = 1e-12  # Same as PyTorch's F.normalize: x / max(||x||, eps).
+from keras_isomax._numerics import NORM_EPSILON as _NORM_EPSILON
+from keras_isomax._numerics import SQUARED_FLOOR as _SQUARED_FLOOR
+
+if keras.backend.backend() == "tensorflow":
+    # The TensorFlow-only part (fused logits with one gradient, the inference
+    # cache), chosen once, like Keras' own backend-specific code.
+    from keras_isomax import _tf_layer
+else:
+    _tf_layer = None
 
 
-def l2_normalize(x, axis=-1, epsilon=_NORM_EPSILON):
+def l2_normalize(x: Any, axis: int = -1, epsilon: float = _NORM_EPSILON) -> Any:
     """Divides `x` by `max(||x||_2, epsilon)` along `axis`, with finite gradients.
 
     Unlike `tf.math.l2_normalize` (epsilon on the squared norm), `epsilon` bounds
@@ -39,31 +48,22 @@ def _safe_sqrt(x):
     return ops.where(positive, root, x * 0)
 
 
-# Floor of the squared distances from the matrix product (all but each row's
-# nearest prototype): keeps the gradient of `sqrt` finite (its value there is
-# 1e-6, far below the expansion's own rounding error of about 1e-4).
-_SQUARED_FLOOR = 1e-12
-
-
 def _row_norms_squared(x):
-    """`sum(x**2, axis=-1)` of a 2D tensor without an `x**2` temporary."""
-    return ops.einsum("ij,ij->i", x, x)
+    """`sum(x**2, axis=-1)` of a 2D tensor."""
+    return ops.sum(ops.square(x), axis=-1)
 
 
 def _first_argmin(squared):
     """`(N,)` int32: the index of each row's minimum of `squared` `(N, C)`.
 
-    On TensorFlow its `ArgMin` kernel (one pass; a LiteRT and ONNX builtin):
-    7x faster than the comparison form at `C = 100,000` (BENCHMARKS.md).
+    On TensorFlow its `ArgMin` kernel (one pass; a LiteRT and ONNX builtin).
     Elsewhere the first minimum from a comparison, not `ops.argmin` on
     floats: Keras' float argmin bitcasts to test the sign bit, which neither
     LiteRT builtins nor ONNX runtimes have. (On ties any of the tied indices
     does: their distances agree.)
     """
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        return tf.math.argmin(squared, axis=-1, output_type=tf.int32)
+    if _tf_layer is not None:
+        return _tf_layer.first_argmin(squared)
     if isinstance(squared.shape[0], int) and squared.shape[0] == 0:
         # An eager empty batch: Keras' `min` refuses empty tensors on torch
         # (`initial=` would fix that, but jax2onnx cannot export it).
@@ -120,7 +120,7 @@ def _nan_guard(x):
     return 0.0 * ops.sum(x, axis=-1, keepdims=True)
 
 
-def pairwise_distances(features, prototypes, exact_nearest=True):
+def pairwise_distances(features: Any, prototypes: Any, exact_nearest: bool = True) -> Any:
     """Euclidean distances between rows of `features` and rows of `prototypes`.
 
     Memory grows as `B*C + C*F` (not `B*C*F`): all squared distances come from
@@ -156,62 +156,47 @@ def pairwise_distances(features, prototypes, exact_nearest=True):
 
 @keras.saving.register_keras_serializable(package="keras_isomax")
 class IsoMaxPlusLayer(keras.layers.Layer):
-    """IsoMax+ output layer: scaled distances to class prototypes as logits.
+    """IsoMax+ output layer: logits from the distances to learned class prototypes.
 
-    Replaces the final `Dense(num_classes)` (+ softmax) of a classifier. For
-    features `x` and learnable prototypes `p_c` it returns
+    Replaces the final `Dense(num_classes)` (+ softmax) of a classifier; train
+    it with `IsoMaxPlusLoss`. For features `x` and prototypes `p_c` it returns
 
-        logits[..., c] = -|s| * || x/||x|| - p_c/||p_c|| ||_2 / T
+        logits[..., c] = -|s| * || x / ||x|| - p_c / ||p_c|| ||_2 / T
 
-    where `s` is the learnable `distance_scale` (initialised to 1.0) and `T` the
-    non-trainable `temperature` (1.0 unless calibrated). Train it with
-    `IsoMaxPlusLoss`; at inference `scores.minimum_distance_score(logits)` (the
-    maximum logit) is the out-of-distribution score: higher means more
-    in-distribution. The layer also stores a non-trainable `ood_threshold`
-    (NaN until calibrated), so that calibration is saved and exported with the
-    model.
+    The prototypes `(num_classes, F)` and the distance scale `s` are trainable;
+    the temperature `T` is a non-trainable weight, 1 unless set by
+    `calibrate_temperature`. Norms are bounded below by `1e-12` (an all-zero
+    feature vector is at distance 1 from every prototype).
 
-    The distance math always runs in float32 or wider: under a mixed precision
-    policy (`mixed_float16`, `mixed_bfloat16`) the layer computes in the
-    policy's variable dtype, and logits come out float32.
+    The out-of-distribution score is `scores.minimum_distance_score(logits)`
+    (the largest logit): higher means more in-distribution. The non-trainable
+    weight `ood_threshold` (NaN until `calibrate_threshold` sets it) is saved
+    and exported with the model.
 
-    NaN or Inf in a feature vector gives NaN logits for that example only; the
-    other examples of the batch are unaffected.
-
-    All distances come from one `(B, F) x (F, C)` matrix product (a `Dense`
-    head's work); each example's nearest prototype is then recomputed exactly
-    from the difference of the normalised vectors, which keeps float32
-    relative accuracy for small distances (also under TF32/bfloat16 matmuls).
-    The minimum distance score depends only on that distance, so the former
-    `exact_neighbors` (more neighbours, at the cost of a top-k and a gather) is
-    accepted with a warning and ignored.
-
-    Inference does not renormalise unchanged prototypes. On TensorFlow, calls
-    with `training=False` (what `predict` and `evaluate` pass) keep the
-    normalised prototypes, in a `Dense` kernel's `(F, C)` order, with a copy of
-    the prototypes they came from; each call compares that copy with the
-    prototypes, element by element, and recomputes on any difference, so no
-    write (`assign`, `fit`, a checkpoint restore) leaves it stale, and repeated
-    calls on the same weights give identical results. The cache takes two
-    more `C x F` arrays from the first such call, is never saved, and is
-    bypassed under XLA and `tf.distribute`; `inference_cache=False` turns it
-    off. (A custom training loop that calls the layer with `training=False`
-    under a `GradientTape` gets the right gradients but recomputes the cache
-    after every update: pass `training=True` there.) Exports freeze the
-    normalised prototypes instead (`inference_snapshot()`).
+    The logits are float32 under a mixed precision policy too (the layer
+    computes in the policy's variable dtype). NaN or Inf in a feature vector
+    gives NaN logits for that example only.
 
     Args:
-        num_classes: Number of classes `C` (> 0).
-        prototype_initializer: Initializer for the `(C, F)` prototypes.
-            Defaults to `RandomNormal(mean=0.0, stddev=1.0)`, as in the paper.
-        prototype_regularizer: Optional regularizer for the prototypes.
-            Defaults to `None`.
+        num_classes: Number of classes `C`, a positive integer.
+        prototype_initializer: Initializer of the prototypes. Defaults to
+            `None`: `RandomNormal(mean=0.0, stddev=1.0)`, as in the paper.
+        prototype_regularizer: Regularizer of the prototypes. Defaults to
+            `None`.
         distance_scale_initializer: Initializer of the distance scale `s`.
-            Defaults to `"ones"` (1.0, as in the paper).
-        inference_cache: Whether `training=False` calls on TensorFlow keep
-            the normalised prototypes between calls (see above; two more
-            `C x F` arrays). Defaults to `True`.
-        **kwargs: Base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+            Defaults to `"ones"`.
+        inference_cache: Whether inference calls (`training=False`, as in
+            `predict` and `evaluate`) on the TensorFlow backend keep the
+            normalised prototypes between calls, checked against the
+            prototypes on every call (up to three more `num_classes x F`
+            arrays). Defaults to `True`.
+        **kwargs: Base layer arguments (`name`, `dtype`, ...).
+
+    Input shape:
+        N-D tensor with shape `(batch_size, ..., F)`, N >= 2.
+
+    Output shape:
+        N-D tensor with shape `(batch_size, ..., num_classes)`.
 
     Raises:
         ValueError: If `num_classes` is not a positive integer, or the input's
@@ -220,24 +205,32 @@ class IsoMaxPlusLayer(keras.layers.Layer):
     Example:
 
     >>> import numpy as np, keras
-    >>> from keras_isomax import IsoMaxPlusLayer
-    >>> layer = IsoMaxPlusLayer(num_classes=3)
-    >>> logits = layer(np.random.rand(4, 8).astype("float32"))
-    >>> tuple(logits.shape)
-    (4, 3)
-    >>> bool(keras.ops.all(logits <= 0))
-    True
+    >>> from keras_isomax import IsoMaxPlusLayer, IsoMaxPlusLoss, scores
+    >>> model = keras.Sequential([
+    ...     keras.Input((8,)),
+    ...     keras.layers.Dense(16, activation="relu"),
+    ...     IsoMaxPlusLayer(3),
+    ... ])
+    >>> model.compile(optimizer="sgd", loss=IsoMaxPlusLoss())
+    >>> x = np.random.rand(32, 8).astype("float32")
+    >>> y = np.random.randint(0, 3, size=32)
+    >>> _ = model.fit(x, y, epochs=1, verbose=0)
+    >>> logits = model.predict(x, verbose=0)
+    >>> logits.shape
+    (32, 3)
+    >>> tuple(scores.minimum_distance_score(logits).shape)
+    (32,)
     """
 
     def __init__(
         self,
-        num_classes,
-        prototype_initializer=None,
-        prototype_regularizer=None,
-        distance_scale_initializer="ones",
-        inference_cache=True,
-        **kwargs,
-    ):
+        num_classes: int,
+        prototype_initializer: Any = None,
+        prototype_regularizer: Any = None,
+        distance_scale_initializer: Any = "ones",
+        inference_cache: bool = True,
+        **kwargs: Any,
+    ) -> None:
         if (
             isinstance(num_classes, bool)
             or not isinstance(num_classes, int | np.integer)
@@ -245,16 +238,6 @@ class IsoMaxPlusLayer(keras.layers.Layer):
         ):
             raise ValueError(
                 f"`num_classes` must be a positive integer. Received: num_classes={num_classes!r}"
-            )
-        if "exact_neighbors" in kwargs:
-            # In configs saved by earlier versions; the nearest prototype is now always exact.
-            exact_neighbors = kwargs.pop("exact_neighbors")
-            warnings.warn(
-                "`exact_neighbors` is deprecated and ignored: the distance to the "
-                "nearest prototype is always recomputed exactly, the others come "
-                f"from the matrix product. Received: exact_neighbors={exact_neighbors!r}",
-                DeprecationWarning,
-                stacklevel=2,
             )
         kwargs["dtype"] = _full_precision_policy(kwargs.get("dtype"))
         super().__init__(**kwargs)
@@ -270,7 +253,7 @@ class IsoMaxPlusLayer(keras.layers.Layer):
         self._snapshot = None
         self._inference_cache = None
 
-    def build(self, input_shape):
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
         feature_dim = input_shape[-1]
         if feature_dim is None:
             raise ValueError(
@@ -298,27 +281,23 @@ class IsoMaxPlusLayer(keras.layers.Layer):
             trainable=False,
         )
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: feature_dim})
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-
+        if _tf_layer is not None and _tf_layer.cache_allowed():
             # Not in a `tf.distribute` scope: the variables would be mirrored on
             # every replica (and broadcast at creation), for a cache replicas skip.
-            if not tf.distribute.has_strategy():
-                self._inference_cache = _InferenceCache(
-                    self.num_classes, feature_dim, self.prototypes.dtype
-                )
+            self._inference_cache = _tf_layer.InferenceCache(
+                self.num_classes, feature_dim, self.prototypes.dtype
+            )
 
-    def call(self, inputs, training=None):
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
         x = ops.cast(inputs, self.compute_dtype)
         prototypes = ops.cast(self.prototypes, self.compute_dtype)
         num_classes, feature_dim = prototypes.shape
         lead_shape = ops.shape(x)[:-1]
         if len(x.shape) != 2:
             x = ops.reshape(x, (-1, feature_dim))
-        # The normalised features and their squared norms (~1, 0 for a zero vector).
-        squared_norm = ops.sum(ops.square(x), axis=-1, keepdims=True)
-        inverse = ops.rsqrt(ops.maximum(squared_norm, _NORM_EPSILON * _NORM_EPSILON))
-        features, x_sq = x * inverse, squared_norm * ops.square(inverse)
+        scale = ops.abs(ops.cast(self.distance_scale, self.compute_dtype)) / ops.cast(
+            self.temperature, self.compute_dtype
+        )
         if self._snapshot is not None:
             if training:
                 raise ValueError(
@@ -326,15 +305,17 @@ class IsoMaxPlusLayer(keras.layers.Layer):
                     f"layer {self.name} cannot train inside it. Received: training={training!r}"
                 )
             kernel, squared_norms = self._snapshot.variables
+            features, x_sq = _normalized_features(x)
             distances = _distances(features, prototypes, squared_norms, kernel=kernel, x_sq=x_sq)
-        elif self._uses_inference_cache(training):
-            distances = self._inference_cache.distances(features, x_sq, prototypes)
+            # One (N, C) product: the scale, and NaN for rows with NaN or Inf.
+            logits = distances * (_nan_guard(x) - scale)
+        elif _tf_layer is not None:
+            cache = self._inference_cache if self._uses_inference_cache(training) else None
+            logits = _tf_layer.isomax_logits(x, prototypes, scale, cache)
         else:
+            features, x_sq = _normalized_features(x)
             distances = _live_distances(features, x_sq, prototypes)
-        scale = ops.abs(ops.cast(self.distance_scale, self.compute_dtype))
-        temperature = ops.cast(self.temperature, self.compute_dtype)
-        # One (N, C) product: the scale, and NaN for rows with NaN or Inf.
-        logits = distances * (_nan_guard(x) - scale / temperature)
+            logits = distances * (_nan_guard(x) - scale)
         if len(inputs.shape) == 2:
             return logits
         return ops.reshape(logits, (*lead_shape, num_classes))
@@ -342,21 +323,18 @@ class IsoMaxPlusLayer(keras.layers.Layer):
     def _uses_inference_cache(self, training):
         # Only explicit inference (`training=False`: predict, evaluate, exports);
         # `training=None` may be a custom training loop's forward pass.
-        if training is not False or not self.inference_cache or self._inference_cache is None:
-            return False
-        import tensorflow as tf
-
-        # Not for replicas (they would write one cache at once), nor under XLA,
-        # which copies every variable a compiled function may write, on each call.
         return (
-            not tf.distribute.has_strategy() and tf.__internal__.get_enclosing_xla_context() is None
+            training is False
+            and self.inference_cache
+            and self._inference_cache is not None
+            and _tf_layer.cache_allowed()
         )
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         return tuple(input_shape[:-1]) + (self.num_classes,)
 
     @contextlib.contextmanager
-    def inference_snapshot(self):
+    def inference_snapshot(self) -> Iterator[tuple[keras.Variable, keras.Variable]]:
         """Freezes the normalised prototypes, for tracing a serving graph.
 
         Inside the context, calls read the prototypes normalised once, on
@@ -406,11 +384,11 @@ class IsoMaxPlusLayer(keras.layers.Layer):
             self._snapshot = None
 
     @property
-    def is_calibrated(self):
+    def is_calibrated(self) -> bool:
         """Whether `ood_threshold` holds a calibrated (finite) value."""
         return self.built and math.isfinite(float(self.ood_threshold.numpy()))
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {
             **super().get_config(),
             "num_classes": self.num_classes,
@@ -422,6 +400,13 @@ class IsoMaxPlusLayer(keras.layers.Layer):
             "inference_cache": self.inference_cache,
         }
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> IsoMaxPlusLayer:
+        # Configs saved before `exact_neighbors` was removed hold it: the
+        # nearest prototype's distance is always exact now, so it is dropped.
+        config = {key: value for key, value in config.items() if key != "exact_neighbors"}
+        return super().from_config(config)
+
 
 class _Snapshot:
     """Holds `inference_snapshot`'s variables (a plain object, so that neither
@@ -431,95 +416,19 @@ class _Snapshot:
         self.variables = variables
 
 
+def _normalized_features(x):
+    """`(x / max(||x||, eps), ||that||^2)`: the normalised rows and their squared norms
+    (1, or less for a clamped norm; 0 for a zero vector)."""
+    squared_norm = ops.sum(ops.square(x), axis=-1, keepdims=True)
+    inverse = ops.rsqrt(ops.maximum(squared_norm, _NORM_EPSILON * _NORM_EPSILON))
+    return x * inverse, squared_norm * ops.square(inverse)
+
+
 def _live_distances(features, x_sq, prototypes):
     """`_distances` with the prototypes normalised in the same call."""
     p_sq = _row_norms_squared(prototypes)  # (C,)
     inverse_norm = ops.rsqrt(ops.maximum(p_sq, _NORM_EPSILON * _NORM_EPSILON))
     return _distances(features, prototypes, p_sq, inverse_norm, x_sq=x_sq)
-
-
-class _InferenceCache:
-    """The normalised prototypes of TensorFlow inference calls, verified.
-
-    Holds the `(F, C)` kernel and `(C,)` squared norms of the normalised
-    prototypes together with a copy of the prototypes they were computed from
-    (`source`). Each call compares the prototypes with `source`, element by
-    element (one read of each: a `Dense` kernel's memory traffic), and
-    recomputes all three on any difference, so no write (optimizer step,
-    `assign`, checkpoint restore, a raw `tf.Variable` op) can leave it stale,
-    and every call computes the same way: repeated calls on the same weights
-    give identical results. A hit spares the norms and the slower
-    `(C, F)`-ordered product. A plain object, so that neither Keras nor
-    TensorFlow saves its variables.
-    """
-
-    def __init__(self, num_classes, feature_dim, dtype):
-        import tensorflow as tf
-
-        # Created with the layer's weights, uninitialised (`Empty`): pages are
-        # only taken when the first call writes them. Full shapes, because XLA
-        # cannot change a variable's shape.
-        def empty(*shape):
-            return tf.raw_ops.Empty(shape=shape, dtype=dtype, init=False)
-
-        with tf.init_scope():
-            self.filled = tf.Variable(False, trainable=False, name="cache_filled")
-            self.source = tf.Variable(
-                empty(num_classes, feature_dim), trainable=False, name="cache_source"
-            )
-            self.kernel = tf.Variable(
-                empty(feature_dim, num_classes), trainable=False, name="cache_kernel"
-            )
-            self.squared_norms = tf.Variable(
-                empty(num_classes), trainable=False, name="cache_squared_norms"
-            )
-
-    def distances(self, features, x_sq, prototypes):
-        """`_distances` of `features` `(N, F)` (squared norms `x_sq`) to `prototypes`
-        `(C, F)`; differentiable."""
-        kernel, squared_norms = self._normalized(prototypes)
-        return _distances(features, prototypes, squared_norms, kernel=kernel, x_sq=x_sq)
-
-    def _normalized(self, prototypes):
-        import tensorflow as tf
-
-        @tf.custom_gradient
-        def normalized(p):
-            def hit():
-                return self.kernel.read_value(), self.squared_norms.read_value()
-
-            def refresh():
-                kernel, squared_norms = _normalized_kernel(p)
-                # The source last: a concurrent call that finds it equal to the
-                # prototypes also finds their kernel.
-                with tf.control_dependencies(
-                    [self.kernel.assign(kernel), self.squared_norms.assign(squared_norms)]
-                ):
-                    written = [self.source.assign(p), self.filled.assign(True)]
-                with tf.control_dependencies(written):
-                    return tf.identity(kernel), tf.identity(squared_norms)
-
-            fresh = tf.logical_and(
-                self.filled.read_value(), tf.reduce_all(tf.equal(self.source.read_value(), p))
-            )
-            outputs = tf.cond(fresh, hit, refresh)
-
-            def grad(d_kernel, d_squared_norms, variables=None):
-                with tf.GradientTape() as tape:
-                    tape.watch(p)
-                    recomputed = _normalized_kernel(p)
-                d_p = tape.gradient(recomputed, p, output_gradients=[d_kernel, d_squared_norms])
-                return d_p, [None] * len(variables or ())
-
-            return outputs, grad
-
-        return normalized(prototypes)
-
-
-def _normalized_kernel(prototypes):
-    """`(F, C)` normalised prototypes (a `Dense` kernel's order) and their `(C,)` squared norms."""
-    normalized = l2_normalize(prototypes)
-    return ops.transpose(normalized), _row_norms_squared(normalized)
 
 
 def _full_precision_policy(dtype):

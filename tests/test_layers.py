@@ -1,5 +1,8 @@
 import contextlib
+import json
 import math
+import warnings
+import zipfile
 
 import keras
 import numpy as np
@@ -177,6 +180,54 @@ def test_gradients_match_finite_differences(rng, near):
     )
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_clamped_norms_match_reference(rng, training):
+    """Feature vectors and prototypes with norms below 1e-12 (clamped, as PyTorch's
+    `F.normalize` clamps them): logits and gradients equal the float64 reference,
+    on the training path and on the inference path (`training=False`)."""
+    num_classes, feature_dim = 5, 6
+    layer = _built_layer(num_classes, feature_dim, rng, dtype="float64")
+    p = rng.normal(size=(num_classes, feature_dim))
+    p[3] *= 1e-13
+    layer.prototypes.assign(p)
+    layer.distance_scale.assign(1.3)
+    x = rng.normal(size=(4, feature_dim))
+    x[1] = 0.0
+    x[2] *= 3e-13
+    weights = rng.normal(size=(4, num_classes))
+    layer(x, training=training)  # On the inference path: fills the cache, read below.
+    x_t = tf.Variable(x)
+    with tf.GradientTape() as tape:
+        logits = layer(x_t, training=training)
+        loss = tf.reduce_sum(weights * logits)
+    gx, gp = tape.gradient(loss, [x_t, layer.prototypes])
+    np.testing.assert_allclose(logits, ref_logits(x, p, scale=1.3), rtol=1e-10, atol=1e-12)
+
+    def numeric(f, value):
+        # Central differences, steps relative to each row's norm (clamped rows stay clamped).
+        grad = np.zeros_like(value)
+        for i in np.ndindex(value.shape):
+            step = (
+                1e-6 * np.linalg.norm(value[i[0]]) if np.linalg.norm(value[i[0]]) > 1e-9 else 1e-20
+            )
+            up, down = value.copy(), value.copy()
+            up[i] += step
+            down[i] -= step
+            grad[i] = (f(up) - f(down)) / (2 * step)
+        return grad
+
+    def objective(x_, p_):
+        return float(np.sum(weights * ref_logits(x_, p_, scale=1.3)))
+
+    for got, expected in (
+        (gx, numeric(lambda v: objective(v, p), x)),
+        (gp, numeric(lambda v: objective(x, v), p)),
+    ):
+        # Per row: a clamped row's gradient is ~1e12 times larger than the others'.
+        scale = np.abs(expected).max(axis=1, keepdims=True)
+        np.testing.assert_allclose(got / scale, expected / scale, rtol=0, atol=1e-6)
+
+
 def test_no_nan_at_zero_distance_or_zero_features(rng):
     layer = _built_layer(4, 8, rng)
     p = layer.prototypes.numpy()
@@ -228,25 +279,34 @@ def test_bad_num_classes(bad):
         IsoMaxPlusLayer(bad)
 
 
-def test_exact_neighbors_deprecated_and_old_configs_load(rng):
-    with pytest.warns(DeprecationWarning, match="exact_neighbors=8"):
-        layer = IsoMaxPlusLayer(3, exact_neighbors=8)
-    assert "exact_neighbors" not in layer.get_config()
-    # A config written by the earlier layer still loads and computes the same logits.
-    old_config = {**_built_layer(3, 5, rng).get_config(), "exact_neighbors": 2}
-    with pytest.warns(DeprecationWarning, match="exact_neighbors"):
-        restored = keras.layers.deserialize(
-            {
-                "module": "keras_isomax.layers",
-                "class_name": "IsoMaxPlusLayer",
-                "config": old_config,
-                "registered_name": "keras_isomax>IsoMaxPlusLayer",
-            }
-        )
-    restored.build((None, 5))
+def test_exact_neighbors_removed_and_old_keras_files_load(rng, tmp_path):
+    """`exact_neighbors` is gone; `.keras` files whose config holds it still load
+    (the key is dropped, silently) and compute the same logits."""
+    with pytest.raises(ValueError, match="exact_neighbors"):
+        IsoMaxPlusLayer(3, exact_neighbors=8)
+    model = keras.Sequential([keras.Input((5,)), IsoMaxPlusLayer(3, name="head")])
+    model.layers[-1].prototypes.assign(rng.normal(size=(3, 5)))
+    path = tmp_path / "new.keras"
+    model.save(path)
+    # The same file as the earlier layer wrote it: `exact_neighbors` in the config.
+    old_path = tmp_path / "old.keras"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(old_path, "w") as target:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                (head,) = [c for c in config["config"]["layers"] if c["config"]["name"] == "head"]
+                head["config"]["exact_neighbors"] = 2
+                data = json.dumps(config).encode()
+            target.writestr(item, data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        restored = keras.saving.load_model(old_path)
+    assert "exact_neighbors" not in restored.layers[-1].get_config()
     x = rng.normal(size=(4, 5)).astype("float32")
+    np.testing.assert_array_equal(restored(x), model(x))
     np.testing.assert_allclose(
-        restored(x), ref_logits(x, restored.prototypes.numpy()), rtol=1e-5, atol=1e-6
+        restored(x), ref_logits(x, model.layers[-1].prototypes.numpy()), rtol=1e-5, atol=1e-6
     )
 
 
@@ -442,9 +502,9 @@ def test_inference_cache_is_read_and_never_stale(rng, tmp_path):
 
     check()
     cache = _cache_of(head)
-    # The cache holds the float64-normalised prototypes, (F, C) ...
+    # The cache holds the normalised prototypes, (F, C), scaled by -2 ...
     pn = l2_normalize(head.prototypes).numpy().astype(np.float64)
-    np.testing.assert_allclose(cache.kernel.numpy(), pn.T, atol=1e-7)
+    np.testing.assert_allclose(cache.kernel.numpy(), -2.0 * pn.T, atol=2e-7)
     # ... and is what an unchanged call reads: spoil it, the logits change.
     cache.kernel.assign(tf.zeros_like(cache.kernel))
     assert not np.allclose(model(x, training=False), model(x, training=True), atol=1e-3)
