@@ -1,13 +1,13 @@
 # Two commands on a fresh machine (see README.md):
 #   make demo   installs what the demo needs into .venv (offline data included), runs it
-#   make test   installs everything into .venv, runs ruff and the whole test suite
+#   make test   installs everything into .venv, runs ruff, mypy and the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
 
-.PHONY: install install-demo install-docs data demo docs test test-backends lint clean
+.PHONY: install install-demo install-docs data demo docs test test-backends lint typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,9 +50,13 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Annotations checked (pyproject.toml [tool.mypy]: every function annotated).
+typecheck: install
+	$(BIN)/mypy
+
 # The whole suite on TensorFlow, then its backend-neutral part (every file not in
 # tests/conftest.py's TENSORFLOW_ONLY_FILES) on JAX and PyTorch.
-test: lint
+test: lint typecheck
 	$(BIN)/python -m pytest
 	$(MAKE) test-backends
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import keras
 import numpy as np
@@ -10,7 +11,15 @@ import numpy as np
 from keras_isomax._data import is_array_like
 
 
-def check_int(value, name, *, minimum=1, allow_none=False, numpy=True, what=None):
+def check_int(
+    value: Any,
+    name: str,
+    *,
+    minimum: int = 1,
+    allow_none: bool = False,
+    numpy: bool = True,
+    what: str | None = None,
+) -> Any:
     """`value` if it is an integer `>= minimum` (or `None` when allowed).
 
     Args:
@@ -37,7 +46,7 @@ def check_int(value, name, *, minimum=1, allow_none=False, numpy=True, what=None
     return value
 
 
-def check_exportable(model):
+def check_exportable(model: Any) -> None:
     """Raises unless `model` is a built `keras.Model` (what every exporter needs)."""
     if not isinstance(model, keras.Model):
         raise TypeError(f"`model` must be a keras.Model. Received: model={type(model).__name__}")
@@ -48,7 +57,7 @@ def check_exportable(model):
         )
 
 
-def check_tpr(tpr, name="tpr"):
+def check_tpr(tpr: Any, name: str = "tpr") -> float:
     """`tpr` as a float in (0, 1], or a ValueError naming the argument `name`."""
     try:
         value = float(tpr)
@@ -59,7 +68,7 @@ def check_tpr(tpr, name="tpr"):
     return value
 
 
-def parse_threshold(threshold, *, finite=False):
+def parse_threshold(threshold: Any, *, finite: bool = False) -> float:
     """A decision threshold as a Python float.
 
     Accepts Python and NumPy real numbers and 0-d real arrays or tensors.

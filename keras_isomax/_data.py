@@ -6,27 +6,29 @@ Private helpers of the package: every function that streams over user data
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import keras
 import numpy as np
 
 from keras_isomax import _serving
+from keras_isomax._typing import ArrayLike, Data
 
 
-def is_array_like(x):
+def is_array_like(x: Any) -> bool:
     """Whether `x` is one array or tensor (not a structure of them)."""
     return isinstance(x, np.ndarray) or (
         hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, Mapping)
     )
 
 
-def is_in_memory(data):
+def is_in_memory(data: Any) -> bool:
     """Whether `data` is arrays (`x`, or a tuple/list/dict of arrays), not a stream."""
     return is_array_like(data) or isinstance(data, Mapping | tuple | list)
 
 
-def num_rows(x):
+def num_rows(x: Any) -> int:
     """The batch size of an array or of the first array of a structure."""
     if isinstance(x, Mapping):
         return num_rows(next(iter(x.values())))
@@ -35,7 +37,7 @@ def num_rows(x):
     return int(x.shape[0])
 
 
-def split_element(element, arg_name):
+def split_element(element: Any, arg_name: str) -> tuple[Any, Any]:
     """`x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)` -> `(x, y or None)`."""
     if isinstance(element, tuple | list) and not is_array_like(element):
         if len(element) in (1, 2, 3):
@@ -48,7 +50,7 @@ def split_element(element, arg_name):
     return element, None
 
 
-def check_rows(x, y, arg_name):
+def check_rows(x: Any, y: Any, arg_name: str) -> int:
     """The number of rows of `x`; raises if `y` (when given) has another number."""
     n = num_rows(x)
     if y is not None and int(np.shape(y)[0]) != n:
@@ -60,7 +62,7 @@ def check_rows(x, y, arg_name):
     return n
 
 
-def iter_elements(data, arg_name):
+def iter_elements(data: Data, arg_name: str) -> Iterator[Any]:
     """Yields the elements of a dataset or other iterable of batches, as they are."""
     if isinstance(data, str | bytes) or not isinstance(data, Iterable):
         raise TypeError(
@@ -71,7 +73,9 @@ def iter_elements(data, arg_name):
     yield from data  # tf.data.Dataset, PyDataset, generators.
 
 
-def iter_batches(data, arg_name, batch_size=None):
+def iter_batches(
+    data: Data, arg_name: str, batch_size: int | None = None
+) -> Iterator[tuple[Any, Any]]:
     """Yields `(x_batch, y_batch or None)` from arrays or an iterable of batches.
 
     Args:
@@ -100,7 +104,7 @@ def iter_batches(data, arg_name, batch_size=None):
         yield x, y
 
 
-def _from_tensorflow(structure):
+def _from_tensorflow(structure: Any) -> Any:
     """TensorFlow tensors in `structure` as NumPy arrays (other leaves unchanged)."""
     if structure is None:
         return None
@@ -110,7 +114,7 @@ def _from_tensorflow(structure):
     )
 
 
-def class_ids(y, arg_name, num_classes=None):
+def class_ids(y: ArrayLike, arg_name: str, num_classes: int | None = None) -> np.ndarray:
     """Labels (class ids or one-hot rows) as an int64 array `(N,)` of class ids.
 
     Args:
@@ -154,7 +158,7 @@ def class_ids(y, arg_name, num_classes=None):
     return y.astype(np.int64)
 
 
-def nonfinite_flags(x):
+def nonfinite_flags(x: Any) -> np.ndarray | None:
     """Per-row NaN/Inf flags (NumPy bool) over every array of an input structure."""
     flags = None
     for leaf in keras.tree.flatten(x):
@@ -163,7 +167,7 @@ def nonfinite_flags(x):
     return flags
 
 
-def check_batched(model, x, arg_name):
+def check_batched(model: Any, x: Any, arg_name: str) -> None:
     try:
         inputs = model.inputs
     except (AttributeError, ValueError):
@@ -180,7 +184,7 @@ def check_batched(model, x, arg_name):
         )
 
 
-def label_width(y):
+def label_width(y: Any) -> int | None:
     """The width of one-hot labels `(B, C)`, or None for class ids / no labels."""
     shape = getattr(y, "shape", None)
     if shape is None and y is not None:

@@ -6,15 +6,18 @@ Private helpers of the package (`replace_head`, the model runner, the exporters)
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 
-_SUBMODELS = weakref.WeakKeyDictionary()  # model -> (layer, model up to its logits)
+_SUBMODELS: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = (
+    weakref.WeakKeyDictionary()
+)  # model -> (layer, model up to its logits)
 
 
-def producer(tensor, *, model=None):
+def producer(tensor: Any, *, model: Any = None) -> Any:
     """The layer that produced a symbolic tensor, or `None`.
 
     Args:
@@ -52,7 +55,7 @@ def producer(tensor, *, model=None):
     return None
 
 
-def all_layers(root):
+def all_layers(root: Any) -> list[Any]:
     """All distinct layers under `root` (root excluded), depth first."""
     flatten = getattr(root, "_flatten_layers", None)
     if callable(flatten):
@@ -74,7 +77,9 @@ def all_layers(root):
 class Classifier:
     """What `find_classifier` found: the classifier and the layers to remove."""
 
-    def __init__(self, classifier, kernel, features, removed, flatten):
+    def __init__(
+        self, classifier: Any, kernel: Any, features: Any, removed: list[Any], flatten: bool
+    ) -> None:
         self.classifier = classifier
         self.kernel = kernel  # (F, C)
         self.features = features  # The classifier's input tensor.
@@ -82,7 +87,7 @@ class Classifier:
         self.flatten = flatten  # Whether features need flattening (1x1 conv head).
 
 
-def activation_name(activation):
+def activation_name(activation: Any) -> str:
     if activation is None:
         return "linear"
     try:
@@ -91,7 +96,7 @@ def activation_name(activation):
         return getattr(activation, "__name__", repr(activation))
 
 
-def not_a_classifier(model, reason):
+def not_a_classifier(model: Any, reason: str) -> ValueError:
     return ValueError(
         "`replace_head` needs a model that ends in a linear softmax classifier: "
         "`Dense(num_classes)` with a softmax or no activation, optionally followed "
@@ -100,7 +105,7 @@ def not_a_classifier(model, reason):
     )
 
 
-def find_classifier(model):
+def find_classifier(model: Any) -> Classifier:
     """The linear softmax classifier a model ends in (as `replace_head` needs).
 
     Walks back from the model's output over a softmax, a flatten and the
@@ -182,7 +187,7 @@ def find_classifier(model):
     return Classifier(layer, kernel, features, removed, flatten is not None)
 
 
-def is_pointwise_on_pooled(layer):
+def is_pointwise_on_pooled(layer: Any) -> bool:
     """A 1x1, stride-1, ungrouped Conv2D on a (batch, 1, 1, F) input = a Dense."""
     try:
         input_shape = tuple(layer.input.shape)
@@ -198,7 +203,7 @@ def is_pointwise_on_pooled(layer):
     )
 
 
-def logits_model(model, layer):
+def logits_model(model: Any, layer: Any) -> tuple[Any, int | None]:
     """A model and output index whose output is the logits of `layer`.
 
     The model itself when one of its outputs is the layer's output, directly
@@ -240,7 +245,9 @@ def logits_model(model, layer):
     )
 
 
-def input_shape_and_dtype(model, input_signature, api_name):
+def input_shape_and_dtype(
+    model: Any, input_signature: Any, api_name: str
+) -> tuple[tuple[Any, ...], Any]:
     """`(shape, dtype)` of a one-input model's input, or of `input_signature`.
 
     Args:

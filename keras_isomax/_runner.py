@@ -24,30 +24,39 @@ import time
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import keras
 import numpy as np
 from keras import ops
 
 from keras_isomax import _data, _graph
+from keras_isomax._typing import ArrayLike, Data, Tensor, Verbose
 from keras_isomax.head import find_isomax_layer
+from keras_isomax.layers import IsoMaxPlusLayer
 
 VERBOSE_CHOICES = ("auto", 0, 1, 2)
 
-_RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_RUNNERS: weakref.WeakKeyDictionary[Any, dict[Any, ModelRunner]] = weakref.WeakKeyDictionary()
 
 
 class Batch(NamedTuple):
-    """One batch of a run: NumPy arrays (features/labels/logits `None` when not asked)."""
+    """One batch of a run: NumPy arrays (features/labels/logits `None` when not asked).
 
-    features: np.ndarray | None
-    logits: np.ndarray | None
-    labels: np.ndarray | None
+    Those three are typed `Any`: whether they are `None` depends on the arguments of
+    the run (`need_logits`, `with_labels`, the runner's `need_features`), which a
+    type checker cannot follow.
+    """
+
+    features: Any
+    logits: Any
+    labels: Any
     nonfinite: np.ndarray
 
 
-def runner_for(model: Any, features: str | None = None, *, need_features: bool = False):
+def runner_for(
+    model: Any, features: str | None = None, *, need_features: bool = False
+) -> ModelRunner:
     """The cached `ModelRunner` of `model` (one per feature choice)."""
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(f"`model` must be a Keras model. Received: model={type(model).__name__}")
@@ -73,15 +82,19 @@ class ModelRunner:
         need_features: Whether features are needed (detectors) or logits only.
     """
 
-    def __init__(self, model, features=None, *, need_features=False):
+    def __init__(
+        self, model: keras.Model, features: str | None = None, *, need_features: bool = False
+    ) -> None:
         # Weak: runners are cached per model (`runner_for`) and must not keep it alive.
         self._model = weakref.ref(model)
         self.features_layer = features
-        self.isomax = None
-        self.classifier = None  # `_graph.Classifier` of a SoftMax head.
-        self._net = None
-        self.output_index = None
-        self.feature_dim = None
+        self.isomax: IsoMaxPlusLayer | None = None
+        self.classifier: Any = None  # `_graph.Classifier` of a SoftMax head.
+        self._net: Any = None
+        self.output_index: int | None = None
+        self.feature_dim: int | None = None
+        self.num_classes: int | None
+        self.head_name: str | None
         try:
             self.isomax = find_isomax_layer(model)
         except ValueError:
@@ -150,27 +163,27 @@ class ModelRunner:
         self.features_are_input = bool(
             need_features and inputs and len(inputs) == 1 and head_features is inputs[0]
         )
-        self._features_net = None
+        self._features_net: Any = None
         self.need_features = bool(need_features)
         self._warned_probabilities = False
         if self._net is model:
             self._net = None  # `net` then reads the model through the weak reference.
 
     @property
-    def model(self):
+    def model(self) -> Any:
         return self._model()
 
     @property
-    def net(self):
+    def net(self) -> Any:
         return self._net if self._net is not None else self.model
 
     @net.setter
-    def net(self, value):
+    def net(self, value: Any) -> None:
         self._net = value
 
     # ------------------------------------------------------------- the head
 
-    def fingerprint(self):
+    def fingerprint(self) -> str | None:
         """Identity of the classifier head (its name, features and weights' hash)."""
         if self.isomax is not None:
             kernel = self.isomax.prototypes
@@ -184,7 +197,7 @@ class ModelRunner:
             f"{digest.hexdigest()[:16]}"
         )
 
-    def linear_head(self):
+    def linear_head(self) -> tuple[np.ndarray, np.ndarray, bool]:
         """`(kernel (F, C), bias (C,), normalize)` of the classifier as float64 NumPy.
 
         For an `IsoMaxPlusLayer` the equivalent linear head on L2-normalised
@@ -200,13 +213,14 @@ class ModelRunner:
             return scale * protos.T, np.zeros(protos.shape[0]), True
         dense = self.classifier.classifier
         kernel = np.asarray(ops.convert_to_numpy(self.classifier.kernel), np.float64)
-        kernel = kernel.reshape(-1, self.num_classes)
-        bias = np.zeros(self.num_classes)
+        # A SoftMax head: `num_classes` is its kernel's width (an int).
+        kernel = kernel.reshape(-1, self.num_classes)  # type: ignore[arg-type]
+        bias = np.zeros(self.num_classes)  # type: ignore[arg-type]
         if getattr(dense, "use_bias", False) and dense.bias is not None:
             bias = np.asarray(ops.convert_to_numpy(dense.bias), np.float64)
         return kernel, bias, False
 
-    def _dense_logits(self, flat):
+    def _dense_logits(self, flat: Tensor) -> Tensor:
         """Pre-activation logits of the SoftMax head, read live from its variables."""
         dense = self.classifier.classifier
         kernel = ops.reshape(self.classifier.kernel, (-1, self.num_classes))
@@ -217,11 +231,11 @@ class ModelRunner:
 
     # ---------------------------------------------------------- one batch
 
-    def symbolic(self, inputs):
+    def symbolic(self, inputs: ArrayLike) -> tuple[Tensor | None, Tensor]:
         """`(features or None, logits)` of a batch as tensors (eager or in a traced graph)."""
         return self._split(self.net(inputs, training=False))
 
-    def _split(self, outputs):
+    def _split(self, outputs: Any) -> tuple[Any, Tensor]:
         if self.isomax is not None and not self.need_features:
             logits = _pick(outputs, self.output_index)
             return None, ops.cast(logits, "float32")
@@ -242,13 +256,13 @@ class ModelRunner:
 
     def batches(
         self,
-        data,
+        data: Data,
         *,
         batch_size: int = 256,
         arg_name: str = "data",
         with_labels: bool = False,
         label_classes: int | None = None,
-        verbose: Any = 0,
+        verbose: Verbose = 0,
         stage: str | None = None,
         need_logits: bool = True,
         distribution: Any = None,
@@ -335,7 +349,7 @@ class ModelRunner:
                 progress.add(len(logits))
                 yield Batch(feats, logits, labels, nonfinite)
 
-    def _features_of(self, x, distribution=None):
+    def _features_of(self, x: Any, distribution: Any = None) -> np.ndarray:
         """Flat float32 features `(B, F)` of a batch, NaN rows where `x` has NaN/Inf."""
         if self.features_are_input and _data.is_array_like(x):
             feats = np.asarray(x if isinstance(x, np.ndarray) else ops.convert_to_numpy(x))
@@ -355,7 +369,7 @@ class ModelRunner:
             feats = np.where(nonfinite[:, None], np.float32(np.nan), feats)
         return feats
 
-    def collect(self, data, **kwargs) -> Batch:
+    def collect(self, data: Data, **kwargs: Any) -> Batch:
         """All batches of `batches(data, **kwargs)` concatenated (labels `None` if any
         batch has none).
 
@@ -383,7 +397,7 @@ class ModelRunner:
             np.concatenate(flags),
         )
 
-    def _check_probabilities(self, logits):
+    def _check_probabilities(self, logits: np.ndarray) -> None:
         """Warns once when a model whose head could not be found outputs probabilities."""
         if self._warned_probabilities or logits.shape[-1] < 2 or len(logits) == 0:
             return
@@ -402,7 +416,7 @@ class ModelRunner:
             )
 
 
-def _predict_batch(net, x):
+def _predict_batch(net: Any, x: Any) -> Any:
     """`net.predict_on_batch(x)`, or `net.predict` for a model made under a
     `tf.distribute` strategy with several replicas: Keras' `predict_on_batch`
     runs the whole batch on every replica there and concatenates the copies."""
@@ -413,7 +427,7 @@ def _predict_batch(net, x):
     return net.predict_on_batch(x)
 
 
-def _distributed_input(x, distribution):
+def _distributed_input(x: Any, distribution: Any) -> Any:
     """`x` laid out by `distribution` (batch split over its devices), or None."""
     if distribution is None or not _data.is_array_like(x):
         return None
@@ -425,7 +439,7 @@ def _distributed_input(x, distribution):
     return keras.distribution.distribute_tensor(np.asarray(x), layout)
 
 
-def _symbolic_inputs(model):
+def _symbolic_inputs(model: Any) -> Any:
     try:
         inputs = model.inputs
     except (AttributeError, ValueError):
@@ -433,7 +447,7 @@ def _symbolic_inputs(model):
     return inputs or None
 
 
-def _symbolic(layer, which):
+def _symbolic(layer: Any, which: str) -> Any:
     try:
         return getattr(layer, which)
     except (AttributeError, ValueError) as error:
@@ -443,7 +457,7 @@ def _symbolic(layer, which):
         ) from error
 
 
-def _pick(outputs, index):
+def _pick(outputs: Any, index: int | None) -> Any:
     if isinstance(outputs, Mapping):
         outputs = list(outputs.values())
     if isinstance(outputs, list | tuple):
@@ -458,7 +472,7 @@ def _pick(outputs, index):
     return outputs
 
 
-def num_batches(data, batch_size):
+def num_batches(data: Data, batch_size: int) -> int | None:
     """The number of batches of `data` when known cheaply, else `None`."""
     try:
         if _data.is_in_memory(data):
@@ -476,7 +490,7 @@ def num_batches(data, batch_size):
 # ---------------------------------------------------------------- progress
 
 
-def resolve_verbose(verbose):
+def resolve_verbose(verbose: Verbose) -> int:
     """Keras' convention: `"auto"` is a progress bar in a terminal, else one line per
     stage; 0 silent; 1 progress bar; 2 one line per stage.
 
@@ -495,29 +509,29 @@ def resolve_verbose(verbose):
 class Progress:
     """Progress of one stage over batches: a `keras.utils.Progbar` or one line."""
 
-    def __init__(self, stage, target, verbose):
+    def __init__(self, stage: str, target: int | None, verbose: Verbose) -> None:
         self.stage = stage
         self.target = target
         self.verbose = resolve_verbose(verbose)
         self.examples = 0
         self.batches = 0
-        self.bar = None
-        self.start = None
+        self.bar: Any = None
+        self.start: Any = None
 
-    def __enter__(self):
+    def __enter__(self) -> Progress:
         self.start = time.perf_counter()
         if self.verbose == 1:
             print(self.stage, flush=True)
             self.bar = keras.utils.Progbar(self.target, unit_name="batch")
         return self
 
-    def add(self, examples):
+    def add(self, examples: int) -> None:
         self.examples += examples
         self.batches += 1
         if self.bar is not None:
             self.bar.update(self.batches, finalize=False)
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Literal[False]:
         if exc_type is not None:
             return False
         if self.bar is not None:
@@ -528,7 +542,7 @@ class Progress:
         return False
 
 
-def check_isomax(model, what, *, detector_hint=True):
+def check_isomax(model: Any, what: str, *, detector_hint: bool = True) -> IsoMaxPlusLayer:
     """The model's `IsoMaxPlusLayer`, or an error that says what to do with a SoftMax model.
 
     Args:

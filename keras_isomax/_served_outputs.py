@@ -9,6 +9,7 @@ Backend-neutral: `keras.ops` only, and the per-row rules of `_serving`
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import keras
@@ -16,6 +17,7 @@ from keras import ops
 
 from keras_isomax import _checks, _graph, _serving
 from keras_isomax import detectors as detectors_lib
+from keras_isomax._typing import ArrayLike, Tensor
 from keras_isomax.head import find_isomax_layer
 
 SERVING_DEFAULT_OUTPUTS = ("probabilities", "logits", "class_id")
@@ -31,7 +33,7 @@ LITERT_SIGNATURES = {"score": SCORE_OUTPUTS}
 """The LiteRT file's one signature (ONNX graphs have no names: the outputs only)."""
 
 
-def resolve_threshold(threshold: Any, layer=None) -> Any:
+def resolve_threshold(threshold: Any, layer: Any = None) -> Any:
     """The threshold an export serves: an explicit float, or the layer's variable.
 
     A threshold must be finite: LiteRT's converter turns an infinite
@@ -84,7 +86,14 @@ class Served:
             read from its variable on every call. Defaults to `False`.
     """
 
-    def __init__(self, model, threshold=None, detector=None, *, constant=False):
+    def __init__(
+        self,
+        model: keras.Model,
+        threshold: Any = None,
+        detector: Any = None,
+        *,
+        constant: bool = False,
+    ) -> None:
         _checks.check_exportable(model)
         outputs = getattr(model, "outputs", None)
         if outputs is not None and len(outputs) != 1:
@@ -115,7 +124,7 @@ class Served:
         self.model = model
         self.detector = detector
 
-    def __call__(self, inputs) -> dict:
+    def __call__(self, inputs: ArrayLike) -> dict[str, Tensor]:
         x = inputs if ops.is_tensor(inputs) else ops.convert_to_tensor(inputs)
         if self.detector is None:
             logits, score = self.model(x, training=False), None
@@ -144,18 +153,20 @@ class Served:
         )
         return {"logits": logits, "threshold": limit, **decided}
 
-    def snapshots(self):
+    def snapshots(self) -> contextlib.AbstractContextManager[None]:
         """The context every export traces under (see `IsoMaxPlusLayer.inference_snapshot`)."""
         return _serving.inference_snapshots(self.model)
 
 
-def input_shape_and_dtype(model, input_signature, api_name) -> tuple[tuple, str]:
+def input_shape_and_dtype(
+    model: Any, input_signature: Any, api_name: str
+) -> tuple[tuple[Any, ...], str]:
     """`(shape, dtype)` of the served input, with a dynamic batch dimension."""
     shape, dtype = _graph.input_shape_and_dtype(model, input_signature, api_name)
     return (None,) + tuple(shape[1:]), keras.backend.standardize_dtype(dtype)
 
 
-def _check_output_is_isomax(model, layer):
+def _check_output_is_isomax(model: Any, layer: Any) -> None:
     outputs = getattr(model, "outputs", None)
     if outputs is None:
         return  # Subclassed model: checked when traced (`Served.__call__`).

@@ -27,19 +27,22 @@ keeps exact, so that one graph serves TensorFlow, LiteRT and ONNX:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 
 from keras_isomax import _graph
+from keras_isomax._typing import ArrayLike, Tensor
 from keras_isomax.layers import IsoMaxPlusLayer
 
 NONFINITE_CLASS_ID = -1
 """`class_id` of an example whose input holds NaN or Inf."""
 
 
-def _float_max(dtype):
+def _float_max(dtype: Any) -> float:
     try:
         return float(np.finfo(dtype).max)
     except TypeError:  # bfloat16 and other ml_dtypes types.
@@ -48,7 +51,7 @@ def _float_max(dtype):
         return float(ml_dtypes.finfo(dtype).max)
 
 
-def finite_rows(x):
+def finite_rows(x: ArrayLike) -> Tensor:
     """1.0 for each example (row along axis 0) whose elements are all finite, else 0.0.
 
     Args:
@@ -73,7 +76,7 @@ def finite_rows(x):
     return ops.cast(finite, "float32")
 
 
-def nonfinite_rows(x):
+def nonfinite_rows(x: ArrayLike) -> Tensor:
     """True for each example (row along axis 0) with any NaN or Inf element.
 
     Args:
@@ -86,7 +89,7 @@ def nonfinite_rows(x):
     return finite_rows(x) < 0.5
 
 
-def nan_where(nonfinite, values):
+def nan_where(nonfinite: ArrayLike, values: ArrayLike) -> Tensor:
     """`values` with NaN in the rows where `nonfinite` is True.
 
     Adds `sqrt(-1)` (NaN) to those rows and `-0.0` to the others, so finite
@@ -107,7 +110,7 @@ def nan_where(nonfinite, values):
     return values + nan_or_zero
 
 
-def decide(score, threshold):
+def decide(score: ArrayLike, threshold: ArrayLike) -> Tensor:
     """`is_ood = not (score >= threshold)`: a NaN score (or threshold) is OOD.
 
     Written as `cast(score >= threshold) < 0.5`, which no graph optimizer
@@ -124,7 +127,7 @@ def decide(score, threshold):
     return ops.cast(score >= threshold, "float32") < 0.5
 
 
-def class_ids(logits):
+def class_ids(logits: ArrayLike) -> Tensor:
     """The class of each row: the first index of its maximum, -1 if it holds NaN.
 
     Exact under every converter (comparisons, integer products and an integer
@@ -151,7 +154,13 @@ def class_ids(logits):
     return ops.cast(ordered * (first - NONFINITE_CLASS_ID) + NONFINITE_CLASS_ID, "int64")
 
 
-def apply_nonfinite_rule(nonfinite, score=None, is_ood=None, class_id=None, probabilities=None):
+def apply_nonfinite_rule(
+    nonfinite: ArrayLike,
+    score: ArrayLike | None = None,
+    is_ood: ArrayLike | None = None,
+    class_id: ArrayLike | None = None,
+    probabilities: ArrayLike | None = None,
+) -> dict[str, Tensor]:
     """Applies the non-finite rule to the outputs of one batch.
 
     Args:
@@ -167,7 +176,7 @@ def apply_nonfinite_rule(nonfinite, score=None, is_ood=None, class_id=None, prob
         `is_ood` (True there), `class_id` (`NONFINITE_CLASS_ID` there) and
         `probabilities` (NaN rows there).
     """
-    out = {}
+    out: dict[str, Tensor] = {}
     if score is not None:
         out["score"] = nan_where(nonfinite, score)
     if is_ood is not None:
@@ -183,7 +192,7 @@ def apply_nonfinite_rule(nonfinite, score=None, is_ood=None, class_id=None, prob
 
 
 @contextlib.contextmanager
-def inference_snapshots(model):
+def inference_snapshots(model: Any) -> Iterator[None]:
     """`IsoMaxPlusLayer.inference_snapshot` of every built IsoMax+ layer in `model`:
     what the exporters trace under (graphs free of the layer's inference cache)."""
     with contextlib.ExitStack() as stack:

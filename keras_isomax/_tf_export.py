@@ -12,6 +12,8 @@ import shutil
 import tempfile
 import uuid
 import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -27,7 +29,15 @@ SAVED_MODEL_ENTRIES = frozenset(
 
 
 def write_saved_model(
-    served, target, *, input_name, shape, dtype, jit_compile, overwrite, verbose
+    served: _served_outputs.Served,
+    target: str,
+    *,
+    input_name: str,
+    shape: tuple[Any, ...],
+    dtype: str,
+    jit_compile: bool,
+    overwrite: bool,
+    verbose: bool,
 ) -> str:
     """Writes the SavedModel of `served` to `target` (staged, then renamed in).
 
@@ -80,7 +90,9 @@ def write_saved_model(
         return target
 
 
-def litert_flatbuffer(served, shape, dtype, model_name) -> bytes:
+def litert_flatbuffer(
+    served: _served_outputs.Served, shape: tuple[Any, ...], dtype: str, model_name: str
+) -> bytes:
     """The LiteRT flatbuffer of `served` (builtin operators only), in memory.
 
     Keras' own LiteRT route (ExportArchive -> SavedModel -> converter), with
@@ -111,10 +123,17 @@ def litert_flatbuffer(served, shape, dtype, model_name) -> bytes:
             ) from error
 
 
-def _archive(served, spec, signatures, *, jit_compile=False, check_shape=False):
+def _archive(
+    served: _served_outputs.Served,
+    spec: Any,
+    signatures: Mapping[str, Sequence[str]],
+    *,
+    jit_compile: bool = False,
+    check_shape: bool = False,
+) -> Any:
     """An `ExportArchive` with one endpoint per `{name: output names}` entry."""
 
-    def compute(inputs):
+    def compute(inputs: Any) -> dict[str, Any]:
         if check_shape:
             # Serving runtimes feed the graph directly: check the shape there,
             # with a clear message, instead of failing deep inside the model.
@@ -132,15 +151,17 @@ def _archive(served, spec, signatures, *, jit_compile=False, check_shape=False):
     return archive
 
 
-def _endpoint(compute, names):
-    def endpoint(inputs):
+def _endpoint(
+    compute: Callable[[Any], dict[str, Any]], names: Sequence[str]
+) -> Callable[[Any], dict[str, Any]]:
+    def endpoint(inputs: Any) -> dict[str, Any]:
         outputs = compute(inputs)
         return {key: outputs[key] for key in names}
 
     return endpoint
 
 
-def _swap_in(staging, target):
+def _swap_in(staging: str, target: str) -> None:
     """Renames `staging` to `target`; an old target is removed only afterwards."""
     aside = None
     if os.path.lexists(target):
@@ -165,7 +186,7 @@ def _swap_in(staging, target):
             )
 
 
-def _write_remote(archive, target, verbose):
+def _write_remote(archive: Any, target: str, verbose: bool) -> str:
     """Writes to a remote file system (no atomic rename): stage, then copy over."""
     staging = f"{target.rstrip('/')}.tmp-{uuid.uuid4().hex}"
     try:
@@ -179,7 +200,7 @@ def _write_remote(archive, target, verbose):
     return target
 
 
-def check_target(target, overwrite):
+def check_target(target: str, overwrite: bool) -> None:
     """Refuses targets that are files, foreign directories or the working directory."""
     if not tf.io.gfile.exists(target):
         return

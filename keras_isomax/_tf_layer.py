@@ -13,6 +13,8 @@ matrix products with one `(N, C)` coefficient matrix, plus a correction per row
 
 from __future__ import annotations
 
+from typing import Any
+
 import tensorflow as tf
 
 from keras_isomax._numerics import NORM_EPSILON, SQUARED_FLOOR
@@ -63,12 +65,12 @@ def isomax_logits(
 # ------------------------------------------------------------------ forward
 
 
-def _inverse(norm):
+def _inverse(norm: Any) -> Any:
     """`1 / max(norm, eps)`: the factor that normalises a vector of this norm."""
     return 1.0 / tf.maximum(norm, NORM_EPSILON)
 
 
-def _norms(v, keepdims=False):
+def _norms(v: Any, keepdims: Any = False) -> Any:
     """The Euclidean norms of the rows of `v` `(N, F)`.
 
     `EuclideanNorm` reads `v` once, without a temporary. XLA has no kernel for
@@ -82,7 +84,7 @@ def _norms(v, keepdims=False):
     return tf.math.reduce_euclidean_norm(v, axis=-1, keepdims=keepdims)
 
 
-def _row_norms(v):
+def _row_norms(v: Any) -> Any:
     """`(norm, inverse)`, each `(N, 1)`, of the rows of `v`."""
     norm = _norms(v, keepdims=True)
     return norm, _inverse(norm)
@@ -91,7 +93,7 @@ def _row_norms(v):
 class _Rows:
     """The normalised features of a call: `xn = x * inverse`, `||xn||^2` and the NaN guard."""
 
-    def __init__(self, x, scale):
+    def __init__(self, x: Any, scale: Any) -> None:
         self.norm, self.inverse = _row_norms(x)
         self.normalized = x * self.inverse
         clamped = self.norm <= NORM_EPSILON
@@ -101,19 +103,19 @@ class _Rows:
         # -scale per row, NaN for rows with NaN or Inf (whatever a kernel does with NaN).
         self.factor = 0.0 * self.norm - scale  # (N, 1)
 
-    def correct(self, squared, clip=False):
+    def correct(self, squared: Any, clip: Any = False) -> Any:
         """`squared` computed with `||xn||^2 = 1` for every row, corrected for the
         rows with a clamped norm (none in most batches: the other rows' values
         are the same either way, bit for bit)."""
 
-        def corrected():
+        def corrected() -> Any:
             value = squared - (1.0 - self.squared)
             return tf.nn.relu(value) if clip else value
 
         return tf.cond(self.any_clamped, corrected, lambda: squared)
 
 
-def _logits_with_nearest(rows, squared, distances, neighbors):
+def _logits_with_nearest(rows: Any, squared: Any, distances: Any, neighbors: Any) -> Any:
     """Replaces each row's nearest distance by the exact one; returns `(logits, state)`.
 
     `neighbors(nearest)` returns the normalised prototypes of the indices
@@ -136,7 +138,7 @@ def _logits_with_nearest(rows, squared, distances, neighbors):
 
 
 @tf.custom_gradient
-def _live_logits(x, prototypes, scale):
+def _live_logits(x: Any, prototypes: Any, scale: Any) -> Any:
     rows = _Rows(x, scale)
     # The prototypes' norms in one read; the normalisation is applied to the (N, C) product.
     p_norm = _norms(prototypes)  # (C,)
@@ -154,7 +156,7 @@ def _live_logits(x, prototypes, scale):
         lambda nearest: tf.gather(prototypes, nearest) * tf.gather(p_inverse, nearest)[:, None],
     )
 
-    def grad(upstream):
+    def grad(upstream: Any) -> Any:
         return _backward(
             upstream, rows, prototypes, p_norm, p_inverse, state, lambda w, _: w * cross
         )
@@ -163,7 +165,9 @@ def _live_logits(x, prototypes, scale):
 
 
 @tf.custom_gradient
-def _cached_logits(x, prototypes, scale, kernel, bias, normalized):
+def _cached_logits(
+    x: Any, prototypes: Any, scale: Any, kernel: Any, bias: Any, normalized: Any
+) -> Any:
     rows = _Rows(x, scale)
     # One product (bias and ReLU fused) gives ||pn||^2 - 2 xn.pn + ||xn||^2:
     # kernel = -2 pn^T, bias = ||pn||^2 + 1.
@@ -174,10 +178,10 @@ def _cached_logits(x, prototypes, scale, kernel, bias, normalized):
         rows, squared, distances, lambda nearest: tf.gather(normalized, nearest)
     )
 
-    def grad(upstream):
+    def grad(upstream: Any) -> Any:
         p_norm = _norms(prototypes)
 
-        def weighted_cosine(_, coefficient):
+        def weighted_cosine(_: Any, coefficient: Any) -> Any:
             # coefficient * xn.pn, from the squared distances (where the
             # coefficient is not 0, they were not clamped).
             return coefficient * (0.5 * ((rows.squared + (bias - 1.0)) - squared))
@@ -193,7 +197,7 @@ def _cached_logits(x, prototypes, scale, kernel, bias, normalized):
 # ----------------------------------------------------------------- backward
 
 
-def _normalize_backward(normalized, norm, inverse, upstream):
+def _normalize_backward(normalized: Any, norm: Any, inverse: Any, upstream: Any) -> Any:
     """Gradient through `normalized = v * inverse` for the rows `v` of norm `norm`.
 
     `inverse * (u - n (n . u))` where the norm exceeds epsilon (the projection
@@ -204,7 +208,15 @@ def _normalize_backward(normalized, norm, inverse, upstream):
     return inverse * (upstream - normalized * radial)
 
 
-def _backward(upstream, rows, prototypes, p_norm, p_inverse, state, weighted_cosine):
+def _backward(
+    upstream: Any,
+    rows: Any,
+    prototypes: Any,
+    p_norm: Any,
+    p_inverse: Any,
+    state: Any,
+    weighted_cosine: Any,
+) -> Any:
     """Gradients `(d_x, d_prototypes, d_scale)` of the logits, given `upstream` `(N, C)`.
 
     With `w_ij = g_ij * p_inverse_j / distance_ij` (0 at or below the floor),
@@ -300,7 +312,7 @@ class InferenceCache:
         # Created with the layer's weights, uninitialised (`Empty`): pages are
         # only taken when the first call writes them. Full shapes, because XLA
         # cannot change a variable's shape.
-        def empty(*shape):
+        def empty(*shape: Any) -> Any:
             return tf.raw_ops.Empty(shape=shape, dtype=dtype, init=False)
 
         with tf.init_scope():
@@ -320,10 +332,10 @@ class InferenceCache:
         """`(kernel, bias, normalized)` of `prototypes`, read or recomputed."""
         variables = (self.kernel, self.bias, self.prototypes)
 
-        def hit():
+        def hit() -> Any:
             return tuple(v.read_value() for v in variables)
 
-        def refresh():
+        def refresh() -> Any:
             values = _normalized_kernel(prototypes)
             # The source last: a concurrent call that finds it equal to the
             # prototypes also finds their kernel.
@@ -339,7 +351,7 @@ class InferenceCache:
         return tf.cond(fresh, hit, refresh)
 
 
-def _normalized_kernel(prototypes):
+def _normalized_kernel(prototypes: Any) -> Any:
     """`(-2 pn^T, ||pn||^2 + 1, pn)` of the prototypes `(C, F)`."""
     norm, inverse = _row_norms(prototypes)  # (C, 1)
     normalized = prototypes * inverse

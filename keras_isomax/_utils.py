@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 
 
-def is_eager(x):
+def is_eager(x: Any) -> bool:
     """True when `x` holds concrete values (not a symbol traced into a graph)."""
     backend = keras.backend.backend()
     if backend == "tensorflow":

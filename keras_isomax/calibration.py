@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
@@ -30,6 +30,10 @@ import numpy as np
 from keras_isomax import _checks, _runner, _serving
 from keras_isomax import detection_metrics as metrics_lib
 from keras_isomax import scores as scores_lib
+from keras_isomax._typing import ArrayLike, Data, ScoreFunction, Verbose
+
+if TYPE_CHECKING:
+    from keras_isomax.detectors import Detector
 
 _TEMPERATURE_RANGE = (1e-4, 1e4)
 
@@ -39,12 +43,12 @@ _TEMPERATURE_RANGE = (1e-4, 1e4)
 
 def calibrate_threshold(
     model: keras.Model,
-    in_val_data: Any,
+    in_val_data: Data,
     tpr: float = 0.95,
     *,
     batch_size: int = 256,
-    detector: Any = None,
-    verbose: Any = "auto",
+    detector: Detector | str | None = None,
+    verbose: Verbose = "auto",
 ) -> float:
     """Sets the layer's `ood_threshold` so that `tpr` of `in_val_data` is accepted.
 
@@ -117,7 +121,9 @@ def calibrate_threshold(
     return float(layer.ood_threshold.numpy())
 
 
-def _calibrate_detector(model, in_val_data, tpr, detector, verbose):
+def _calibrate_detector(
+    model: keras.Model, in_val_data: Data, tpr: float, detector: Detector | str, verbose: Verbose
+) -> float:
     from keras_isomax import detectors as detectors_lib
 
     detector = detectors_lib.get(detector)
@@ -164,7 +170,7 @@ class TemperatureCalibration:
     num_examples: int
     threshold_rescaled: bool = False
 
-    def __str__(self):
+    def __str__(self) -> str:
         return (
             f"temperature {self.previous_temperature:.4g} -> {self.temperature:.4g} "
             f"on {self.num_examples} examples (accuracy {100 * self.accuracy:.2f}%): "
@@ -175,11 +181,11 @@ class TemperatureCalibration:
 
 def calibrate_temperature(
     model: keras.Model,
-    val_data: Any,
+    val_data: Data,
     *,
     batch_size: int = 256,
     num_bins: int = 15,
-    verbose: Any = "auto",
+    verbose: Verbose = "auto",
 ) -> TemperatureCalibration:
     """Fits the layer's `temperature` by minimising the NLL on `val_data`.
 
@@ -296,20 +302,20 @@ def calibrate_temperature(
     )
 
 
-def _log_softmax(z):
+def _log_softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
 
 
-def _softmax(z):
+def _softmax(z: np.ndarray) -> np.ndarray:
     return np.exp(_log_softmax(z))
 
 
-def _nll(z, labels):
+def _nll(z: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.mean(np.take_along_axis(_log_softmax(z), labels[:, None], -1)))
 
 
-def _nll_slope(beta, z, labels):
+def _nll_slope(beta: float, z: np.ndarray, labels: np.ndarray) -> float:
     """d/d(beta) of mean NLL of softmax(beta * z): E_p[z] - z_y (non-decreasing)."""
     p = _softmax(beta * z)
     expected = np.sum(p * z, axis=-1)
@@ -317,7 +323,7 @@ def _nll_slope(beta, z, labels):
     return float(np.mean(expected - picked))
 
 
-def _fit_inverse_temperature(z, labels, iterations=200):
+def _fit_inverse_temperature(z: np.ndarray, labels: np.ndarray, iterations: int = 200) -> float:
     """Minimiser of the convex mean NLL over beta = 1/T in the allowed range."""
     low, high = (
         math.log(1.0 / _TEMPERATURE_RANGE[1]),
@@ -343,13 +349,13 @@ def _fit_inverse_temperature(z, labels, iterations=200):
 
 def predict_ood(
     model: keras.Model,
-    x: Any,
+    x: Data,
     *,
     threshold: float | None = None,
-    score: Any = "minimum_distance",
+    score: str | ScoreFunction = "minimum_distance",
     batch_size: int = 256,
-    detector: Any = None,
-    verbose: Any = "auto",
+    detector: Detector | str | None = None,
+    verbose: Verbose = "auto",
 ) -> dict[str, np.ndarray]:
     """OOD score, decision and predicted class for every input.
 
@@ -448,7 +454,13 @@ def predict_ood(
     }
 
 
-def _predict_with_detector(model, x, threshold, detector, verbose):
+def _predict_with_detector(
+    model: keras.Model,
+    x: Data,
+    threshold: float | None,
+    detector: Detector | str,
+    verbose: Verbose,
+) -> dict[str, np.ndarray]:
     from keras_isomax import detectors as detectors_lib
 
     detector = detectors_lib.get(detector)
@@ -474,6 +486,6 @@ def _predict_with_detector(model, x, threshold, detector, verbose):
     }
 
 
-def _class_ids(logits):
+def _class_ids(logits: ArrayLike) -> np.ndarray:
     """The exports' class rule (first index of the maximum, -1 for rows with NaN)."""
     return np.asarray(keras.ops.convert_to_numpy(_serving.class_ids(logits))).astype(np.int64)

@@ -15,13 +15,14 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
 import numpy as np
 
 from keras_isomax import scores as scores_lib
+from keras_isomax._typing import Data, ScoreFunction
 from keras_isomax.detection_metrics import threshold_at_tpr
 from keras_isomax.detectors import Detector
 from keras_isomax.evaluation import evaluate_ood
@@ -169,14 +170,16 @@ class OODMonitor(keras.callbacks.Callback):
 
     def __init__(
         self,
-        validation_data: Any,
-        ood_data: Any,
-        score: Any = "minimum_distance",
+        validation_data: Data,
+        ood_data: Mapping[str, Data] | Data,
+        score: str | ScoreFunction | Detector | Sequence[str | ScoreFunction | Detector] = (
+            "minimum_distance"
+        ),
         every: int = 1,
         tpr: float = 0.95,
         log_dir: str | os.PathLike | keras.callbacks.TensorBoard | None = None,
         *,
-        fit_data: Any = None,
+        fit_data: Data | None = None,
         refit_every: int = 1,
         histogram_bins: int = 30,
         batch_size: int = 256,

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 
 from keras_isomax import _checks
+from keras_isomax._typing import ArrayLike
 
 # ------------------------------------------------------------------------------
 # Exact detection metrics (NumPy, float64): in-distribution is the positive class
@@ -34,7 +35,7 @@ OOD_METRIC_NAMES = (
 kept so that code written against the earlier keys keeps working."""
 
 
-def _check_scores(values, name):
+def _check_scores(values: ArrayLike, name: str) -> np.ndarray:
     array = np.asarray(keras.ops.convert_to_numpy(values) if hasattr(values, "shape") else values)
     if array.dtype == np.bool_ or not (
         np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
@@ -62,7 +63,7 @@ def _check_scores(values, name):
     return array
 
 
-def _check_pair(in_scores, out_scores):
+def _check_pair(in_scores: ArrayLike, out_scores: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     in_scores = _check_scores(in_scores, "in_scores")
     out_scores = _check_scores(out_scores, "out_scores")
     if in_scores.dtype != out_scores.dtype:
@@ -75,7 +76,9 @@ def _check_pair(in_scores, out_scores):
     return in_scores, out_scores
 
 
-def _accept_counts(in_scores, out_scores):
+def _accept_counts(
+    in_scores: np.ndarray, out_scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cumulative counts accepted at each distinct threshold, highest first.
 
     Returns `(tp, fp, values)`: `tp` and `fp` are int64 arrays of length
@@ -94,7 +97,7 @@ def _accept_counts(in_scores, out_scores):
     return tp, fp, values[::-1]
 
 
-def _average_precision(tp, fp):
+def _average_precision(tp: np.ndarray, fp: np.ndarray) -> float:
     """Average precision (sklearn's step-wise sum) from cumulative counts."""
     delta = np.diff(tp)
     keep = delta > 0
@@ -102,7 +105,7 @@ def _average_precision(tp, fp):
     return float(np.sum(delta[keep] * precision) / tp[-1])
 
 
-def ood_metrics(in_scores, out_scores, tpr=0.95):
+def ood_metrics(in_scores: ArrayLike, out_scores: ArrayLike, tpr: float = 0.95) -> dict[str, float]:
     """Exact OOD detection metrics from in-distribution and OOD scores.
 
     In-distribution is the positive class and a higher score means more
@@ -179,7 +182,9 @@ def ood_metrics(in_scores, out_scores, tpr=0.95):
     }
 
 
-def roc_curve(in_scores, out_scores):
+def roc_curve(
+    in_scores: ArrayLike, out_scores: ArrayLike
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact ROC curve (in-distribution positive), one point per distinct score.
 
     Args:
@@ -201,7 +206,7 @@ def roc_curve(in_scores, out_scores):
     return fp / fp[-1], tp / tp[-1], thresholds
 
 
-def threshold_at_tpr(in_scores, tpr=0.95, *, midpoint=False):
+def threshold_at_tpr(in_scores: ArrayLike, tpr: float = 0.95, *, midpoint: bool = False) -> float:
     """The highest threshold accepting at least `tpr` of `in_scores`.
 
     Args:
@@ -237,7 +242,7 @@ def threshold_at_tpr(in_scores, tpr=0.95, *, midpoint=False):
     return threshold
 
 
-def _separating_midpoint(upper, lower):
+def _separating_midpoint(upper: float, lower: float) -> float:
     """A threshold `t` with `lower < t <= upper`, halfway if possible, in float32 if possible.
 
     Thresholds are stored in float32 variables: the float64 midpoint of two
@@ -257,7 +262,9 @@ def _separating_midpoint(upper, lower):
     return middle  # Scores finer than float32: only a float64 threshold separates them.
 
 
-def expected_calibration_error(probabilities, labels, num_bins=15):
+def expected_calibration_error(
+    probabilities: ArrayLike, labels: ArrayLike, num_bins: int = 15
+) -> float:
     """Expected calibration error of class probabilities (Guo et al., 2017).
 
     Confidences (the largest probability of each row) fall into `num_bins`

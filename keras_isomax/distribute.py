@@ -19,10 +19,14 @@ How the fix works, and which Keras versions were checked: docs/distributed.md
 ("The multi-worker `fit` fix in detail").
 """
 
+from __future__ import annotations
+
 import json
 import os
 import sys
 import warnings
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import keras
 
@@ -38,6 +42,10 @@ if keras.backend.backend() != "tensorflow":
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from packaging.version import Version
+
+if TYPE_CHECKING:
+    from keras_isomax._runner import ModelRunner
+    from keras_isomax.detectors.base import Detector, FitContext
 
 __all__ = [
     "AFFECTED_KERAS_VERSIONS",
@@ -57,14 +65,14 @@ __all__ = [
 AFFECTED_KERAS_VERSIONS = (Version("3.5.0"), Version("3.16.0"))
 
 # Originals, keyed by attribute name, while the fix is applied.
-_ORIGINALS = {}
+_ORIGINALS: dict[str, Any] = {}
 
 
-def _keras_version():
+def _keras_version() -> Version:
     return Version(keras.version())
 
 
-def multi_worker_fit_fix_needed():
+def multi_worker_fit_fix_needed() -> bool:
     """Whether the installed Keras needs `enable_multi_worker_fit()`.
 
     True for the TensorFlow backend of Keras versions in
@@ -77,7 +85,7 @@ def multi_worker_fit_fix_needed():
     return keras.backend.backend() == "tensorflow" and (low <= _keras_version() < high)
 
 
-def _trainer_class_and_module():
+def _trainer_class_and_module() -> tuple[Any, Any]:
     """Finds Keras' TensorFlow trainer class and its module without importing
     private modules by name (they are reachable from `keras.Model`)."""
     for cls in keras.Model.__mro__:
@@ -86,20 +94,20 @@ def _trainer_class_and_module():
     return None, None
 
 
-def _in_multi_worker_mode(strategy):
+def _in_multi_worker_mode(strategy: Any) -> bool:
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
         strategy.extended._in_multi_worker_mode()
     )
 
 
-def _first_local_value(strategy, value):
+def _first_local_value(strategy: Any, value: Any) -> Any:
     if isinstance(value, tf.distribute.DistributedValues):
         return strategy.experimental_local_results(value)[0]
     return value
 
 
-def _make_maybe_symbolic_build(original):
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+def _make_maybe_symbolic_build(original: Callable[..., Any]) -> Callable[..., Any]:
+    def _maybe_symbolic_build(self: Any, iterator: Any = None, data_batch: Any = None) -> Any:
         strategy = self._distribute_strategy
         if not _in_multi_worker_mode(strategy):
             return original(self, iterator=iterator, data_batch=data_batch)
@@ -110,7 +118,7 @@ def _make_maybe_symbolic_build(original):
         # but all make that call.
         real_reduce = strategy.reduce
 
-        def reduce(reduce_op, value, axis=None):
+        def reduce(reduce_op: Any, value: Any, axis: Any = None) -> Any:
             leaves = tf.nest.flatten(value)
             if (
                 axis is None
@@ -127,23 +135,23 @@ def _make_maybe_symbolic_build(original):
         finally:
             del strategy.reduce
 
-    _maybe_symbolic_build.__wrapped__ = original
+    _maybe_symbolic_build.__wrapped__ = original  # type: ignore[attr-defined]
     return _maybe_symbolic_build
 
 
-def _make_reduce_per_replica(original):
-    def reduce_per_replica(values, strategy, reduction):
+def _make_reduce_per_replica(original: Callable[..., Any]) -> Callable[..., Any]:
+    def reduce_per_replica(values: Any, strategy: Any, reduction: Any) -> Any:
         if reduction in ("auto", "mean") and _in_multi_worker_mode(strategy):
             # Keras uses `axis=0` here, which fails on scalar logs; the mean
             # over all replicas of all workers is `axis=None`.
             return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
         return original(values, strategy, reduction)
 
-    reduce_per_replica.__wrapped__ = original
+    reduce_per_replica.__wrapped__ = original  # type: ignore[attr-defined]
     return reduce_per_replica
 
 
-def multi_worker_fit_fix_enabled():
+def multi_worker_fit_fix_enabled() -> bool:
     """Whether `enable_multi_worker_fit()` is currently applied.
 
     Returns:
@@ -152,7 +160,7 @@ def multi_worker_fit_fix_enabled():
     return bool(_ORIGINALS)
 
 
-def enable_multi_worker_fit():
+def enable_multi_worker_fit() -> bool:
     """Makes `model.fit` work under `MultiWorkerMirroredStrategy`.
 
     Works around keras-team/keras#20585 (Keras `>= 3.5, < 3.16`, TensorFlow
@@ -199,7 +207,7 @@ def enable_multi_worker_fit():
     return True
 
 
-def disable_multi_worker_fit():
+def disable_multi_worker_fit() -> bool:
     """Restores Keras' own code replaced by `enable_multi_worker_fit()`.
 
     Returns:
@@ -213,7 +221,7 @@ def disable_multi_worker_fit():
     return True
 
 
-def configure_logical_cpus(num_devices):
+def configure_logical_cpus(num_devices: int) -> list[str]:
     """Splits the host CPU into `num_devices` logical devices.
 
     `tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1", ...])` can then run
@@ -256,7 +264,7 @@ def configure_logical_cpus(num_devices):
     return [d.name for d in tf.config.list_logical_devices("CPU")]
 
 
-def task_info(tf_config=None):
+def task_info(tf_config: str | dict[str, Any] | None = None) -> dict[str, Any]:
     """The current task's role in a multi-worker cluster, from `TF_CONFIG`.
 
     Args:
@@ -306,7 +314,9 @@ def task_info(tf_config=None):
     }
 
 
-def worker_backup_dir(backup_dir, tf_config=None):
+def worker_backup_dir(
+    backup_dir: str | os.PathLike, tf_config: str | dict[str, Any] | None = None
+) -> str:
     """A `keras.callbacks.BackupAndRestore` directory for this worker.
 
     Keras 3's `BackupAndRestore` writes `latest.weights.h5` from every worker;
@@ -359,11 +369,11 @@ class _Collectives:
     `strategy.experimental_local_results`); every worker gets the same result.
     """
 
-    def __init__(self, strategy):
+    def __init__(self, strategy: Any) -> None:
         self.strategy = strategy
-        ids = []
+        ids: list[int] = []
 
-        def record(ctx):
+        def record(ctx: Any) -> Any:
             ids.append(int(ctx.replica_id_in_sync_group))
             return tf.constant(0.0)
 
@@ -371,13 +381,13 @@ class _Collectives:
         self.local_ids = ids  # Global replica ids of this worker's replicas.
         self.num_replicas = int(strategy.num_replicas_in_sync)
 
-    def _per_replica(self, arrays):
+    def _per_replica(self, arrays: Sequence[np.ndarray]) -> Any:
         values = {rid: a for rid, a in zip(self.local_ids, arrays, strict=True)}
         return self.strategy.experimental_distribute_values_from_function(
             lambda ctx: tf.constant(values[int(ctx.replica_id_in_sync_group)])
         )
 
-    def sum(self, arrays):
+    def sum(self, arrays: Sequence[Any]) -> np.ndarray:
         """The element-wise sum over all replicas of all workers (float64)."""
         arrays = [np.asarray(a, np.float64) for a in arrays]
         total = self.strategy.reduce(
@@ -385,7 +395,7 @@ class _Collectives:
         )
         return np.asarray(total.numpy(), np.float64)
 
-    def gather(self, arrays):
+    def gather(self, arrays: Sequence[Any]) -> np.ndarray:
         """The replicas' arrays concatenated along axis 0, in replica order."""
         arrays = [np.asarray(a) for a in arrays]
         lengths = np.zeros(self.num_replicas)
@@ -404,7 +414,7 @@ class _Collectives:
         return np.concatenate(pieces)
 
 
-def _strategy_dataset(data, batch_size, with_labels):
+def _strategy_dataset(data: Any, batch_size: int, with_labels: bool) -> Any:
     """A batched `tf.data.Dataset` of `(x, y)` or `x` from arrays or a dataset."""
     if isinstance(data, tf.data.Dataset):
         return data
@@ -421,7 +431,15 @@ def _strategy_dataset(data, batch_size, with_labels):
     return tf.data.Dataset.from_tensor_slices(elements).batch(batch_size)
 
 
-def fit_detector(detector, runner, data, strategy, context, *, verbose="auto"):
+def fit_detector(
+    detector: Detector,
+    runner: ModelRunner,
+    data: Any,
+    strategy: Any,
+    context: FitContext,
+    *,
+    verbose: int | str = "auto",
+) -> None:
     """Fits `detector` with every replica of `strategy` running the feature pass.
 
     Called by `Detector.fit` inside `strategy.scope()` (or with `strategy=`):
@@ -464,8 +482,8 @@ def fit_detector(detector, runner, data, strategy, context, *, verbose="auto"):
         if features is None:
 
             @tf.function
-            def features(x):
-                def replica(x):
+            def features(x: Any) -> Any:
+                def replica(x: Any) -> tuple[Any, Any]:
                     feats, _ = runner.symbolic(x)
                     flags = None
                     for leaf in tf.nest.flatten(x):
@@ -477,7 +495,7 @@ def fit_detector(detector, runner, data, strategy, context, *, verbose="auto"):
 
             cache[strategy] = features
 
-        failure = None
+        failure: Exception | None = None
         progress = _runner.Progress(f"{name}.fit", None, verbose)
         with progress:
             for element in distributed:

@@ -22,11 +22,15 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import keras
 
 from keras_isomax import _served_outputs
+
+if TYPE_CHECKING:
+    from keras_isomax.detectors import Detector
 
 OUTPUT_NAMES = _served_outputs.SCORE_OUTPUTS
 """The files' outputs, in this order (ONNX graph outputs, LiteRT signature outputs)."""
@@ -37,7 +41,7 @@ def export_litert(
     path: str | os.PathLike,
     threshold: float | None = None,
     *,
-    detector: Any = None,
+    detector: Detector | None = None,
     input_signature: Any = None,
     overwrite: bool = False,
 ) -> str:
@@ -103,7 +107,7 @@ def export_onnx(
     path: str | os.PathLike,
     threshold: float | None = None,
     *,
-    detector: Any = None,
+    detector: Detector | None = None,
     input_signature: Any = None,
     opset_version: int | None = None,
     overwrite: bool = False,
@@ -174,7 +178,7 @@ def export_onnx(
     wrapper(keras.KerasTensor(shape, dtype=dtype))
     spec = keras.InputSpec(shape=shape, dtype=dtype, name="inputs")
 
-    def write(target):
+    def write(target: str) -> None:
         try:
             # The TensorFlow inference cache is left out of converted graphs.
             with served.snapshots():
@@ -204,18 +208,18 @@ def export_onnx(
 class _ScoreModel(keras.Model):
     """The served computation as a Keras model (what Keras' ONNX export takes)."""
 
-    def __init__(self, served, **kwargs):
+    def __init__(self, served: _served_outputs.Served, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.served = served
         self.model = served.model  # Tracked: the ONNX converters read its variables.
         self.detector = served.detector
 
-    def call(self, inputs):
+    def call(self, inputs: Any) -> tuple[Any, ...]:
         outputs = self.served(inputs)
         return tuple(outputs[name] for name in OUTPUT_NAMES)
 
 
-def _name_outputs(proto):
+def _name_outputs(proto: Any) -> None:
     """Renames the graph outputs (positional) to `OUTPUT_NAMES`."""
     import onnx
 
@@ -233,7 +237,7 @@ def _name_outputs(proto):
         output.name = name
 
 
-def _check_path(path, overwrite):
+def _check_path(path: str | os.PathLike, overwrite: bool) -> str:
     path = os.fspath(path)
     if not isinstance(overwrite, bool):
         raise TypeError(f"`overwrite` must be a bool. Received: overwrite={overwrite!r}")
@@ -246,7 +250,7 @@ def _check_path(path, overwrite):
     return path
 
 
-def _write_staged(path, overwrite, write):
+def _write_staged(path: str, overwrite: bool, write: Callable[[str], None]) -> None:
     """Writes into a private directory next to `path`, then renames the file into place.
 
     `path` changes only by that rename (atomic: same file system), after a
@@ -274,11 +278,11 @@ def _write_staged(path, overwrite, write):
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_bytes(target, data):
+def _write_bytes(target: str, data: bytes) -> None:
     with open(target, "wb") as f:
         f.write(data)
 
 
-def _first_lines(error, limit=600):
+def _first_lines(error: BaseException, limit: int = 600) -> str:
     text = f"{type(error).__name__}: {error}".strip()
     return text if len(text) <= limit else text[:limit] + " ..."

@@ -12,7 +12,8 @@ call.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -21,6 +22,7 @@ import numpy as np
 from keras_isomax import _checks, _runner, report
 from keras_isomax import detection_metrics as metrics_lib
 from keras_isomax import scores as scores_lib
+from keras_isomax._typing import Data, ScoreFunction, Verbose
 from keras_isomax.detectors import Detector
 from keras_isomax.report import ROW_KEYS
 
@@ -41,34 +43,41 @@ class OODEvaluation(Sequence):
         accuracy: Dict model name -> in-distribution accuracy.
     """
 
-    def __init__(self, rows, scores, accuracy):
+    def __init__(
+        self,
+        rows: Iterable[dict[str, Any]],
+        scores: Mapping[tuple[str, str], tuple[np.ndarray, Mapping[str, np.ndarray]]],
+        accuracy: Mapping[str, float],
+    ) -> None:
         self.rows = list(rows)
         self.accuracy = dict(accuracy)
         self._scores = scores
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: Any) -> Any:
         return self.rows[index]
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.rows)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"OODEvaluation({len(self.rows)} rows)"
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self.to_string()
 
     @property
-    def model_names(self):
+    def model_names(self) -> list[str]:
         """Names of the evaluated models, in order."""
         return list(dict.fromkeys(key[0] for key in self._scores))
 
     @property
-    def score_names(self):
+    def score_names(self) -> list[str]:
         """Names of the evaluated scores, in order."""
         return list(dict.fromkeys(key[1] for key in self._scores))
 
-    def scores(self, model=None, score=None):
+    def scores(
+        self, model: str | None = None, score: str | None = None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The raw scores of one model and score, e.g. for the plots.
 
         Args:
@@ -89,11 +98,11 @@ class OODEvaluation(Sequence):
             f"No scores for model={model!r}, score={score!r}; available: {list(self._scores)}"
         )
 
-    def filter(self, **criteria):
+    def filter(self, **criteria: Any) -> list[dict[str, Any]]:
         """Rows whose values equal all the given `key=value` criteria."""
         return [row for row in self.rows if all(row.get(k) == v for k, v in criteria.items())]
 
-    def to_string(self, columns=None, digits=2):
+    def to_string(self, columns: Sequence[str] | None = None, digits: int = 2) -> str:
         """A fixed-width text table, metrics in percent.
 
         Args:
@@ -106,11 +115,17 @@ class OODEvaluation(Sequence):
         """
         return report.to_string(self.rows, columns, digits)
 
-    def to_markdown(self, columns=None, digits=2):
+    def to_markdown(self, columns: Sequence[str] | None = None, digits: int = 2) -> str:
         """The table of `to_string` (same arguments) as GitHub Markdown."""
         return report.to_markdown(self.rows, columns, digits)
 
-    def plot_score_histograms(self, path, model=None, score=None, **kwargs):
+    def plot_score_histograms(
+        self,
+        path: str | os.PathLike,
+        model: str | None = None,
+        score: str | None = None,
+        **kwargs: Any,
+    ) -> str:
         """Writes a PNG of score histograms; see `plots.plot_score_histograms`."""
         from keras_isomax import plots
 
@@ -118,7 +133,13 @@ class OODEvaluation(Sequence):
         kwargs.setdefault("score_name", score or self._first_score(model))
         return plots.plot_score_histograms(in_scores, ood_scores, path, **kwargs)
 
-    def plot_roc(self, path, model=None, score=None, **kwargs):
+    def plot_roc(
+        self,
+        path: str | os.PathLike,
+        model: str | None = None,
+        score: str | None = None,
+        **kwargs: Any,
+    ) -> str:
         """Writes a PNG of ROC curves; see `plots.plot_roc`."""
         from keras_isomax import plots
 
@@ -126,14 +147,14 @@ class OODEvaluation(Sequence):
         kwargs.setdefault("title", f"ROC, {score or self._first_score(model)} score")
         return plots.plot_roc(in_scores, ood_scores, path, **kwargs)
 
-    def _first_score(self, model):
+    def _first_score(self, model: str | None) -> str:
         for model_name, score_name in self._scores:
             if model is None or model == model_name:
                 return score_name
         return "score"
 
 
-def _score_list(score, arg_name="score"):
+def _score_list(score: Any, arg_name: str = "score") -> list[tuple[str, Any]]:
     items = [score] if isinstance(score, str) or callable(score) else score
     if not isinstance(items, Sequence) or isinstance(items, str) or not items:
         raise ValueError(
@@ -149,14 +170,18 @@ def _score_list(score, arg_name="score"):
 
 
 def evaluate_ood(
-    model: Any,
-    in_data: Any,
-    ood_data: Mapping[str, Any],
-    score: Any = "minimum_distance",
+    model: keras.Model | Mapping[str, keras.Model],
+    in_data: Data,
+    ood_data: Mapping[str, Data],
+    score: str
+    | ScoreFunction
+    | Detector
+    | Sequence[str | ScoreFunction | Detector]
+    | Mapping[str, Any] = "minimum_distance",
     *,
     batch_size: int = 256,
     tpr: float = 0.95,
-    verbose: Any = "auto",
+    verbose: Verbose = "auto",
 ) -> OODEvaluation:
     """Evaluates OOD detection of one or more models on named OOD sets.
 
@@ -259,7 +284,7 @@ def evaluate_ood(
             _check_labels(labels, logits.shape[-1], model_name)
             acc = float(np.mean(np.argmax(logits, axis=-1) == labels))
         accuracy[model_name] = acc
-        feature_runs = {}
+        feature_runs: dict[Any, dict[str, Any]] = {}
         for score_name, score_fn in score_lists[model_name]:
             if isinstance(score_fn, Detector):
                 values = _detector_scores(
@@ -293,7 +318,7 @@ def evaluate_ood(
     return OODEvaluation(rows, raw_scores, accuracy)
 
 
-def _model_dict(model):
+def _model_dict(model: Any) -> dict[str, Any]:
     if isinstance(model, keras.Model | keras.layers.Layer):
         return {model.name: model}
     if isinstance(model, Mapping) and model:
@@ -310,7 +335,16 @@ def _model_dict(model):
     )
 
 
-def _detector_scores(detector, net, data_sets, runs, feature_runs, batch_size, verbose, name):
+def _detector_scores(
+    detector: Detector,
+    net: keras.Model,
+    data_sets: Mapping[str, Data],
+    runs: Mapping[str, _runner.Batch],
+    feature_runs: dict[Any, dict[str, Any]],
+    batch_size: int,
+    verbose: Verbose,
+    name: str,
+) -> dict[str, np.ndarray]:
     """A detector's scores on every data set; feature passes shared by detectors that
     read the same features."""
     detector.attach(net)  # Checks it was fitted on this model (or its feature width).
@@ -339,7 +373,7 @@ def _detector_scores(detector, net, data_sets, runs, feature_runs, batch_size, v
     }
 
 
-def _score_values(score_fn, run):
+def _score_values(score_fn: ScoreFunction, run: _runner.Batch) -> np.ndarray:
     values = np.asarray(keras.ops.convert_to_numpy(score_fn(run.logits)))
     values = values.reshape(-1).astype(np.float64)
     if values.shape != run.nonfinite.shape:
@@ -350,7 +384,7 @@ def _score_values(score_fn, run):
     return np.where(run.nonfinite, np.nan, values)
 
 
-def _check_labels(labels, num_classes, model_name):
+def _check_labels(labels: np.ndarray, num_classes: int, model_name: str) -> None:
     """Labels must be class ids of the model's classes (one-hot width checked too)."""
     bad = (labels < 0) | (labels >= num_classes)
     if bad.any():

@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 
 from keras_isomax import _checks, _served_outputs
 from keras_isomax._served_outputs import SCORE_OUTPUTS, SERVING_DEFAULT_OUTPUTS
 from keras_isomax.edge import export_litert, export_onnx
+
+if TYPE_CHECKING:
+    from keras_isomax.detectors import Detector
 
 __all__ = [
     "SCORE_OUTPUTS",
@@ -50,7 +53,7 @@ def export_saved_model(
     jit_compile: bool = False,
     overwrite: bool = False,
     verbose: bool = False,
-    detector: Any = None,
+    detector: Detector | None = None,
 ) -> str:
     """Exports an IsoMax+ classifier as a TF Serving-ready SavedModel.
 
@@ -171,7 +174,7 @@ def export_saved_model(
 
 
 def serving_function(
-    model: keras.Model, threshold: float | None = None, *, detector: Any = None
+    model: keras.Model, threshold: float | None = None, *, detector: Detector | None = None
 ) -> Callable[[Any], dict[str, Any]]:
     """Returns what every export serves as a function, for use in-process on any backend.
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 
 from keras_isomax import _checks, _data, _graph
+from keras_isomax._typing import Data
 from keras_isomax.layers import IsoMaxPlusLayer
 
 PROTOTYPE_INITS = ("auto", "dense", "class_means", "random")
@@ -65,14 +67,14 @@ def find_isomax_layer(model: keras.layers.Layer) -> IsoMaxPlusLayer:
 
 
 def replace_head(
-    model,
-    num_classes=None,
-    prototype_init="auto",
-    init_data=None,
-    share_weights=False,
-    batch_size=256,
-    name="isomax_plus",
-):
+    model: keras.Model,
+    num_classes: int | None = None,
+    prototype_init: str = "auto",
+    init_data: Data | None = None,
+    share_weights: bool = False,
+    batch_size: int = 256,
+    name: str = "isomax_plus",
+) -> keras.Model:
     """Replaces a classifier's final `Dense` (+ softmax) with an `IsoMaxPlusLayer`.
 
     The model must end in a `Dense` classifier (softmax or no activation,
@@ -212,7 +214,7 @@ def replace_head(
     return new_model
 
 
-def _copy_model(model):
+def _copy_model(model: keras.Model) -> keras.Model:
     try:
         clone = keras.models.clone_model(model)
     except Exception as error:  # Custom layers without a config, subclassed parts.
@@ -225,7 +227,7 @@ def _copy_model(model):
     return clone
 
 
-def _unique(name, taken):
+def _unique(name: str, taken: set[str]) -> str:
     candidate, suffix = name, 1
     while candidate in taken:
         candidate = f"{name}_{suffix}"
@@ -234,7 +236,7 @@ def _unique(name, taken):
     return candidate
 
 
-def _init_batches(init_data, batch_size):
+def _init_batches(init_data: Data, batch_size: int) -> Iterator[tuple[Any, Any]]:
     """Yields `(x, y)` batches from `(x, y)` arrays or an iterable of batches."""
     if not _data.is_in_memory(init_data) and not isinstance(init_data, Iterable):
         raise ValueError(
@@ -250,7 +252,14 @@ def _init_batches(init_data, batch_size):
         yield x, y
 
 
-def _class_means(feature_model, init_data, num_classes, feature_dim, batch_size, fallback):
+def _class_means(
+    feature_model: keras.Model,
+    init_data: Data,
+    num_classes: int,
+    feature_dim: int,
+    batch_size: int,
+    fallback: np.ndarray | None,
+) -> np.ndarray:
     sums = np.zeros((num_classes, feature_dim), np.float64)
     counts = np.zeros(num_classes, np.int64)
     for x, y in _init_batches(init_data, batch_size):

@@ -19,7 +19,7 @@ if keras.backend.backend() == "tensorflow":
     # cache), chosen once, like Keras' own backend-specific code.
     from keras_isomax import _tf_layer
 else:
-    _tf_layer = None
+    _tf_layer = None  # type: ignore[assignment]
 
 
 def l2_normalize(x: Any, axis: int = -1, epsilon: float = _NORM_EPSILON) -> Any:
@@ -41,19 +41,19 @@ def l2_normalize(x: Any, axis: int = -1, epsilon: float = _NORM_EPSILON) -> Any:
     return x * ops.rsqrt(ops.maximum(squared_norm, epsilon * epsilon))
 
 
-def _safe_sqrt(x):
+def _safe_sqrt(x: Any) -> Any:
     """`sqrt(x)` for `x >= 0` with gradient 0 (not inf/NaN) at 0; NaN stays NaN."""
     positive = x > 0
     root = ops.sqrt(ops.where(positive, x, ops.ones_like(x)))
     return ops.where(positive, root, x * 0)
 
 
-def _row_norms_squared(x):
+def _row_norms_squared(x: Any) -> Any:
     """`sum(x**2, axis=-1)` of a 2D tensor."""
     return ops.sum(ops.square(x), axis=-1)
 
 
-def _first_argmin(squared):
+def _first_argmin(squared: Any) -> Any:
     """`(N,)` int32: the index of each row's minimum of `squared` `(N, C)`.
 
     On TensorFlow its `ArgMin` kernel (one pass; a LiteRT and ONNX builtin).
@@ -73,8 +73,14 @@ def _first_argmin(squared):
 
 
 def _distances(
-    features, prototypes, p_sq, inverse_norm=None, exact_nearest=True, kernel=None, x_sq=None
-):
+    features: Any,
+    prototypes: Any,
+    p_sq: Any,
+    inverse_norm: Any = None,
+    exact_nearest: bool = True,
+    kernel: Any = None,
+    x_sq: Any = None,
+) -> Any:
     """Distances `(N, C)` between `features` `(N, F)` and the prototypes.
 
     With `inverse_norm` (the `(C,)` values `1 / max(||p||, eps)`), the
@@ -115,7 +121,7 @@ def _distances(
     return ops.where(is_nearest, exact, distances)
 
 
-def _nan_guard(x):
+def _nan_guard(x: Any) -> Any:
     """`(N, 1)`: 0 for finite rows of `x` `(N, F)`, NaN for rows with NaN or Inf."""
     return 0.0 * ops.sum(x, axis=-1, keepdims=True)
 
@@ -250,8 +256,8 @@ class IsoMaxPlusLayer(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
         self.inference_cache = bool(inference_cache)
-        self._snapshot = None
-        self._inference_cache = None
+        self._snapshot: _Snapshot | None = None
+        self._inference_cache: Any = None
 
     def build(self, input_shape: tuple[int | None, ...]) -> None:
         feature_dim = input_shape[-1]
@@ -320,7 +326,7 @@ class IsoMaxPlusLayer(keras.layers.Layer):
             return logits
         return ops.reshape(logits, (*lead_shape, num_classes))
 
-    def _uses_inference_cache(self, training):
+    def _uses_inference_cache(self, training: Any) -> Any:
         # Only explicit inference (`training=False`: predict, evaluate, exports);
         # `training=None` may be a custom training loop's forward pass.
         return (
@@ -412,11 +418,11 @@ class _Snapshot:
     """Holds `inference_snapshot`'s variables (a plain object, so that neither
     Keras nor TensorFlow tracks them as the layer's weights)."""
 
-    def __init__(self, variables):
+    def __init__(self, variables: Any) -> None:
         self.variables = variables
 
 
-def _normalized_features(x):
+def _normalized_features(x: Any) -> Any:
     """`(x / max(||x||, eps), ||that||^2)`: the normalised rows and their squared norms
     (1, or less for a clamped norm; 0 for a zero vector)."""
     squared_norm = ops.sum(ops.square(x), axis=-1, keepdims=True)
@@ -424,14 +430,14 @@ def _normalized_features(x):
     return x * inverse, squared_norm * ops.square(inverse)
 
 
-def _live_distances(features, x_sq, prototypes):
+def _live_distances(features: Any, x_sq: Any, prototypes: Any) -> Any:
     """`_distances` with the prototypes normalised in the same call."""
     p_sq = _row_norms_squared(prototypes)  # (C,)
     inverse_norm = ops.rsqrt(ops.maximum(p_sq, _NORM_EPSILON * _NORM_EPSILON))
     return _distances(features, prototypes, p_sq, inverse_norm, x_sq=x_sq)
 
 
-def _full_precision_policy(dtype):
+def _full_precision_policy(dtype: Any) -> Any:
     """Maps a mixed precision policy (or the global one) to its variable dtype.
 
     The distances of IsoMax+ need float32: in float16 the expansion and the

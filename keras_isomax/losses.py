@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 
 from keras_isomax import _utils
+from keras_isomax._typing import ArrayLike, Config, Tensor
 
 DEFAULT_ENTROPIC_SCALE = 10.0
 
 
 @keras.saving.register_keras_serializable(package="keras_isomax")
-def isomax_plus_loss(y_true, y_pred, entropic_scale=DEFAULT_ENTROPIC_SCALE):
+def isomax_plus_loss(
+    y_true: ArrayLike, y_pred: ArrayLike, entropic_scale: float = DEFAULT_ENTROPIC_SCALE
+) -> Tensor:
     """Per-example IsoMax+ loss: `-log softmax(entropic_scale * logits)[y]`.
 
     Computed stably from logits with a log-sum-exp (never the log of a softmax
@@ -99,7 +103,7 @@ def isomax_plus_loss(y_true, y_pred, entropic_scale=DEFAULT_ENTROPIC_SCALE):
     return ops.where(valid, loss, ops.cast(math.nan, loss.dtype))
 
 
-def _check_entropic_scale(entropic_scale):
+def _check_entropic_scale(entropic_scale: Any) -> Any:
     """A positive finite Python float (or a tensor, checked when eager)."""
     if hasattr(entropic_scale, "shape") and not _utils.is_eager(entropic_scale):
         return entropic_scale  # Traced: the class and eager calls check it.
@@ -115,7 +119,7 @@ def _check_entropic_scale(entropic_scale):
     return scale
 
 
-def _check_one_hot(y_true):
+def _check_one_hot(y_true: Tensor) -> None:
     """Integer `(..., C)` targets must be one-hot rows (float ones may be soft)."""
     if "int" not in keras.backend.standardize_dtype(y_true.dtype):
         return
@@ -131,7 +135,7 @@ def _check_one_hot(y_true):
         )
 
 
-def _is_one_hot(true_shape, pred_shape):
+def _is_one_hot(true_shape: Any, pred_shape: Any) -> bool:
     """Whether labels of `true_shape` are `(..., C)` targets for logits of `pred_shape`."""
     return (
         len(true_shape) == len(pred_shape) > 0
@@ -140,11 +144,11 @@ def _is_one_hot(true_shape, pred_shape):
     )
 
 
-def _compatible(shape_a, shape_b):
+def _compatible(shape_a: Any, shape_b: Any) -> bool:
     return all(a is None or b is None or a == b for a, b in zip(shape_a, shape_b))
 
 
-def _check_labels(labels, num_classes):
+def _check_labels(labels: Tensor, num_classes: int) -> None:
     values = np.asarray(ops.convert_to_numpy(labels))
     bad = ~np.isfinite(values) | (values < 0) | (values >= num_classes)
     bad |= np.isfinite(values) & (np.floor(values) != values)
@@ -191,16 +195,18 @@ class IsoMaxPlusLoss(keras.losses.Loss):
 
     def __init__(
         self,
-        entropic_scale=DEFAULT_ENTROPIC_SCALE,
-        reduction="sum_over_batch_size",
-        name="isomax_plus_loss",
-        dtype=None,
-    ):
+        entropic_scale: float = DEFAULT_ENTROPIC_SCALE,
+        reduction: str | None = "sum_over_batch_size",
+        name: str = "isomax_plus_loss",
+        dtype: Any = None,
+    ) -> None:
         scale = _check_entropic_scale(entropic_scale)
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.entropic_scale = scale
 
-    def __call__(self, y_true, y_pred, sample_weight=None):
+    def __call__(
+        self, y_true: ArrayLike, y_pred: ArrayLike, sample_weight: ArrayLike | None = None
+    ) -> Tensor:
         # `keras.losses.Loss.__call__` casts `y_true` to the loss dtype before
         # `call`: integer `(..., C)` targets are checked here, while they are
         # still integers (as floats they would pass as soft targets).
@@ -210,8 +216,8 @@ class IsoMaxPlusLoss(keras.losses.Loss):
                 _check_one_hot(labels)
         return super().__call__(y_true, y_pred, sample_weight=sample_weight)
 
-    def call(self, y_true, y_pred):
+    def call(self, y_true: ArrayLike, y_pred: ArrayLike) -> Tensor:
         return isomax_plus_loss(y_true, y_pred, entropic_scale=self.entropic_scale)
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {**super().get_config(), "entropic_scale": self.entropic_scale}

@@ -7,9 +7,12 @@ The exact NumPy detection metrics (`ood_metrics`, `roc_curve`,
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 
 from keras_isomax import scores as scores_lib
+from keras_isomax._typing import ArrayLike, Config
 
 
 @keras.saving.register_keras_serializable(package="keras_isomax")
@@ -41,7 +44,9 @@ class OODScore(keras.metrics.Mean):
     -0.3
     """
 
-    def __init__(self, score="minimum_distance", name=None, dtype=None):
+    def __init__(
+        self, score: str = "minimum_distance", name: str | None = None, dtype: Any = None
+    ) -> None:
         if not isinstance(score, str):
             raise TypeError(
                 "`score` must be the name of a score in `keras_isomax.scores`. "
@@ -51,9 +56,11 @@ class OODScore(keras.metrics.Mean):
         self.score = score.removesuffix("_score")
         super().__init__(name=name or f"{self.score}_score", dtype=dtype)
 
-    def update_state(self, y_true, y_pred, sample_weight=None):
+    def update_state(
+        self, y_true: ArrayLike, y_pred: ArrayLike, sample_weight: ArrayLike | None = None
+    ) -> None:
         values = self._score_fn(keras.ops.cast(y_pred, self.dtype))
         return super().update_state(values, sample_weight=sample_weight)
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {**super().get_config(), "score": self.score}

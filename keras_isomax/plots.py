@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from keras_isomax import detection_metrics as metrics_lib
+from keras_isomax._typing import ArrayLike
 
 
-def _matplotlib():
+def _matplotlib() -> tuple[Any, Any]:
     """Imports matplotlib's object API, with an install hint when it is missing."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -30,7 +32,7 @@ def _matplotlib():
     return Figure, FigureCanvasAgg
 
 
-def _check_path(path):
+def _check_path(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if not path.lower().endswith(".png"):
         raise ValueError(f"`path` must name a .png file. Received: path={path!r}")
@@ -40,7 +42,7 @@ def _check_path(path):
     return path
 
 
-def _as_ood_dict(ood_scores):
+def _as_ood_dict(ood_scores: ArrayLike | Mapping[str, ArrayLike]) -> dict[Any, ArrayLike]:
     if isinstance(ood_scores, Mapping):
         if not ood_scores:
             raise ValueError("`ood_scores` must not be empty. Received: ood_scores={}")
@@ -48,7 +50,7 @@ def _as_ood_dict(ood_scores):
     return {"OOD": ood_scores}
 
 
-def _scores_1d(values, name):
+def _scores_1d(values: ArrayLike, name: str) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64).reshape(-1)
     if array.size == 0:
         raise ValueError(f"`{name}` must not be empty. Received: {name} of size 0")
@@ -56,16 +58,16 @@ def _scores_1d(values, name):
 
 
 def plot_score_histograms(
-    in_scores,
-    ood_scores,
-    path,
+    in_scores: ArrayLike,
+    ood_scores: ArrayLike | Mapping[str, ArrayLike],
+    path: str | os.PathLike,
     *,
-    bins=50,
-    threshold=None,
-    score_name="score",
-    in_name="in-distribution",
-    title=None,
-):
+    bins: int = 50,
+    threshold: float | None = None,
+    score_name: str = "score",
+    in_name: str = "in-distribution",
+    title: str | None = None,
+) -> str:
     """Writes a PNG with the score histograms of in-distribution and OOD data.
 
     One step histogram (normalised to density) per data set on shared bins,
@@ -129,13 +131,13 @@ def plot_score_histograms(
 
 
 def plot_roc(
-    in_scores,
-    ood_scores,
-    path,
+    in_scores: ArrayLike,
+    ood_scores: ArrayLike | Mapping[str, ArrayLike],
+    path: str | os.PathLike,
     *,
-    in_name="in-distribution",
-    title=None,
-):
+    in_name: str = "in-distribution",
+    title: str | None = None,
+) -> str:
     """Writes a PNG with the exact ROC curve of each OOD set.
 
     In-distribution is the positive class: the y axis is the fraction of

@@ -7,6 +7,8 @@ Metrics (fractions in `[0, 1]`) are shown in percent, NaN as `n/a`.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from keras_isomax import detection_metrics
 
@@ -42,7 +44,9 @@ _HEADERS = {
 }
 
 
-def to_string(rows, columns=None, digits=2):
+def to_string(
+    rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None = None, digits: int = 2
+) -> str:
     """A fixed-width text table of evaluation rows, metrics in percent.
 
     Args:
@@ -68,7 +72,9 @@ def to_string(rows, columns=None, digits=2):
     return "\n".join(lines)
 
 
-def to_markdown(rows, columns=None, digits=2):
+def to_markdown(
+    rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None = None, digits: int = 2
+) -> str:
     """`to_string`'s table (same arguments) as GitHub Markdown.
 
     Example:
@@ -87,7 +93,9 @@ def to_markdown(rows, columns=None, digits=2):
     return "\n".join(lines)
 
 
-def _cells(rows, columns, digits):
+def _cells(
+    rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None, digits: int
+) -> tuple[list[str], list[list[str]]]:
     if columns is None:
         columns = [key for key in ROW_KEYS if key not in _HIDDEN_BY_DEFAULT]
     unknown = [c for c in columns if c not in ROW_KEYS]
@@ -110,11 +118,11 @@ def _cells(rows, columns, digits):
     return header, body
 
 
-def _align(cell, width):
+def _align(cell: str, width: int) -> str:
     return cell.rjust(width) if _is_number(cell) else cell.ljust(width)
 
 
-def _is_number(cell):
+def _is_number(cell: str) -> bool:
     try:
         float(cell)
     except ValueError:

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import keras
 from keras import ops
 
+from keras_isomax._typing import ArrayLike, ScoreFunction, Tensor
 
-def _check_logits(logits, name):
+
+def _check_logits(logits: ArrayLike, name: str) -> Tensor:
     """Float logits `(..., C)` with at least one class, or a clear error."""
     if not hasattr(logits, "dtype") or not hasattr(logits, "shape"):
         logits = ops.convert_to_tensor(logits)
@@ -42,11 +45,11 @@ def _check_logits(logits, name):
     return logits
 
 
-def _checked(score):
+def _checked(score: ScoreFunction) -> ScoreFunction:
     """Checks the logits of a score function; an empty batch gives an empty result."""
 
     @functools.wraps(score)
-    def checked(logits):
+    def checked(logits: ArrayLike) -> Tensor:
         logits = _check_logits(logits, score.__name__)
         shape = tuple(logits.shape)
         if None not in shape and math.prod(shape) == 0:
@@ -57,7 +60,7 @@ def _checked(score):
 
 
 @_checked
-def minimum_distance_score(logits):
+def minimum_distance_score(logits: ArrayLike) -> Tensor:
     """The paper's minimum distance score (MDS): the largest logit.
 
     For IsoMax+ logits `-|s| * d_c / T` this is `-|s| * min_c d_c / T`, the
@@ -75,7 +78,7 @@ def minimum_distance_score(logits):
 
 
 @_checked
-def entropic_score(logits):
+def entropic_score(logits: ArrayLike) -> Tensor:
     """The paper's entropic score (ES): negative entropy of `softmax(logits)`.
 
     `sum_c p_c log p_c` with `p = softmax(logits)`, in `[-log C, 0]`; higher
@@ -93,7 +96,7 @@ def entropic_score(logits):
 
 
 @_checked
-def max_probability_score(logits):
+def max_probability_score(logits: ArrayLike) -> Tensor:
     """Maximum softmax probability (MPS), `max_c softmax(logits)_c`.
 
     The SoftMax baseline of Hendrycks & Gimpel; higher means more
@@ -109,7 +112,7 @@ def max_probability_score(logits):
 
 
 @_checked
-def max_logit_score(logits):
+def max_logit_score(logits: ArrayLike) -> Tensor:
     """Maximum logit, the MaxLogit baseline for softmax classifiers.
 
     Numerically the same as `minimum_distance_score`; kept under its own name
@@ -125,7 +128,7 @@ def max_logit_score(logits):
 
 
 @_checked
-def energy_score(logits):
+def energy_score(logits: ArrayLike) -> Tensor:
     """Negative free energy, `logsumexp_c logits_c` (temperature 1).
 
     The energy baseline of Liu et al. (2020), with the sign flipped so that
@@ -140,7 +143,7 @@ def energy_score(logits):
     return ops.logsumexp(logits, axis=-1)
 
 
-SCORES = {
+SCORES: dict[str, ScoreFunction] = {
     "minimum_distance": minimum_distance_score,
     "entropic": entropic_score,
     "max_probability": max_probability_score,
@@ -149,7 +152,7 @@ SCORES = {
 }
 
 
-def get(identifier):
+def get(identifier: str | ScoreFunction) -> ScoreFunction:
     """Returns the score function for a name (or a callable, unchanged).
 
     Args:
@@ -175,7 +178,7 @@ def get(identifier):
     )
 
 
-def name_of(score):
+def name_of(score: Any) -> str:
     """The registered name of a score function (or its `__name__`)."""
     for name, fn in SCORES.items():
         if fn is score:

@@ -10,16 +10,19 @@ expansion), for checking the library's float32 results in tests and benchmarks:
 (4, 3)
 """
 
+from __future__ import annotations
+
 import numpy as np
+import numpy.typing as npt
 
 
-def normalize(v, eps=1e-12):
+def normalize(v: npt.ArrayLike, eps: float = 1e-12) -> np.ndarray:
     """`v / max(||v||, eps)` along the last axis, in float64 (PyTorch's `F.normalize`)."""
     v = np.asarray(v, np.float64)
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), eps)
 
 
-def distances(x, prototypes, chunk=None):
+def distances(x: npt.ArrayLike, prototypes: npt.ArrayLike, chunk: int | None = None) -> np.ndarray:
     """Exact Euclidean distances between normalised rows, (..., C).
 
     Exact differences, no `a^2 + b^2 - 2ab` expansion. With `chunk`, `x` is
@@ -35,23 +38,27 @@ def distances(x, prototypes, chunk=None):
     return out
 
 
-def _exact_distances(xn, pn):
+def _exact_distances(xn: np.ndarray, pn: np.ndarray) -> np.ndarray:
     return np.sqrt(np.sum((xn[..., None, :] - pn) ** 2, axis=-1))
 
 
-def logits(x, prototypes, scale=1.0, temperature=1.0):
+def logits(
+    x: npt.ArrayLike, prototypes: npt.ArrayLike, scale: float = 1.0, temperature: float = 1.0
+) -> np.ndarray:
     """IsoMax+ logits `-|scale| * ||norm(x) - norm(p_c)|| / temperature`, `(..., C)`."""
     return -abs(scale) * distances(x, prototypes) / temperature
 
 
-def log_softmax(z):
+def log_softmax(z: npt.ArrayLike) -> np.ndarray:
     """`log(softmax(z))` along the last axis, in float64 (max-shifted)."""
     z = np.asarray(z, np.float64)
     m = z.max(axis=-1, keepdims=True)
     return z - m - np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True))
 
 
-def isomax_loss(labels, z, entropic_scale=10.0):
+def isomax_loss(
+    labels: npt.ArrayLike, z: npt.ArrayLike, entropic_scale: float = 10.0
+) -> np.ndarray:
     """Per-example IsoMax+ loss: `-log softmax(entropic_scale * z)[label]` (class-id labels)."""
     lp = log_softmax(entropic_scale * np.asarray(z, np.float64))
     labels = np.asarray(labels).reshape(lp.shape[:-1]).astype(int)

@@ -83,9 +83,16 @@ def _quiet_python_logging() -> None:
 
 
 def _one_line_warning(command: str) -> Any:
-    seen = set()
+    seen: set[str] = set()
 
-    def show(message, category, filename, lineno, file=None, line=None):
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: str | None = None,
+    ) -> None:
         text = " ".join(str(message).split())
         if text in seen:
             return

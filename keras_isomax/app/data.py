@@ -184,7 +184,8 @@ def load_fashion_mnist(
                 "raw IDX files, or pass `download=True` to let TensorFlow Datasets "
                 f"download it. Received: data_dir={data_dir!r}"
             )
-        images, labels = _load_tfds_arrays(
+        # Fashion-MNIST has labels: not None.
+        images, labels = _load_tfds_arrays(  # type: ignore[assignment]
             "fashion_mnist", split, data_dir=tfds_dir, download=download
         )
         images = images.reshape(-1, 28, 28)
@@ -271,7 +272,7 @@ def prepare_tfds_fashion_mnist(
     return data_dir
 
 
-def _check_classes(classes):
+def _check_classes(classes: Any) -> tuple[int, ...] | None:
     if classes is None:
         return None
     try:
@@ -291,7 +292,7 @@ def _check_classes(classes):
     return tuple(values)
 
 
-def _find_raw_file(directory, name):
+def _find_raw_file(directory: str | os.PathLike, name: str) -> str | None:
     for candidate in (name + ".gz", name):
         path = os.path.join(directory, candidate)
         if os.path.isfile(path):
@@ -299,7 +300,7 @@ def _find_raw_file(directory, name):
     return None
 
 
-def _read_raw(path):
+def _read_raw(path: str) -> bytes:
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
@@ -311,7 +312,7 @@ def _read_raw(path):
         ) from e
 
 
-def _idx_header(path, data, magic, num_dims):
+def _idx_header(path: str, data: bytes, magic: int, num_dims: int) -> tuple[list[int], int]:
     header_size = 4 * (1 + num_dims)
     if len(data) < header_size:
         raise ValueError(
@@ -327,7 +328,7 @@ def _idx_header(path, data, magic, num_dims):
     return [int(d) for d in header[1:]], header_size
 
 
-def _read_idx_images(path, expected_count=None):
+def _read_idx_images(path: str, expected_count: int | None = None) -> np.ndarray:
     data = _read_raw(path)
     (count, rows, cols), offset = _idx_header(path, data, _IDX_IMAGES_MAGIC, 3)
     problems = []
@@ -344,7 +345,7 @@ def _read_idx_images(path, expected_count=None):
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(count, rows, cols)
 
 
-def _read_idx_labels(path, expected_count=None):
+def _read_idx_labels(path: str, expected_count: int | None = None) -> np.ndarray:
     data = _read_raw(path)
     (count,), offset = _idx_header(path, data, _IDX_LABELS_MAGIC, 1)
     problems = []
@@ -533,7 +534,7 @@ def uniform_noise(
     return rng.random((n, *image_shape), dtype=np.float32)
 
 
-def _load_photo(name):
+def _load_photo(name: str) -> np.ndarray:
     import skimage.data
 
     photo = np.asarray(getattr(skimage.data, name)())
@@ -542,12 +543,12 @@ def _load_photo(name):
 
 
 @functools.cache
-def _photo_shape(name):
+def _photo_shape(name: str) -> tuple[int, ...]:
     return _load_photo(name).shape[:2]
 
 
 @functools.lru_cache(maxsize=64)  # one output shape: 55 entries, ~17 MB at 32x32x3
-def _photo_at_size(name, channels, size):
+def _photo_at_size(name: str, channels: int, size: tuple[int, int]) -> np.ndarray:
     """A photograph shrunk to `size` with `channels` channels (cached, read-only)."""
     photo = _load_photo(name)
     if channels < photo.shape[-1]:
@@ -714,23 +715,25 @@ def to_tf_dataset(
 # --------------------------------------------------------------------------
 
 
-def _offline_hint():
+def _offline_hint() -> str:
     return f"Offline choices: {', '.join(OFFLINE_DATASETS)}."
 
 
-def _default_tfds_data_dir():
+def _default_tfds_data_dir() -> str:
     return os.path.expanduser(
         os.environ.get("TFDS_DATA_DIR", os.path.join("~", "tensorflow_datasets"))
     )
 
 
-def _tfds_prepared(data_dir, name):
+def _tfds_prepared(data_dir: str | os.PathLike, name: str) -> bool:
     """Cheap check (no TFDS import) for a prepared TFDS data set."""
     pattern = os.path.join(glob.escape(os.fspath(data_dir)), name, "*", "dataset_info.json")
     return bool(glob.glob(pattern))
 
 
-def _load_tfds_arrays(name, split, *, data_dir=None, download=False):
+def _load_tfds_arrays(
+    name: str, split: str, *, data_dir: str | os.PathLike | None = None, download: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Loads a whole TFDS split as NumPy `(images, labels or None)`."""
     import tensorflow_datasets as tfds
 
@@ -777,7 +780,7 @@ def _load_tfds_arrays(name, split, *, data_dir=None, download=False):
     return images, labels
 
 
-def _check_hosts_resolve(name, url_infos):
+def _check_hosts_resolve(name: str, url_infos: Any) -> None:
     """Fails fast when the download hosts do not resolve (offline).
 
     Without this, TFDS retries each file with backoff: ~3.5 minutes before it
@@ -798,7 +801,7 @@ def _check_hosts_resolve(name, url_infos):
             ) from e
 
 
-def _check_image_shape(image_shape):
+def _check_image_shape(image_shape: Any) -> tuple[int, ...]:
     try:
         shape = tuple(int(d) for d in image_shape)
         valid = (
@@ -817,13 +820,15 @@ def _check_image_shape(image_shape):
     return shape
 
 
-def _check_n(n):
+def _check_n(n: Any) -> int:
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
         raise ValueError(f"`n` must be a positive integer. Received: n={n!r}")
     return int(n)
 
 
-def _subset(x, y, n, seed):
+def _subset(
+    x: np.ndarray, y: np.ndarray | None, n: int, seed: Any
+) -> tuple[np.ndarray, np.ndarray | None]:
     if n >= len(x):
         if n > len(x):
             warnings.warn(
@@ -836,7 +841,7 @@ def _subset(x, y, n, seed):
     return x[idx], None if y is None else y[idx]
 
 
-def _convert_channels(x, channels):
+def _convert_channels(x: np.ndarray, channels: int) -> np.ndarray:
     """Converts `(..., C)` images in [0, 1] to 1 (BT.601 luma) or 3 channels."""
     if x.shape[-1] == 4:  # RGBA: drop alpha
         x = x[..., :3]
@@ -847,7 +852,7 @@ def _convert_channels(x, channels):
     return np.repeat(x, channels, axis=-1)
 
 
-def _resize(x, size):
+def _resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize (antialiased when shrinking) of `(N, H, W, C)` images."""
     if tuple(x.shape[1:3]) == tuple(size):
         return x
@@ -872,7 +877,7 @@ def _resize(x, size):
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
-def _to_image_shape(x, image_shape):
+def _to_image_shape(x: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
     """Resizes and converts `(N, H, W, C)` images in [0, 1] to `image_shape`."""
     height, width, channels = image_shape
     original = x

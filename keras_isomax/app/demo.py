@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +251,9 @@ def run_demo(
     }
 
 
-def _score_request(saved_model, x_in, x_out):
+def _score_request(
+    saved_model: str | os.PathLike, x_in: np.ndarray, x_out: np.ndarray
+) -> tuple[dict[str, tuple[int, ...]], dict[str, Any], str]:
     """Loads the SavedModel (as TF Serving would) and calls its `score` signature."""
     import tensorflow as tf
 
@@ -274,8 +277,17 @@ def _score_request(saved_model, x_in, x_out):
 
 
 def _write_report(
-    out, table, temperature, threshold, accepted, ood_scores, figures, response, epochs, seconds
-):
+    out: Path,
+    table: str,
+    temperature: Any,
+    threshold: float,
+    accepted: float,
+    ood_scores: Mapping[str, np.ndarray],
+    figures: Mapping[str, str | os.PathLike],
+    response: dict[str, Any],
+    epochs: int,
+    seconds: float,
+) -> Path:
     lines = [
         "# keras-isomax demo: SoftMax vs IsoMax+ on Fashion-MNIST",
         "",

@@ -145,7 +145,7 @@ def load(filepath: str | os.PathLike) -> Detector:
     return found[0]
 
 
-def _check_file_config(filepath):
+def _check_file_config(filepath: str) -> None:
     """Reads the file's config first: names unknown arguments and state layouts exactly
     (Keras' own error for them does not say which)."""
     try:

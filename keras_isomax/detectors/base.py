@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -12,6 +13,9 @@ import numpy as np
 from keras import ops
 
 from keras_isomax import _checks, _data, _runner, _serving
+from keras_isomax._typing import ArrayLike, Config, Data, Tensor, Verbose
+
+_Stream = Iterable[tuple[np.ndarray, Any]]
 
 
 class FitContext:
@@ -23,7 +27,12 @@ class FitContext:
         runner: The model runner when fitted on a model (`fit`), else `None`.
     """
 
-    def __init__(self, feature_dim=None, num_classes=None, runner=None):
+    def __init__(
+        self,
+        feature_dim: int | None = None,
+        num_classes: int | None = None,
+        runner: _runner.ModelRunner | None = None,
+    ) -> None:
         self.feature_dim = feature_dim
         self.num_classes = num_classes
         self.runner = runner
@@ -59,7 +68,7 @@ class Detector(keras.layers.Layer):
 
     input_kind = "features"
     needs_labels = False
-    _state_keys: tuple = ()  # The keys of `state` (its layout), checked when restoring.
+    _state_keys: tuple[str, ...] = ()  # The keys of `state` (its layout), checked when restoring.
 
     def __init__(
         self,
@@ -88,7 +97,7 @@ class Detector(keras.layers.Layer):
             )
         self.state = dict(state) if state else None  # Shapes of the fitted state.
         self.model_fingerprint = model_fingerprint
-        self._runner = None
+        self._runner: _runner.ModelRunner | None = None
         self.threshold = self.add_weight(
             name="threshold",
             shape=(),
@@ -99,11 +108,11 @@ class Detector(keras.layers.Layer):
 
     # ------------------------------------------------------------------ state
 
-    def _state_specs(self, state):
+    def _state_specs(self, state: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
         """`{name: (shape, dtype)}` of the fitted variables for `state`."""
         return {}
 
-    def _make_state(self, state):
+    def _make_state(self, state: Mapping[str, Any]) -> None:
         self.state = dict(state)
         for name, (shape, dtype) in self._state_specs(self.state).items():
             existing = getattr(self, name, None)
@@ -123,7 +132,7 @@ class Detector(keras.layers.Layer):
                 ),
             )
 
-    def build(self, input_shape):
+    def build(self, input_shape: Any) -> None:
         if self.state and self._state_specs(self.state):
             self._make_state(self.state)  # A reloaded detector: variables, then weights.
         self.built = True
@@ -150,9 +159,9 @@ class Detector(keras.layers.Layer):
     def fit(
         self,
         model: keras.Model,
-        data: Any = None,
+        data: Data = None,
         *,
-        verbose: Any = "auto",
+        verbose: Verbose = "auto",
         strategy: Any = None,
     ) -> Detector:
         """Fits the detector on in-distribution data in one streaming pass.
@@ -221,7 +230,9 @@ class Detector(keras.layers.Layer):
         self.built = True  # The state variables exist now (export needs a built layer).
         return self
 
-    def fit_features(self, features: Any, labels: Any = None, *, verbose: Any = "auto") -> Detector:
+    def fit_features(
+        self, features: Data, labels: ArrayLike | None = None, *, verbose: Verbose = "auto"
+    ) -> Detector:
         """Fits the detector on precomputed features (no model pass).
 
         Gives the state `fit(model, data)` gives when `features` are the
@@ -249,38 +260,38 @@ class Detector(keras.layers.Layer):
         self.built = True
         return self
 
-    def _fit(self, stream, context):
+    def _fit(self, stream: _Stream, context: FitContext) -> None:
         """Fits the state from `(features, labels)` NumPy batches: accumulate, then finish."""
         acc = self._accumulator(context)
         for feats, labels in stream:
             acc.update(feats, labels)
         self._finish(acc, context)
 
-    def _accumulator(self, context):
+    def _accumulator(self, context: FitContext) -> Any:
         """The running sufficient statistics of a fit (each detector defines it)."""
         raise TypeError(
             "`Detector` is the base class; fit one of its subclasses (KNN, Mahalanobis, ViM, "
             f"ClassMeans, ...). Received: detector of type {type(self).__name__}"
         )
 
-    def _finish(self, acc, context):
+    def _finish(self, acc: Any, context: FitContext) -> None:
         """Sets the fitted state from the (merged) statistics."""
         raise NotImplementedError
 
-    def _num_classes(self):
+    def _num_classes(self) -> int | None:
         """The classes the detector was told (`num_classes=`), if any."""
         return getattr(self, "num_classes", None)
 
-    def _label_classes(self, model_classes):
+    def _label_classes(self, model_classes: int | None) -> int | None:
         return self._num_classes() or model_classes
 
-    def _checked(self, stream, arg_name):
+    def _checked(self, stream: _Stream, arg_name: str) -> Iterator[tuple[np.ndarray, Any]]:
         """The stream with the checks every fit needs (labels present, finite features)."""
         for feats, labels in stream:
             self._check_batch(feats, labels, arg_name)
             yield feats, labels
 
-    def _check_batch(self, feats, labels, arg_name):
+    def _check_batch(self, feats: np.ndarray, labels: Any, arg_name: str) -> None:
         if self.needs_labels and labels is None:
             raise ValueError(
                 f"`{arg_name}` must hold labels `(x, y)` for {type(self).__name__}. "
@@ -294,7 +305,9 @@ class Detector(keras.layers.Layer):
                 f"Received: {arg_name} with non-finite features"
             )
 
-    def _feature_stream(self, features, labels, arg_name, verbose, what):
+    def _feature_stream(
+        self, features: Data, labels: ArrayLike | None, arg_name: str, verbose: Verbose, what: str
+    ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         """`(features (B, F) float32, labels or None)` batches of precomputed features."""
         if isinstance(features, list):
             features = np.asarray(features, np.float32)
@@ -340,7 +353,7 @@ class Detector(keras.layers.Layer):
 
     # ---------------------------------------------------------------- binding
 
-    def _model_runner(self, model):
+    def _model_runner(self, model: keras.Model) -> _runner.ModelRunner:
         return _runner.runner_for(model, self.features, need_features=True)
 
     def attach(self, model: keras.Model) -> Detector:
@@ -383,17 +396,17 @@ class Detector(keras.layers.Layer):
         self._runner = runner
         return self
 
-    def _runner_width(self, runner):
+    def _runner_width(self, runner: _runner.ModelRunner) -> int | None:
         return runner.feature_dim
 
-    def _check_fitted(self):
+    def _check_fitted(self) -> None:
         if not self.is_fitted:
             raise ValueError(
                 f"{type(self).__name__} is not fitted; call `.fit(model, data)` or "
                 f"`.fit_features(features)` first. Received: detector={self.name!r}"
             )
 
-    def _bound(self, model):
+    def _bound(self, model: keras.Model | None) -> _runner.ModelRunner:
         self._check_fitted()
         if model is not None and (self._runner is None or self._runner.model is not model):
             self.attach(model)
@@ -427,12 +440,13 @@ class Detector(keras.layers.Layer):
                 "`calibrate_threshold(model, in_val_data, detector=det)` before exporting, "
                 "or pass `threshold=` explicitly. Received: threshold=None"
             )
-        return self._runner.num_classes
+        # `attach` set `_runner`, to a runner with a classifier head (else it raised).
+        return self._runner.num_classes  # type: ignore[union-attr,return-value]
 
     # ---------------------------------------------------------------- scoring
 
     def score(
-        self, x: Any, model: keras.Model | None = None, *, verbose: Any = "auto"
+        self, x: Data, model: keras.Model | None = None, *, verbose: Verbose = "auto"
     ) -> np.ndarray:
         """Scores inputs: higher means more in-distribution.
 
@@ -461,8 +475,13 @@ class Detector(keras.layers.Layer):
         return self._score_batches(batches, "x")[0]
 
     def score_and_logits(
-        self, x: Any, model: keras.Model | None = None, arg_name: str = "x", *, verbose: Any = 0
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self,
+        x: Data,
+        model: keras.Model | None = None,
+        arg_name: str = "x",
+        *,
+        verbose: Verbose = 0,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """`(scores (N,), logits (N, C))` as NumPy arrays, one pass over `x`."""
         runner = self._bound(model)
         batches = runner.batches(
@@ -478,7 +497,9 @@ class Detector(keras.layers.Layer):
     # scoring sweeps a large state (the KNN bank) reads it once per block.
     _score_rows = 0
 
-    def _score_batches(self, batches, arg_name):
+    def _score_batches(
+        self, batches: Iterable[_runner.Batch], arg_name: str
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         values, all_logits, pending, rows = [], [], [], 0
         for batch in batches:
             pending.append(batch)
@@ -494,10 +515,10 @@ class Detector(keras.layers.Layer):
             raise ValueError(f"`{arg_name}` holds no examples. Received: empty {arg_name}")
         return np.concatenate(values), (np.concatenate(all_logits) if all_logits else None)
 
-    def _score_batch(self, batch):
+    def _score_batch(self, batch: _runner.Batch) -> np.ndarray:
         return self._score_array(batch.features)
 
-    def score_features(self, features: Any, *, verbose: Any = "auto") -> np.ndarray:
+    def score_features(self, features: Data, *, verbose: Verbose = "auto") -> np.ndarray:
         """Scores precomputed features (logits for the logit detectors).
 
         Gives the scores `score(x)` gives for inputs whose features are
@@ -526,25 +547,27 @@ class Detector(keras.layers.Layer):
             raise ValueError("`features` holds no examples. Received: empty features")
         return np.concatenate(values)
 
-    def _score_array(self, feats):
+    def _score_array(self, feats: np.ndarray) -> np.ndarray:
         """Scores a NumPy batch on the host; `call` is the traceable twin."""
         out = self(ops.convert_to_tensor(np.asarray(feats, np.float32)))
         return np.asarray(ops.convert_to_numpy(out), np.float64).reshape(-1)
 
-    def score_inputs(self, inputs, model=None):
+    def score_inputs(
+        self, inputs: ArrayLike, model: keras.Model | None = None
+    ) -> tuple[Tensor, Tensor]:
         """`(score, logits)` of a batch of model inputs, as tensors (traceable)."""
         runner = self._bound(model)
         feats, logits = runner.symbolic(inputs)
         return self(logits if self.input_kind == "logits" else feats), logits
 
-    def _nan_rows(self, feats, score):
+    def _nan_rows(self, feats: Tensor, score: Tensor) -> Tensor:
         # The library's non-finite rule in its converter-friendly form (no
         # `isfinite`, no float `where`: the LiteRT/ONNX exports trace this).
         return _serving.nan_where(_serving.nonfinite_rows(feats), score)
 
     # ----------------------------------------------------------------- saving
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {
             **super().get_config(),
             "features": self.features,
@@ -588,7 +611,7 @@ class Detector(keras.layers.Layer):
             if os.path.exists(staging):
                 os.remove(staging)  # Only the staging file this call created.
 
-    def _input_size(self):
+    def _input_size(self) -> int | None:
         if not self.state:
             raise ValueError(
                 f"Only a fitted detector can be saved. Received: detector={self.name!r}"
@@ -596,7 +619,7 @@ class Detector(keras.layers.Layer):
         return self.feature_dim
 
 
-def _active_strategy(strategy):
+def _active_strategy(strategy: Any) -> Any:
     """The tf.distribute strategy to fit with (`None`: one device)."""
     backend = keras.backend.backend()
     if strategy is not None:
@@ -621,7 +644,7 @@ def _active_strategy(strategy):
     return active
 
 
-def _jax_distribution():
+def _jax_distribution() -> Any:
     """The `keras.distribution` distribution to run the feature pass with (JAX), or None.
 
     Raises:
@@ -646,17 +669,17 @@ def _jax_distribution():
     return distribution
 
 
-def _join(batches):
+def _join(batches: Sequence[_runner.Batch]) -> _runner.Batch:
     """One `Batch` from several (features, logits, labels, flags concatenated)."""
     if len(batches) == 1:
         return batches[0]
-    fields = []
+    fields: list[Any] = []
     for values in zip(*batches, strict=True):
         fields.append(None if values[0] is None else np.concatenate(values))
     return _runner.Batch(*fields)
 
 
-def host_array(variable):
+def host_array(variable: Any) -> np.ndarray:
     """A NumPy view of a variable's value on the host, without a copy where the backend
     allows it (TensorFlow and PyTorch CPU tensors, JAX CPU arrays); read it, never write."""
     value = getattr(variable, "value", variable)
@@ -679,13 +702,13 @@ class Reservoir:
     The draws depend only on the row order, not on how the stream is batched.
     """
 
-    def __init__(self, size, seed):
+    def __init__(self, size: int, seed: Any) -> None:
         self.size = size
         self.rng = np.random.default_rng(seed)
-        self.rows = None
+        self.rows: np.ndarray | None = None
         self.seen = 0
 
-    def add(self, batch):
+    def add(self, batch: np.ndarray) -> None:
         n = len(batch)
         if n == 0:
             return
@@ -706,13 +729,15 @@ class Reservoir:
             self.rows[slots[last]] = rows[last]
         self.seen += n
 
-    def sample(self, feature_dim=0):
+    def sample(self, feature_dim: int = 0) -> np.ndarray:
         if self.rows is None:
             return np.zeros((0, feature_dim), np.float32)
         return self.rows[: min(self.seen, self.size)]
 
     @staticmethod
-    def merge(reservoirs, comm, size, seed, feature_dim):
+    def merge(
+        reservoirs: Sequence[Reservoir], comm: Any, size: int, seed: Any, feature_dim: int
+    ) -> np.ndarray:
         """A uniform sample of at most `size` rows of the union of the replicas' streams.
 
         Every replica holds a uniform sample of its own stream (`seen` rows). The
@@ -756,14 +781,23 @@ class ClassStats:
             first batch (no cancellation for features far from the origin).
     """
 
-    def __init__(self, num_classes=None, *, normalize=False, second_moment=False):
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        *,
+        normalize: bool = False,
+        second_moment: bool = False,
+    ) -> None:
         self.num_classes = num_classes
         self.normalize = normalize
         self.second_moment = second_moment
-        self.sums = self.counts = self.cross = self.shift = None
+        self.sums: Any = None  # NumPy arrays once rows arrived.
+        self.counts: Any = None
+        self.cross: Any = None
+        self.shift: Any = None
         self.total = 0
 
-    def update(self, feats, labels, arg_name="data"):
+    def update(self, feats: np.ndarray, labels: ArrayLike, arg_name: str = "data") -> None:
         if len(feats) == 0:
             return
         labels = np.asarray(labels, np.int64)
@@ -796,7 +830,7 @@ class ClassStats:
         self.total += len(z)
 
     @staticmethod
-    def merge(stats, comm, context):
+    def merge(stats: Sequence[ClassStats], comm: Any, context: FitContext) -> ClassStats:
         """The statistics of all replicas' streams (this worker's `stats` + collectives)."""
         first = stats[0]
         width = int(
@@ -805,7 +839,7 @@ class ClassStats:
             ).max()
         )
         width = max(width, first.num_classes or 0)
-        f = context.feature_dim
+        f: int = context.feature_dim  # type: ignore[assignment]  # Set in distributed fits.
         for a in stats:  # Replicas that saw no rows, and fewer classes than others.
             if a.sums is None:
                 a.sums = np.zeros((width, f))
@@ -838,7 +872,7 @@ class ClassStats:
         merged.counts = np.rint(counts).astype(np.int64)
         return merged
 
-    def check_complete(self, detector_name, arg_name="data"):
+    def check_complete(self, detector_name: str, arg_name: str = "data") -> None:
         """Raises unless every class has examples (and there are examples at all)."""
         if self.total == 0:
             raise ValueError(f"`{arg_name}` holds no examples. Received: empty {arg_name}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import keras
@@ -9,7 +10,8 @@ import numpy as np
 from keras import ops
 
 from keras_isomax import _checks
-from keras_isomax.detectors.base import ClassStats, Detector
+from keras_isomax._typing import Config, Tensor
+from keras_isomax.detectors.base import ClassStats, Detector, FitContext
 from keras_isomax.layers import l2_normalize, pairwise_distances
 
 
@@ -51,23 +53,24 @@ class ClassMeans(Detector):
         _checks.check_int(num_classes, "num_classes", allow_none=True, numpy=False)
         self.num_classes = num_classes
 
-    def _state_specs(self, state):
+    def _state_specs(self, state: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
         return {"means": ((state["num_classes"], state["feature_dim"]), "float32")}
 
-    def _accumulator(self, context):
+    def _accumulator(self, context: FitContext) -> ClassStats:
         return ClassStats(self.num_classes or context.num_classes, normalize=True)
 
-    def _finish(self, stats, context):
+    def _finish(self, stats: ClassStats, context: FitContext) -> None:
         stats.check_complete("ClassMeans")
         means = stats.sums / stats.counts[:, None]
         means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
         self._make_state({"num_classes": means.shape[0], "feature_dim": means.shape[1]})
         self.means.assign(means.astype(np.float32))
 
-    def call(self, inputs):
-        feats = ops.cast(ops.reshape(inputs, (-1, self.state["feature_dim"])), "float32")
+    def call(self, inputs: Tensor) -> Tensor:
+        # `call` runs on a fitted detector: `state` is set.
+        feats = ops.cast(ops.reshape(inputs, (-1, self.state["feature_dim"])), "float32")  # type: ignore[index]
         distances = pairwise_distances(l2_normalize(feats), self.means)
         return self._nan_rows(feats, -ops.min(distances, axis=1))
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {**super().get_config(), "num_classes": self.num_classes}

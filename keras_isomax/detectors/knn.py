@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -9,7 +10,8 @@ import numpy as np
 from keras import ops
 
 from keras_isomax import _checks
-from keras_isomax.detectors.base import Detector, Reservoir, host_array
+from keras_isomax._typing import Config, Tensor
+from keras_isomax.detectors.base import Detector, FitContext, Reservoir, host_array
 from keras_isomax.layers import l2_normalize
 
 
@@ -70,7 +72,7 @@ class KNN(Detector):
         self.seed = seed
         self.chunk_size = chunk_size
 
-    def _state_specs(self, state):
+    def _state_specs(self, state: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
         n, f, rows = state["bank_size"], state["feature_dim"], state["chunk_rows"]
         return {
             f"bank_{i}": ((min(rows, n - start), f), "float32")
@@ -82,10 +84,10 @@ class KNN(Detector):
         """The whole bank `(bank_size, F)` as one tensor (for inspection)."""
         return ops.concatenate(self._bank_chunks(), axis=0)
 
-    def _bank_chunks(self):
-        return [getattr(self, name) for name in self._state_specs(self.state)]
+    def _bank_chunks(self) -> list[Any]:
+        return [getattr(self, name) for name in self._state_specs(self.state)]  # type: ignore[arg-type]
 
-    def _store_chunk(self, index, rows):
+    def _store_chunk(self, index: int, rows: np.ndarray) -> None:
         """Creates (or, when refitting, reuses) variable `bank_{index}`: memory ~ one bank."""
         name = f"bank_{index}"
         existing = getattr(self, name, None)
@@ -103,10 +105,11 @@ class KNN(Detector):
         variable.assign(rows)
         setattr(self, name, variable)
 
-    def _fit(self, stream, context):
+    def _fit(self, stream: Iterable[tuple[np.ndarray, Any]], context: FitContext) -> None:
         rows = self.chunk_size
         reservoir = None if self.max_bank is None else Reservoir(self.max_bank, self.seed)
-        buffer, filled, stored, total = None, 0, 0, 0
+        buffer: Any = None  # The chunk being filled (without `max_bank`).
+        filled, stored, total = 0, 0, 0
         feature_dim = None
         for feats, _ in stream:
             feature_dim = feats.shape[1]
@@ -127,7 +130,7 @@ class KNN(Detector):
                     stored, filled = stored + 1, 0
         if total == 0:
             raise ValueError("`data` holds no examples. Received: empty data")
-        size = total if reservoir is None else min(total, self.max_bank)
+        size: int = total if reservoir is None else min(total, self.max_bank)  # type: ignore[type-var,assignment]
         if self.k > size:
             raise ValueError(
                 f"`k` must not exceed the number of bank features ({size}). Received: k={self.k}"
@@ -140,12 +143,12 @@ class KNN(Detector):
             self._store_chunk(stored, buffer[:filled].copy())
         self._make_state({"bank_size": size, "feature_dim": feature_dim, "chunk_rows": rows})
 
-    def _accumulator(self, context):
+    def _accumulator(self, context: FitContext) -> _BankRows:
         # Distributed fits only (one per replica); a one-device fit streams into the
         # bank's variables (`_fit`).
         return _BankRows(self.max_bank, self.seed)
 
-    def _finish(self, rows, context):
+    def _finish(self, rows: _BankRows, context: FitContext) -> None:
         if rows.total == 0:
             raise ValueError("`data` holds no examples. Received: empty data")
         bank = rows.bank
@@ -162,11 +165,11 @@ class KNN(Detector):
 
     _score_rows = 8192  # Queries per sweep of the bank.
 
-    def _score_array(self, feats):
+    def _score_array(self, feats: np.ndarray) -> np.ndarray:
         # NumPy on the host over views of the bank (no Keras call, no copy of the bank);
         # the arithmetic of `call`: float32 products, the k-th largest cosine,
         # sqrt(2 - 2 cos).
-        feats = np.asarray(feats, np.float32).reshape(-1, self.state["feature_dim"])
+        feats = np.asarray(feats, np.float32).reshape(-1, self.state["feature_dim"])  # type: ignore[index]
         norms = np.sqrt(np.sum(feats * feats, axis=1, keepdims=True))
         query = feats / np.maximum(norms, np.float32(1e-12))
         chunks = [host_array(variable) for variable in self._bank_chunks()]
@@ -175,8 +178,9 @@ class KNN(Detector):
         score[~np.isfinite(feats).all(axis=1)] = np.nan
         return score
 
-    def call(self, inputs):
-        feats = ops.cast(ops.reshape(inputs, (-1, self.state["feature_dim"])), "float32")
+    def call(self, inputs: Tensor) -> Tensor:
+        # `call` runs on a fitted detector: `state` is set.
+        feats = ops.cast(ops.reshape(inputs, (-1, self.state["feature_dim"])), "float32")  # type: ignore[index]
         query = l2_normalize(feats)
         top = None
         for block in self._bank_chunks():  # Memory: batch x chunk similarities at a time.
@@ -187,7 +191,7 @@ class KNN(Detector):
         score = -ops.sqrt(ops.maximum(2.0 - 2.0 * kth, 0.0))
         return self._nan_rows(feats, score)
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {
             **super().get_config(),
             "k": self.k,
@@ -197,7 +201,9 @@ class KNN(Detector):
         }
 
 
-def kth_largest_inner_product(query, chunks, k, block_rows=2048):
+def kth_largest_inner_product(
+    query: np.ndarray, chunks: Iterable[np.ndarray], k: int, block_rows: int = 2048
+) -> np.ndarray:
     """The k-th largest of `query @ bank.T` per query row, bank given as row chunks.
 
     Exact, in float32. A first block of bank rows fills a running top-k per query;
@@ -215,8 +221,10 @@ def kth_largest_inner_product(query, chunks, k, block_rows=2048):
         `(Q,)` float32.
     """
     nq = len(query)
-    top = tau = None
-    sims_buf = mask_buf = None
+    top: Any = None
+    tau: Any = None
+    sims_buf: Any = None
+    mask_buf: Any = None
     for chunk in chunks:
         for start in range(0, len(chunk), block_rows):
             block = chunk[start : start + block_rows]
@@ -256,7 +264,7 @@ def kth_largest_inner_product(query, chunks, k, block_rows=2048):
     return top.min(axis=1)
 
 
-def _normalized(feats):
+def _normalized(feats: np.ndarray) -> np.ndarray:
     return (feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)).astype(
         np.float32
     )
@@ -265,12 +273,14 @@ def _normalized(feats):
 class _BankRows:
     """One replica's normalised rows (or its reservoir, with `max_bank`) in a distributed fit."""
 
-    def __init__(self, max_bank, seed):
+    def __init__(self, max_bank: int | None, seed: Any) -> None:
         self.reservoir = None if max_bank is None else Reservoir(max_bank, seed)
         self.max_bank, self.seed = max_bank, seed
-        self.parts, self.total, self.bank = [], 0, None
+        self.parts: list[np.ndarray] = []
+        self.total = 0
+        self.bank: Any = None  # The merged bank (set by `merge`).
 
-    def update(self, feats, labels=None):
+    def update(self, feats: np.ndarray, labels: Any = None) -> None:
         normed = _normalized(feats)
         self.total += len(normed)
         if self.reservoir is not None:
@@ -279,15 +289,20 @@ class _BankRows:
             self.parts.append(normed)
 
     @staticmethod
-    def merge(parts, comm, context):
+    def merge(parts: Sequence[_BankRows], comm: Any, context: FitContext) -> _BankRows:
         """The bank gathered from every replica (replica order), on every worker."""
-        f = context.feature_dim
+        f: int = context.feature_dim  # type: ignore[assignment]  # Set in distributed fits.
         merged = _BankRows(parts[0].max_bank, parts[0].seed)
         total = comm.sum([np.array([float(p.total)]) for p in parts])
         merged.total = int(round(float(total[0])))
         if parts[0].reservoir is not None:
+            # With `max_bank`, every replica has a reservoir.
             merged.bank = Reservoir.merge(
-                [p.reservoir for p in parts], comm, parts[0].max_bank, parts[0].seed, f
+                [p.reservoir for p in parts],  # type: ignore[misc]
+                comm,
+                parts[0].max_bank,  # type: ignore[arg-type]
+                parts[0].seed,
+                f,
             )
         else:
             local = [

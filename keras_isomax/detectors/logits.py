@@ -10,6 +10,7 @@ from keras import ops
 
 from keras_isomax import _runner
 from keras_isomax import scores as scores_lib
+from keras_isomax._typing import ArrayLike, Data, Tensor, Verbose
 from keras_isomax.detectors.base import Detector
 
 
@@ -27,18 +28,18 @@ class LogitDetector(Detector):
     score_name: str = ""
     _state_keys = ("num_classes",)
 
-    def _model_runner(self, model):
+    def _model_runner(self, model: keras.Model) -> _runner.ModelRunner:
         return _runner.runner_for(model)
 
-    def _runner_width(self, runner):
+    def _runner_width(self, runner: _runner.ModelRunner) -> int | None:
         return runner.num_classes
 
     def fit(
         self,
         model: keras.Model,
-        data: Any = None,
+        data: Data = None,
         *,
-        verbose: Any = "auto",
+        verbose: Verbose = "auto",
         strategy: Any = None,
     ) -> Detector:
         """Binds the detector to `model` (no fitting needed; `data` and `strategy` are
@@ -55,7 +56,9 @@ class LogitDetector(Detector):
         self.built = True
         return self
 
-    def fit_features(self, features: Any = None, labels: Any = None, *, verbose: Any = "auto"):
+    def fit_features(
+        self, features: Data = None, labels: ArrayLike | None = None, *, verbose: Verbose = "auto"
+    ) -> Detector:
         """Nothing to fit: returns the detector (`score_features` takes logits)."""
         return self
 
@@ -64,21 +67,21 @@ class LogitDetector(Detector):
             return self.fit(model)
         return super().attach(model)
 
-    def _score_batch(self, batch):
+    def _score_batch(self, batch: _runner.Batch) -> np.ndarray:
         values = self._score_array(batch.logits)
         # NaN where the input held NaN/Inf, even when the backbone turned it into
         # finite logits (the library's non-finite rule).
         return np.where(batch.nonfinite, np.nan, values)
 
-    def _score_array(self, logits):
+    def _score_array(self, logits: np.ndarray) -> np.ndarray:
         logits = np.asarray(logits, np.float32)
         values = np.asarray(ops.convert_to_numpy(self.call(logits)), np.float64).reshape(-1)
         return np.where(np.isfinite(logits).all(axis=1), values, np.nan)
 
-    def call(self, inputs):
+    def call(self, inputs: Tensor) -> Tensor:
         return scores_lib.get(self.score_name)(ops.cast(inputs, "float32"))
 
-    def _input_size(self):
+    def _input_size(self) -> int | None:
         if not self.state:
             raise ValueError(
                 f"Bind the detector with `.fit(model)` before saving. Received: detector={self.name!r}"

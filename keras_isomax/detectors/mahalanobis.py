@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import keras
@@ -10,7 +11,8 @@ import numpy as np
 from keras import ops
 
 from keras_isomax import _checks
-from keras_isomax.detectors.base import ClassStats, Detector
+from keras_isomax._typing import Config, Tensor
+from keras_isomax.detectors.base import ClassStats, Detector, FitContext
 
 
 @keras.saving.register_keras_serializable(package="keras_isomax")
@@ -61,7 +63,7 @@ class Mahalanobis(Detector):
         self.ridge = float(ridge)
         self.num_classes = num_classes
 
-    def _state_specs(self, state):
+    def _state_specs(self, state: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
         c, f = state["num_classes"], state["feature_dim"]
         return {
             "center": ((f,), "float32"),
@@ -69,10 +71,10 @@ class Mahalanobis(Detector):
             "whitened_means": ((c, f), "float32"),
         }
 
-    def _accumulator(self, context):
+    def _accumulator(self, context: FitContext) -> ClassStats:
         return ClassStats(self.num_classes or context.num_classes, second_moment=True)
 
-    def _finish(self, stats, context):
+    def _finish(self, stats: ClassStats, context: FitContext) -> None:
         stats.check_complete("Mahalanobis")
         c, f = stats.sums.shape
         counts, total = stats.counts, stats.total
@@ -101,8 +103,9 @@ class Mahalanobis(Detector):
         self.whitening.assign(whitening.astype(np.float32))
         self.whitened_means.assign(((means - center) @ whitening).astype(np.float32))
 
-    def call(self, inputs):
-        feats = ops.cast(ops.reshape(inputs, (-1, self.state["feature_dim"])), "float32")
+    def call(self, inputs: Tensor) -> Tensor:
+        # `call` runs on a fitted detector: `state` is set.
+        feats = ops.cast(ops.reshape(inputs, (-1, self.state["feature_dim"])), "float32")  # type: ignore[index]
         a = ops.matmul(feats - self.center, self.whitening)
         m = self.whitened_means
         d = (
@@ -113,5 +116,5 @@ class Mahalanobis(Detector):
         score = -ops.maximum(ops.min(d, axis=1), 0.0)
         return self._nan_rows(feats, score)
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {**super().get_config(), "ridge": self.ridge, "num_classes": self.num_classes}

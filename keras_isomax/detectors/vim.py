@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
@@ -9,7 +10,8 @@ import numpy as np
 from keras import ops
 
 from keras_isomax import _checks
-from keras_isomax.detectors.base import Detector, Reservoir
+from keras_isomax._typing import ArrayLike, Config, Data, Tensor, Verbose
+from keras_isomax.detectors.base import Detector, FitContext, Reservoir
 from keras_isomax.layers import l2_normalize
 
 
@@ -58,9 +60,9 @@ class ViM(Detector):
         self.dim = int(dim)
         self.alpha_samples = alpha_samples
         self.seed = seed
-        self._head = None
+        self._head: tuple[np.ndarray, np.ndarray, bool] | None = None
 
-    def _state_specs(self, state):
+    def _state_specs(self, state: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
         f, c = state["feature_dim"], state["num_classes"]
         return {
             "kernel": ((f, c), "float32"),
@@ -72,13 +74,13 @@ class ViM(Detector):
 
     def fit_features(
         self,
-        features: Any,
-        labels: Any = None,
+        features: Data,
+        labels: ArrayLike | None = None,
         *,
-        kernel: Any = None,
-        bias: Any = None,
+        kernel: ArrayLike | None = None,
+        bias: ArrayLike | None = None,
         normalize: bool = False,
-        verbose: Any = "auto",
+        verbose: Verbose = "auto",
     ) -> ViM:
         """Fits on precomputed features with an explicit linear head.
 
@@ -120,7 +122,7 @@ class ViM(Detector):
         finally:
             self._head = None
 
-    def _accumulator(self, context):
+    def _accumulator(self, context: FitContext) -> _ViMStats:
         if context.runner is not None:
             if self.features is not None:
                 raise ValueError(
@@ -129,7 +131,7 @@ class ViM(Detector):
                 )
             kernel, bias, normalize = context.runner.linear_head()
         else:
-            kernel, bias, normalize = self._head
+            kernel, bias, normalize = self._head  # type: ignore[misc]  # Set by fit_features.
         f = kernel.shape[0]
         if self.dim >= f:
             raise ValueError(
@@ -137,7 +139,7 @@ class ViM(Detector):
             )
         return _ViMStats(kernel, bias, normalize, self.alpha_samples, self.seed)
 
-    def _finish(self, stats, context):
+    def _finish(self, stats: _ViMStats, context: FitContext) -> None:
         kernel, bias, normalize = stats.kernel, stats.bias, stats.normalize
         f, c = kernel.shape
         if stats.total == 0:
@@ -159,16 +161,17 @@ class ViM(Detector):
         self.null_space.assign(null_space.astype(np.float32))
         self.alpha.assign(np.float32(alpha))
 
-    def call(self, inputs):
-        feats = ops.cast(ops.reshape(inputs, (-1, self.state["feature_dim"])), "float32")
-        z = l2_normalize(feats) if self.state["normalize"] else feats
+    def call(self, inputs: Tensor) -> Tensor:
+        # `call` runs on a fitted detector: `state` is set.
+        feats = ops.cast(ops.reshape(inputs, (-1, self.state["feature_dim"])), "float32")  # type: ignore[index]
+        z = l2_normalize(feats) if self.state["normalize"] else feats  # type: ignore[index]
         logits = ops.matmul(z, self.kernel) + self.bias
         residual = ops.matmul(z - self.origin, self.null_space)
         norm = ops.sqrt(ops.sum(residual * residual, axis=1))
         score = ops.logsumexp(logits, axis=1) - self.alpha * norm
         return self._nan_rows(feats, score)
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {
             **super().get_config(),
             "dim": self.dim,
@@ -181,7 +184,9 @@ class _ViMStats:
     """ViM's streamed statistics: second moment about the head's origin (float64), sum of
     max-logits, row count, and a seeded uniform sample of rows for `alpha`."""
 
-    def __init__(self, kernel, bias, normalize, alpha_samples, seed):
+    def __init__(
+        self, kernel: np.ndarray, bias: np.ndarray, normalize: bool, alpha_samples: int, seed: Any
+    ) -> None:
         self.kernel, self.bias, self.normalize = kernel, bias, normalize
         self.origin = -(np.linalg.pinv(kernel.T) @ bias)
         f = kernel.shape[0]
@@ -189,9 +194,9 @@ class _ViMStats:
         self.reservoir = Reservoir(alpha_samples, seed)
         self.alpha_samples, self.seed = alpha_samples, seed
         self.max_logit_sum, self.total = 0.0, 0
-        self.sample = None  # Set by `merge`.
+        self.sample: np.ndarray | None = None  # Set by `merge`.
 
-    def update(self, feats, labels=None):
+    def update(self, feats: np.ndarray, labels: Any = None) -> None:
         f = self.kernel.shape[0]
         if feats.shape[1] != f:
             raise ValueError(
@@ -208,7 +213,7 @@ class _ViMStats:
         self.total += len(z)
 
     @staticmethod
-    def merge(stats, comm, context):
+    def merge(stats: Sequence[_ViMStats], comm: Any, context: FitContext) -> _ViMStats:
         first = stats[0]
         merged = _ViMStats(
             first.kernel, first.bias, first.normalize, first.alpha_samples, first.seed
