@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import statistics
 
+from _tables import provenance
+
 PATHS = (("ours_features", "features only"), ("ours_model", "through a model"))
 
 
@@ -51,11 +53,18 @@ def render(load):
             f"{lib}: {t['error'][:120]}" for lib, ts in times.items() for t in ts if "error" in t
         ]
         loads = [t.get("load_before") for ts in times.values() for t in ts if "load_before" in t]
+        entry_result = {
+            **result,
+            "command": entry.get("command", result.get("command")),
+            "commit": entry.get("commit", result.get("commit")),
+            "date": entry.get("date", result.get("date")),
+        }
         notes.append(
             f"- {size}: k = {entry['k']}, {entry['queries']} queries, {entry['dtype']}; "
-            f"load average before the measurements {min(loads):.1f}-{max(loads):.1f}; "
-            f"`{entry.get('command', result.get('command'))}` ({entry.get('date', result.get('date'))})"
+            f"load average before the measurements {min(loads):.1f}-{max(loads):.1f}"
             + (f"; errors: {'; '.join(errors)}" if errors else "")
+            + ". "
+            + provenance(entry_result)
         )
     header = (
         f"KNN fit + score, keras-isomax `detectors.KNN` vs pytorch-ood "

@@ -67,8 +67,18 @@ def _imports(path):
     at any depth (function-level imports included)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     package = _module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else None
+    # Imports under `if TYPE_CHECKING:` never run: annotations only, not a dependency.
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING")
+        for stmt in node.body
+        for inner in ast.walk(stmt)
+    }
     found = []
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found += [(a.name, []) for a in node.names if a.name.startswith("keras_isomax")]
         elif isinstance(node, ast.ImportFrom):
