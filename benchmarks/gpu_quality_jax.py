@@ -31,6 +31,7 @@ rewritten after every task, so a run stopped from outside keeps what finished.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -93,17 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(message):
         print(f"[{time.perf_counter() - start:6.0f} s] {message}", flush=True)
 
-    def trainer(model, x, y, *, epochs, seed, batch_size, flip):
-        return qm.train_numpy(
-            model,
-            x,
-            y,
-            epochs=epochs,
-            seed=seed,
-            batch_size=batch_size,
-            flip=flip,
-            crop_padding=config["crop_padding"],
-        )
+    trainer = functools.partial(qm.train, crop_padding=config["crop_padding"])
 
     data = oq.load_data(config, npz=args.data)
     log(

@@ -51,6 +51,7 @@ README's score table.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -449,9 +450,9 @@ def run_task(task: str, data: dict, seed: int, config: dict, peers, log, trainer
 
     `trainer(model, x, y, epochs=, seed=, batch_size=, flip=)` returns the epochs'
     wall and CPU seconds (`{"epoch_s": [...], "epoch_cpu_s": [...]}`); defaults to
-    `_quality_models.train_tf` (one `fit` over a tf.data pipeline).
+    `_quality_models.train` with `tf_data=True` (one `fit` over a tf.data pipeline).
     """
-    trainer = trainer or qm.train_tf
+    trainer = trainer or functools.partial(qm.train, tf_data=True)
     task_start = (time.perf_counter(), time.process_time())
     (x_train, y_train) = data["train"]
     epochs, batch = config["epochs"], config["batch_size"]
