@@ -189,7 +189,8 @@ class Detector(keras.layers.Layer):
             verbose: `"auto"`, 0, 1 or 2, as in `keras.Model.predict`.
                 Defaults to `"auto"`.
             strategy: A `tf.distribute` strategy to fit with, or `None` for the
-                strategy whose scope is active (none: one device). Defaults
+                strategy whose scope is active (none: one device); logit
+                detectors, which only bind to `model`, ignore it. Defaults
                 to `None`.
 
         Returns:
@@ -201,6 +202,19 @@ class Detector(keras.layers.Layer):
                 fit the data (see each detector).
         """
         runner = self._model_runner(model)
+        self.model_fingerprint = self._fit_model(runner, data, verbose, strategy)
+        self._runner = runner
+        self.built = True  # The state variables exist now (export needs a built layer).
+        return self
+
+    def _fit_model(
+        self,
+        runner: _runner.ModelRunner,
+        data: Data,
+        verbose: Verbose,
+        strategy: Any,
+    ) -> str | None:
+        """Fits the state on `model`'s features of `data`; the fingerprint to keep."""
         if data is None:
             raise ValueError(
                 f"{type(self).__name__}.fit needs in-distribution data. Received: data=None"
@@ -225,10 +239,7 @@ class Detector(keras.layers.Layer):
             )
             stream = ((batch.features, batch.labels) for batch in batches)
             self._fit(self._checked(stream, "data"), context)
-        self.model_fingerprint = runner.fingerprint()
-        self._runner = runner
-        self.built = True  # The state variables exist now (export needs a built layer).
-        return self
+        return runner.fingerprint()
 
     def fit_features(
         self, features: Data, labels: ArrayLike | None = None, *, verbose: Verbose = "auto"
