@@ -690,6 +690,14 @@ def _join(batches: Sequence[_runner.Batch]) -> _runner.Batch:
     return _runner.Batch(*fields)
 
 
+def float64_rows(feats: np.ndarray, normalize: bool) -> np.ndarray:
+    """`feats` in float64, each row L2-normalised (epsilon 1e-12) when `normalize`."""
+    z = feats.astype(np.float64)
+    if normalize:
+        z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    return z
+
+
 def host_array(variable: Any) -> np.ndarray:
     """A NumPy view of a variable's value on the host, without a copy where the backend
     allows it (TensorFlow and PyTorch CPU tensors, JAX CPU arrays); read it, never write."""
@@ -819,9 +827,7 @@ class ClassStats:
                 f"Labels of `{arg_name}` must be class ids in [0, {upper}). "
                 f"Received: labels {np.unique(labels[bad])[:5].tolist()}"
             )
-        z = feats.astype(np.float64)
-        if self.normalize:
-            z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        z = float64_rows(feats, self.normalize)
         width = max(int(labels.max()) + 1, self.num_classes or 0)
         if self.sums is None:
             self.sums = np.zeros((width, z.shape[1]), np.float64)
