@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -281,25 +281,27 @@ def head_step_fn(
     kind: str,
     num_classes: int,
     feature_dim: int,
-    train: bool = True,
+    mode: Literal["train", "train_training_false", "infer"] = "train",
     jit: bool = False,
-    call_training: bool = True,
 ) -> tuple[Callable, Any]:
     """The head alone on features `x` `(B, F)`.
 
-    Training: loss, gradients for the head's weights and for `x` (what the
-    backbone's backward pass would receive), SGD update of the head; the head
-    is called with `training=call_training` (`False`: a custom loop keeping
-    layers in inference mode). Inference: logits -> OOD score.
+    `"train"`: loss, gradients for the head's weights and for `x` (what the
+    backbone's backward pass would receive), SGD update of the head, the head
+    called with `training=True`; `"train_training_false"`: the same step with
+    the head called with `training=False` (a custom loop keeping layers in
+    inference mode); `"infer"`: logits -> OOD score.
 
     Returns:
         `(fn, layer)`; `fn(x, y)` runs one step.
     """
     import tensorflow as tf
 
+    if mode not in ("train", "train_training_false", "infer"):
+        raise ValueError(f"Unknown step. Received: mode={mode!r}")
     layer, loss_fn, score_fn = make_head(kind, num_classes)
     layer.build((None, feature_dim))
-    if not train:
+    if mode == "infer":
 
         @tf.function(jit_compile=jit)
         def infer(x, y):
@@ -313,7 +315,7 @@ def head_step_fn(
     def step(x, y):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            loss = loss_fn(y, layer(x, training=call_training))
+            loss = loss_fn(y, layer(x, training=mode == "train"))
         grads = tape.gradient(loss, [x, *layer.trainable_variables])
         opt.apply(grads[1:], layer.trainable_variables)
         return loss, tf.reduce_sum(grads[0])

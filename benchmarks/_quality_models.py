@@ -61,17 +61,21 @@ def _batch_norm(name: str):
     return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
 
 
-def _conv_bn(x, filters, strides, name, weight_decay, relu=True):
-    x = keras.layers.Conv2D(
+def _conv(filters, kernel_size, strides, name, weight_decay, padding="valid"):
+    return keras.layers.Conv2D(
         filters,
-        3,
+        kernel_size,
         strides=strides,
-        padding="same",
+        padding=padding,
         use_bias=False,
         kernel_initializer="he_normal",
         kernel_regularizer=_regularizer(weight_decay),
-        name=f"{name}_conv",
-    )(x)
+        name=name,
+    )
+
+
+def _conv_bn(x, filters, strides, name, weight_decay, relu=True):
+    x = _conv(filters, 3, strides, f"{name}_conv", weight_decay, padding="same")(x)
     x = _batch_norm(f"{name}_bn")(x)
     return keras.layers.Activation("relu", name=f"{name}_relu")(x) if relu else x
 
@@ -99,15 +103,7 @@ def resnet_backbone(inputs, blocks, widths, weight_decay=WEIGHT_DECAY):
             y = _conv_bn(x, width, strides, f"{name}a", weight_decay)
             y = _conv_bn(y, width, 1, f"{name}b", weight_decay, relu=False)
             if strides != 1 or shortcut.shape[-1] != width:
-                shortcut = keras.layers.Conv2D(
-                    width,
-                    1,
-                    strides=strides,
-                    use_bias=False,
-                    kernel_initializer="he_normal",
-                    kernel_regularizer=_regularizer(weight_decay),
-                    name=f"{name}_proj",
-                )(shortcut)
+                shortcut = _conv(width, 1, strides, f"{name}_proj", weight_decay)(shortcut)
                 shortcut = _batch_norm(f"{name}_proj_bn")(shortcut)
             x = keras.layers.Add(name=f"{name}_add")([shortcut, y])
             x = keras.layers.Activation("relu", name=f"{name}_out")(x)
@@ -280,7 +276,7 @@ def numpy_batch(x, y, indices, flips=None, offsets=None, padding=0):
     return xb, y[indices]
 
 
-def train_numpy(
+def train(
     model: keras.Model,
     x: np.ndarray,
     y: np.ndarray,
@@ -290,12 +286,20 @@ def train_numpy(
     batch_size: int = BATCH_SIZE,
     flip: bool = False,
     crop_padding: int = 0,
+    tf_data: bool = False,
 ) -> dict[str, list[float]]:
-    """Trains with one `fit` call over NumPy batches (any backend); returns `train_tf`'s times.
+    """Trains with one `fit` call over the seeded batches.
 
-    The same seeded batches as `train_tf`; with `crop_padding`, a seeded random
-    crop of the zero-padded image too.
+    With `tf_data`, the batches come from a tf.data pipeline (`tf_dataset`,
+    TensorFlow only, no crops); otherwise from NumPy (any backend), where
+    `crop_padding` adds a seeded random crop of the zero-padded image. Both
+    give the same seeded batches and flips.
+
+    Returns:
+        `{"epoch_s": wall seconds per epoch, "epoch_cpu_s": process CPU seconds per epoch}`.
     """
+    if tf_data and crop_padding:
+        raise ValueError(f"tf_data has no random crops. Received: crop_padding={crop_padding}")
     indices = batch_indices(len(x), seed, epochs, batch_size)
     flips = augment_flags(indices.shape, seed) if flip else None
     offsets = crop_offsets(indices.shape, seed, crop_padding) if crop_padding else None
@@ -314,7 +318,7 @@ def train_numpy(
     timer = EpochTimes()
     keras.utils.set_random_seed(seed + 1000)
     model.fit(
-        batches(),
+        tf_dataset(x, y, indices, flips) if tf_data else batches(),
         epochs=epochs,
         steps_per_epoch=len(indices) // epochs,
         shuffle=False,
@@ -364,34 +368,3 @@ class EpochTimes(keras.callbacks.Callback):
 
         self.seconds.append(time.perf_counter() - self._start[0])
         self.cpu_seconds.append(time.process_time() - self._start[1])
-
-
-def train_tf(
-    model: keras.Model,
-    x: np.ndarray,
-    y: np.ndarray,
-    *,
-    epochs: int,
-    seed: int,
-    batch_size: int = BATCH_SIZE,
-    flip: bool = False,
-) -> dict[str, list[float]]:
-    """Trains with one `fit` call over the seeded batches.
-
-    Returns:
-        `{"epoch_s": wall seconds per epoch, "epoch_cpu_s": process CPU seconds per epoch}`.
-    """
-    indices = batch_indices(len(x), seed, epochs, batch_size)
-    flips = augment_flags(indices.shape, seed) if flip else None
-    steps = len(indices) // epochs
-    timer = EpochTimes()
-    keras.utils.set_random_seed(seed + 1000)
-    model.fit(
-        tf_dataset(x, y, indices, flips),
-        epochs=epochs,
-        steps_per_epoch=steps,
-        shuffle=False,
-        verbose=0,
-        callbacks=[timer],
-    )
-    return {"epoch_s": timer.seconds, "epoch_cpu_s": timer.cpu_seconds}

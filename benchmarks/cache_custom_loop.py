@@ -38,9 +38,9 @@ def measure(num_classes: int, feature_dim: int, batch_size: int, reps: int) -> d
     y = tf.constant(rng.integers(0, num_classes, batch_size))
     steps = {
         name: functools.partial(
-            head_step_fn("isomax", num_classes, feature_dim, call_training=training)[0], x, y
+            head_step_fn("isomax", num_classes, feature_dim, mode=mode)[0], x, y
         )
-        for name, training in (("training_true", True), ("training_false", False))
+        for name, mode in (("training_true", "train"), ("training_false", "train_training_false"))
     }
     before = load_average()
     times = interleaved(steps, reps)

@@ -31,6 +31,7 @@ rewritten after every task, so a run stopped from outside keeps what finished.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -40,22 +41,18 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_HERE))
 sys.path.insert(0, _HERE)
 
-GPU_PROTOCOL = {
+# The protocol: ood_quality.py's DEFAULTS with these changes.
+GPU_CHANGES = {
     "seeds": 1,
-    "tasks": ["far", "near"],
     "depth": 18,
     "epochs": 30,
-    "finetune_epochs": 2,
     "train_size": None,  # All 60,000 (no validation split).
     "val_size": 0,
-    "test_size": None,
-    "ood_size": 5000,
     "batch_size": 256,
     "learning_rate": 0.2,  # 0.1 per 128 images (linear scaling).
     "weight_decay": 5e-4,
     "flip": True,
     "crop_padding": 4,
-    "entropic_scale": 10.0,
 }
 
 
@@ -84,15 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     import ood_quality as oq
     from _results import machine_info, write_result
 
-    config = dict(GPU_PROTOCOL)
-    for name in ("seeds", "depth", "epochs", "finetune_epochs", "batch_size", "train_size"):
-        if getattr(args, name) is not None:
-            config[name] = getattr(args, name)
-    for name in ("test_size", "ood_size"):
-        if getattr(args, name) is not None:
-            config[name] = getattr(args, name)
-    if args.tasks:
-        config["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    config = oq.override_config(
+        {**oq.DEFAULTS, **GPU_CHANGES}, args, oq.PROTOCOL_OPTIONS + ("batch_size",)
+    )
     platform = jax.devices()[0].platform
     # Models of the same structure (the probe and the far SoftMax model) compile once.
     jax.config.update("jax_compilation_cache_dir", os.path.join(_HERE, "data", "jax_cache"))
@@ -103,17 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(message):
         print(f"[{time.perf_counter() - start:6.0f} s] {message}", flush=True)
 
-    def trainer(model, x, y, *, epochs, seed, batch_size, flip):
-        return qm.train_numpy(
-            model,
-            x,
-            y,
-            epochs=epochs,
-            seed=seed,
-            batch_size=batch_size,
-            flip=flip,
-            crop_padding=config["crop_padding"],
-        )
+    trainer = functools.partial(qm.train, crop_padding=config["crop_padding"])
 
     data = oq.load_data(config, npz=args.data)
     log(

@@ -94,7 +94,9 @@ def _worker(argv):
 
     x = tf.constant(rng.normal(size=(batch, features)).astype("float32"))
     y = tf.constant(rng.integers(0, classes, size=batch).astype("int32"))
-    step, _ = head_step_fn(args.head, classes, features, train=not args.inference)
+    step, _ = head_step_fn(
+        args.head, classes, features, mode="infer" if args.inference else "train"
+    )
     from _common import proc_status_kib
 
     resident_before = proc_status_kib("VmRSS")

@@ -67,46 +67,17 @@ def write_data(directory, n, f, q, seed=0, rows=65536):
 # --------------------------------------------------------- one measurement
 
 
-def _stand_in_torchvision():
-    """pytorch-ood imports torchvision for its model registry only: stand-in modules
-    answering any attribute with a dummy class let its KNN run on torch alone."""
-    import importlib.abc  # noqa: PLC0415
-    import importlib.machinery  # noqa: PLC0415
-    import importlib.util  # noqa: PLC0415
-    import types  # noqa: PLC0415
-
-    if importlib.util.find_spec("torchvision") is not None:
-        return
-
-    def dummy(attr):
-        if attr.startswith("__") and attr.endswith("__"):
-            raise AttributeError(attr)
-        return type(attr, (), {"__init__": lambda self, *a, **k: None})
-
-    class StandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, name, path=None, target=None):
-            if name == "torchvision" or name.startswith("torchvision."):
-                return importlib.machinery.ModuleSpec(name, self, is_package=True)
-            return None
-
-        def create_module(self, spec):
-            module = types.ModuleType(spec.name)
-            module.__path__ = []
-            module.__getattr__ = dummy
-            return module
-
-        def exec_module(self, module):
-            pass
-
-    sys.meta_path.insert(0, StandIn())
-
-
 def measure(library, directory, k):
     """Fits and scores once in this process; returns `(wall_s, cpu_s, scores)`."""
     bank = np.load(os.path.join(directory, "bank.npy"), mmap_mode="r")
     queries = np.load(os.path.join(directory, "queries.npy"))
     if library == "pytorch_ood":
-        _stand_in_torchvision()
+        # pytorch-ood imports torchvision for its model registry only: the tests'
+        # stand-in modules let its KNN run on torch alone.
+        sys.path.insert(0, os.path.join(ROOT, "tests"))
+        from _pytorch_ood_ref import install_torchvision_stand_in  # noqa: PLC0415
+
+        install_torchvision_stand_in()
         import warnings  # noqa: PLC0415
 
         import torch  # noqa: PLC0415

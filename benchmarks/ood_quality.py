@@ -51,6 +51,7 @@ README's score table.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -449,9 +450,9 @@ def run_task(task: str, data: dict, seed: int, config: dict, peers, log, trainer
 
     `trainer(model, x, y, epochs=, seed=, batch_size=, flip=)` returns the epochs'
     wall and CPU seconds (`{"epoch_s": [...], "epoch_cpu_s": [...]}`); defaults to
-    `_quality_models.train_tf` (one `fit` over a tf.data pipeline).
+    `_quality_models.train` with `tf_data=True` (one `fit` over a tf.data pipeline).
     """
-    trainer = trainer or qm.train_tf
+    trainer = trainer or functools.partial(qm.train, tf_data=True)
     task_start = (time.perf_counter(), time.process_time())
     (x_train, y_train) = data["train"]
     epochs, batch = config["epochs"], config["batch_size"]
@@ -696,16 +697,33 @@ def _parse(argv):
     return parser, parser.parse_args(argv)
 
 
-def config_from(args) -> dict:
-    config = dict(QUICK if args.quick else DEFAULTS)
-    for name in ("seeds", "epochs", "finetune_epochs", "depth", "train_size", "val_size"):
-        if getattr(args, name) is not None:
-            config[name] = getattr(args, name)
-    for name in ("test_size", "ood_size"):
+# The options that override the protocol's entry of the same name (besides --tasks).
+PROTOCOL_OPTIONS = (
+    "seeds",
+    "epochs",
+    "finetune_epochs",
+    "depth",
+    "train_size",
+    "test_size",
+    "ood_size",
+)
+
+
+def override_config(config: dict, args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    """A copy of `config` with each of `names` and `tasks` replaced where `args` gives them."""
+    config = dict(config)
+    for name in names:
         if getattr(args, name) is not None:
             config[name] = getattr(args, name)
     if args.tasks:
         config["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    return config
+
+
+def config_from(args: argparse.Namespace) -> dict:
+    config = override_config(
+        QUICK if args.quick else DEFAULTS, args, PROTOCOL_OPTIONS + ("val_size",)
+    )
     if args.flip:
         config["flip"] = True
     return config

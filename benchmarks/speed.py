@@ -281,10 +281,9 @@ def _head_section(args, log, jit):
         keras.utils.set_random_seed(0)
         fns = {"train": {}, "infer": {}}
         for kind in heads:
-            step, _ = head_step_fn(kind, num_classes, feature_dim, train=True, jit=jit)
-            fns["train"][kind] = functools.partial(step, x, y)
-            fwd, _ = head_step_fn(kind, num_classes, feature_dim, train=False, jit=jit)
-            fns["infer"][kind] = functools.partial(fwd, x, y)
+            for mode in fns:
+                step, _ = head_step_fn(kind, num_classes, feature_dim, mode=mode, jit=jit)
+                fns[mode][kind] = functools.partial(step, x, y)
         # The largest heads take seconds per step: fewer repetitions there.
         reps = args.reps if num_classes * feature_dim <= 3 * 10**7 else max(3, (args.reps + 1) // 2)
         for phase in ("train", "infer"):

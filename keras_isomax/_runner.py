@@ -286,6 +286,18 @@ class ModelRunner:
             distribution: A `keras.distribution` distribution (JAX) that shards
                 each batch of the features-only pass over its devices, or `None`.
         """
+
+        def labels_of(y: Any, examples: int) -> np.ndarray | None:
+            if not with_labels or y is None:
+                return None
+            labels = _data.class_ids(y, arg_name, label_classes)
+            if len(labels) != examples:
+                raise ValueError(
+                    f"Each `{arg_name}` batch needs one label per example. "
+                    f"Received: {examples} examples and {len(labels)} labels"
+                )
+            return labels
+
         progress = Progress(stage or arg_name, num_batches(data, batch_size), verbose)
         checked = False
         features_only = self.need_features and not need_logits
@@ -296,14 +308,7 @@ class ModelRunner:
                     checked = True
                 if features_only:
                     feats = self._features_of(x, distribution)
-                    labels = None
-                    if with_labels and y is not None:
-                        labels = _data.class_ids(y, arg_name, label_classes)
-                        if len(labels) != len(feats):
-                            raise ValueError(
-                                f"Each `{arg_name}` batch needs one label per example. "
-                                f"Received: {len(feats)} examples and {len(labels)} labels"
-                            )
+                    labels = labels_of(y, len(feats))
                     progress.add(len(feats))
                     yield Batch(feats, None, labels, ~np.isfinite(feats).all(axis=1))
                     continue
@@ -338,14 +343,7 @@ class ModelRunner:
                         # The library's non-finite rule: an input holding NaN/Inf has
                         # NaN features, whatever the backbone made of it.
                         feats = np.where(nonfinite[:, None], np.float32(np.nan), feats)
-                labels = None
-                if with_labels and y is not None:
-                    labels = _data.class_ids(y, arg_name, label_classes)
-                    if len(labels) != len(logits):
-                        raise ValueError(
-                            f"Each `{arg_name}` batch needs one label per example. Received: "
-                            f"{len(logits)} examples and {len(labels)} labels"
-                        )
+                labels = labels_of(y, len(logits))
                 progress.add(len(logits))
                 yield Batch(feats, logits, labels, nonfinite)
 

@@ -127,11 +127,8 @@ class OODEvaluation(Sequence):
         **kwargs: Any,
     ) -> str:
         """Writes a PNG of score histograms; see `plots.plot_score_histograms`."""
-        from keras_isomax import plots
-
-        in_scores, ood_scores = self.scores(model, score)
         kwargs.setdefault("score_name", score or self._first_score(model))
-        return plots.plot_score_histograms(in_scores, ood_scores, path, **kwargs)
+        return self._plot("plot_score_histograms", path, model, score, kwargs)
 
     def plot_roc(
         self,
@@ -141,11 +138,17 @@ class OODEvaluation(Sequence):
         **kwargs: Any,
     ) -> str:
         """Writes a PNG of ROC curves; see `plots.plot_roc`."""
+        kwargs.setdefault("title", f"ROC, {score or self._first_score(model)} score")
+        return self._plot("plot_roc", path, model, score, kwargs)
+
+    def _plot(
+        self, plot: str, path: str | os.PathLike, model: str | None, score: str | None, kwargs: dict
+    ) -> str:
+        """Calls `plots.<plot>` on the scores of `model` and `score`."""
         from keras_isomax import plots
 
         in_scores, ood_scores = self.scores(model, score)
-        kwargs.setdefault("title", f"ROC, {score or self._first_score(model)} score")
-        return plots.plot_roc(in_scores, ood_scores, path, **kwargs)
+        return getattr(plots, plot)(in_scores, ood_scores, path, **kwargs)
 
     def _first_score(self, model: str | None) -> str:
         for model_name, score_name in self._scores:

@@ -189,7 +189,8 @@ class Detector(keras.layers.Layer):
             verbose: `"auto"`, 0, 1 or 2, as in `keras.Model.predict`.
                 Defaults to `"auto"`.
             strategy: A `tf.distribute` strategy to fit with, or `None` for the
-                strategy whose scope is active (none: one device). Defaults
+                strategy whose scope is active (none: one device); logit
+                detectors, which only bind to `model`, ignore it. Defaults
                 to `None`.
 
         Returns:
@@ -201,6 +202,19 @@ class Detector(keras.layers.Layer):
                 fit the data (see each detector).
         """
         runner = self._model_runner(model)
+        self.model_fingerprint = self._fit_model(runner, data, verbose, strategy)
+        self._runner = runner
+        self.built = True  # The state variables exist now (export needs a built layer).
+        return self
+
+    def _fit_model(
+        self,
+        runner: _runner.ModelRunner,
+        data: Data,
+        verbose: Verbose,
+        strategy: Any,
+    ) -> str | None:
+        """Fits the state on `model`'s features of `data`; the fingerprint to keep."""
         if data is None:
             raise ValueError(
                 f"{type(self).__name__}.fit needs in-distribution data. Received: data=None"
@@ -225,10 +239,7 @@ class Detector(keras.layers.Layer):
             )
             stream = ((batch.features, batch.labels) for batch in batches)
             self._fit(self._checked(stream, "data"), context)
-        self.model_fingerprint = runner.fingerprint()
-        self._runner = runner
-        self.built = True  # The state variables exist now (export needs a built layer).
-        return self
+        return runner.fingerprint()
 
     def fit_features(
         self, features: Data, labels: ArrayLike | None = None, *, verbose: Verbose = "auto"
@@ -679,6 +690,14 @@ def _join(batches: Sequence[_runner.Batch]) -> _runner.Batch:
     return _runner.Batch(*fields)
 
 
+def float64_rows(feats: np.ndarray, normalize: bool) -> np.ndarray:
+    """`feats` in float64, each row L2-normalised (epsilon 1e-12) when `normalize`."""
+    z = feats.astype(np.float64)
+    if normalize:
+        z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    return z
+
+
 def host_array(variable: Any) -> np.ndarray:
     """A NumPy view of a variable's value on the host, without a copy where the backend
     allows it (TensorFlow and PyTorch CPU tensors, JAX CPU arrays); read it, never write."""
@@ -808,9 +827,7 @@ class ClassStats:
                 f"Labels of `{arg_name}` must be class ids in [0, {upper}). "
                 f"Received: labels {np.unique(labels[bad])[:5].tolist()}"
             )
-        z = feats.astype(np.float64)
-        if self.normalize:
-            z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        z = float64_rows(feats, self.normalize)
         width = max(int(labels.max()) + 1, self.num_classes or 0)
         if self.sums is None:
             self.sums = np.zeros((width, z.shape[1]), np.float64)

@@ -34,27 +34,16 @@ class LogitDetector(Detector):
     def _runner_width(self, runner: _runner.ModelRunner) -> int | None:
         return runner.num_classes
 
-    def fit(
-        self,
-        model: keras.Model,
-        data: Data = None,
-        *,
-        verbose: Verbose = "auto",
-        strategy: Any = None,
-    ) -> Detector:
-        """Binds the detector to `model` (no fitting needed; `data` and `strategy` are
+    def _fit_model(self, runner: _runner.ModelRunner, *_: Any) -> str | None:
+        """Binds the detector to the model (no fitting needed; `data` and `strategy` are
         ignored)."""
-        runner = self._model_runner(model)
         if runner.num_classes is None:
             raise ValueError(
                 "Logit detectors need a model with an `IsoMaxPlusLayer` or ending in a "
-                f"`Dense` classifier. Received: model={model.name!r}"
+                f"`Dense` classifier. Received: model={runner.model.name!r}"
             )
         self.state = {"num_classes": runner.num_classes}
-        self.model_fingerprint = None
-        self._runner = runner
-        self.built = True
-        return self
+        return None
 
     def fit_features(
         self, features: Data = None, labels: ArrayLike | None = None, *, verbose: Verbose = "auto"

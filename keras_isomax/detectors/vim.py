@@ -11,7 +11,7 @@ from keras import ops
 
 from keras_isomax import _checks
 from keras_isomax._typing import ArrayLike, Config, Data, Tensor, Verbose
-from keras_isomax.detectors.base import Detector, FitContext, Reservoir
+from keras_isomax.detectors.base import Detector, FitContext, Reservoir, float64_rows
 from keras_isomax.layers import l2_normalize
 
 
@@ -203,9 +203,7 @@ class _ViMStats:
                 f"The features have {feats.shape[1]} columns but the head's kernel has "
                 f"{f} rows. Received: features of width {feats.shape[1]}"
             )
-        z = feats.astype(np.float64)
-        if self.normalize:
-            z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        z = float64_rows(feats, self.normalize)
         self.max_logit_sum += float((z @ self.kernel + self.bias).max(axis=1).sum())
         z = z - self.origin
         self.moment += z.T @ z
