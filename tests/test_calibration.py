@@ -366,3 +366,22 @@ def test_softmax_models_with_a_detector_or_threshold(rng):
     ):
         with pytest.raises(ValueError, match="has none.*replace_head.*`detector=`"):
             call()
+
+
+def test_one_nan_row_among_valid_ones_is_refused_on_both_paths(rng):
+    """One NaN input among many fails the calibration (layer and detector) and the
+    threshold keeps its previous value: a NaN score must never be ranked."""
+    from keras_isomax import detectors
+
+    model = _mlp(rng)
+    x = rng.normal(size=(40, 6)).astype("float32")
+    x[17, 2] = np.nan
+    layer = find_isomax_layer(model)
+    before = float(layer.ood_threshold.numpy())
+    with pytest.raises(ValueError, match=r"NaN scores on 1 of 40 examples.*at \[17\]"):
+        calibrate_threshold(model, x, verbose=0)
+    assert float(layer.ood_threshold.numpy()) == before or math.isnan(before)
+    det = detectors.MaxLogit()
+    with pytest.raises(ValueError, match=r"NaN scores on 1 of 40 examples.*at \[17\]"):
+        calibrate_threshold(model, x, detector=det, verbose=0)
+    assert not det.is_calibrated
