@@ -18,6 +18,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import _tables
+
 PHASES = {"train": "training step", "infer": "inference + score"}
 MIB = 1024**2
 
@@ -114,9 +116,11 @@ def render_ratio_table(record: dict[str, Any]) -> str:
 
 
 def provenance(record: dict[str, Any]) -> str:
-    """One line: command, CPU model, cores, oneDNN settings, versions, commit, date, load."""
-    machine = record.get("machine", {})
-    versions = machine.get("versions", {})
+    """The shared command / machine / commit / date line, then what speed adds: CPU
+    flags, oneDNN as each worker reported it, the layer sources' hash, load averages."""
+    machine = dict(record.get("machine", {}))
+    if "no GPU" in str(machine.get("device", "")):
+        machine.pop("device")  # A CPU-only run: the CPU is already named.
     runs = record.get("runs", [])
     onednn = [
         f"{run['onednn']} (requested {run['onednn_requested']})"
@@ -124,36 +128,15 @@ def provenance(record: dict[str, Any]) -> str:
         if "onednn" in run and "onednn_requested" in run
     ]
     loads = [f"{run['load_start']} -> {run['load_end']}" for run in runs if "load_start" in run]
-    parts = [f"Command: `{record.get('command', '?')}`"]
-    if machine:
-        parts.append(
-            f"CPU: {machine.get('cpu', '?')} ({machine.get('cores', '?')} cores, "
-            f"{', '.join(machine.get('cpu_flags', [])) or 'no AVX2/AVX-512 flags'})"
-        )
-        device = machine.get("device")
-        if device and "no GPU" not in device:
-            parts.append(f"device: {device}")
+    parts = [f"CPU flags: {', '.join(machine.get('cpu_flags', [])) or 'no AVX2/AVX-512 flags'}"]
     if onednn:
         parts.append("oneDNN as TensorFlow reported it: " + ", ".join(onednn))
-    elif machine.get("onednn"):
-        parts.append(f"oneDNN: {machine['onednn']}")
-    if versions:
-        parts.append(
-            ", ".join(
-                f"{name} {versions[name]}"
-                for name in ("tensorflow", "keras", "python")
-                if name in versions
-            )
-        )
     sha = sorted({run["layers_sha1"] for run in runs if run.get("layers_sha1")})
-    parts.append(
-        f"commit {record.get('commit', '?')}"
-        + (f" (layer sources sha1 {', '.join(sha)})" if sha else "")
-    )
-    parts.append(f"date {record.get('date', '?')}")
+    if sha:
+        parts.append(f"layer sources sha1 {', '.join(sha)}")
     if loads:
         parts.append("load average (1/5/15 min) " + "; ".join(loads))
-    return "; ".join(parts) + "."
+    return _tables.provenance({**record, "machine": machine}) + " " + "; ".join(parts) + "."
 
 
 def _join(values):
