@@ -162,6 +162,18 @@ def render_head_memory(load: Callable[[str], dict]) -> str:
     """The large-head memory table of `head_memory.json`."""
     record = load("head_memory")
     b, c, f = record["batch_size"], record["classes"], record["features"]
+    check = record.get("method_check", {})
+    expected, seen = check.get("expected_bytes"), check.get("peak_bytes")
+    if expected and (seen is None or not 0.5 * expected <= seen <= 2 * expected):
+        # The measurement cannot see a known allocation: its figures would mislead.
+        return (
+            f"**No valid measurement on this machine.** The method check "
+            f"({check.get('method', '?')}) read {_mib(seen)} for a known "
+            f"{_mib(expected)} allocation, so the peaks of the B = {b:,}, C = {c:,}, "
+            f"F = {f:,} head are not shown (probably the allocator kept the pages of the warm-up "
+            "steps resident). The naive head's tensor alone would be "
+            f"B*C*F*4 bytes = {record['naive_tensor_bytes'] / 1e9:.1f} GB.\n\n" + provenance(record)
+        )
     naive = record["naive_tensor_bytes"]
     names = {"dense": "Dense + softmax cross-entropy", "isomax": "IsoMaxPlusLayer (library)"}
     lines = [
@@ -194,7 +206,6 @@ def render_head_memory(load: Callable[[str], dict]) -> str:
             f"| naive, extrapolated to B = {b:,} | "
             f"{record['naive_extrapolated_bytes'] / 1024**3:,.1f} GiB | | |"
         )
-    check = record.get("method_check", {})
     notes = [
         f"B*C*F*4 bytes = {naive / 1e9:.1f} GB.",
     ]
