@@ -9,32 +9,8 @@ def render_detectors(load) -> str:
     result = load("detectors_scale")
     sections = result["sections"]
     out = []
-    knn = sections.get("knn_ratio")
-    s = result["settings"]
-    if knn:
-        ours, theirs = knn["ours"], knn["pytorch_ood"]
-        out.append(
-            f"**KNN vs pytorch-ood's KNN** (scikit-learn): {s['ratio_n']:,} x {s['ratio_f']:,} "
-            f"training features (10 Gaussian clusters), {s['ratio_q']:,} queries, k = {s['k']}; "
-            "ours through `fit(model, (z, y))` / `score(q)` on a model whose head input is the "
-            "features, theirs through `fit_features` / `predict_features`; each in a fresh "
-            "process.\n"
-        )
-        rows = [
-            [
-                label,
-                num(side["fit_s"], 2),
-                num(side["score_s"], 2),
-                num(side["fit_s"] + side["score_s"], 2),
-                f"{side['peak_rss_mib']:,.0f} MiB",
-            ]
-            for label, side in (("keras_isomax `KNN`", ours), ("pytorch-ood `KNN`", theirs))
-        ]
-        rows.append(
-            ["**ratio ours / pytorch-ood**", "", "", f"**{knn['ratio_fit_plus_score']:.2f}**", ""]
-        )
-        out.append(table(["", "fit s", "score s", "fit + score s", "peak RSS"], rows, "lrrrr"))
-        out.append(f"\nLargest absolute score difference: {knn['max_abs_score_diff']:.1e}.\n")
+    # The speed against pytorch-ood's KNN is `knn_speed.py`'s table (the current search,
+    # two bank sizes); this result's older 50,000 x 512 ratio stays in its JSON only.
     bank = sections.get("knn_bank")
     if bank:
         out.append(

@@ -224,14 +224,34 @@ def render_precision(load: Callable[[str], dict]) -> str:
     """The distance precision table of `precision.json`."""
     record = load("precision")
     lines = [
-        "| method | pairs | distance band | count | max rel. error | max abs. error |",
-        "|---|---|---|---:|---:|---:|",
+        "| method | distance band | pairs (nearest) | max rel. error, all pairs "
+        "| max rel. error, nearest | max abs. error, all pairs |",
+        "|---|---|---:|---:|---:|---:|",
     ]
+    cells: dict[tuple[str, tuple[float, float]], dict[str, dict]] = {}
     for row in record["rows"]:
-        lo, hi = row["band"]
+        cells.setdefault((row["method"], tuple(row["band"])), {})[row["pairs"]] = row
+    # Methods whose figures are the same (training=True and False) share one row.
+    by_figures: dict[tuple, list[str]] = {}
+    for (method, band), pairs in cells.items():
+        key = tuple(
+            (band, p, pairs[p]["max_rel"], pairs[p]["max_abs"], pairs[p]["count"])
+            for p in sorted(pairs)
+        )
+        by_figures.setdefault(key, []).append(method)
+    for key, methods in by_figures.items():
+        band = key[0][0]
+        rows = {p: (count, rel, abs_) for _, p, rel, abs_, count in key}
+        every, near = rows.get("all", (0, math.nan, math.nan)), rows.get("nearest", (0, math.nan))
+        heads = {m.rsplit(", ", 1)[0] for m in methods}
+        label = (
+            f"{heads.pop()}, " + " / ".join(m.rsplit(", ", 1)[-1] for m in methods)
+            if len(methods) > 1 and len(heads) == 1
+            else " / ".join(methods)
+        )
         lines.append(
-            f"| {row['method']} | {row['pairs']} | [{lo:g}, {hi:g}) | {row['count']:,} | "
-            f"{row['max_rel']:.2e} | {row['max_abs']:.2e} |"
+            f"| {label} | [{band[0]:g}, {band[1]:g}) | {every[0]:,} ({near[0]:,}) | "
+            f"{every[1]:.2e} | {near[1]:.2e} | {every[2]:.2e} |"
         )
     note = (
         f"C = {record['classes']:,}, F = {record['features']:,}, {record['examples']:,} "
