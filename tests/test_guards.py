@@ -299,4 +299,5 @@ def test_inference_cache_sees_a_change_to_one_prototype_row(rng, row):
         ("call, training=True", model(x, training=True)),
         ("inference_cache=False", uncached.predict(x, verbose=0)),
     ]:
+        got = keras.ops.convert_to_numpy(got)
         np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5, err_msg=name)

@@ -20,6 +20,10 @@ def _np(x):
     return keras.ops.convert_to_numpy(x)
 
 
+def _t(x):
+    return keras.ops.convert_to_tensor(x)
+
+
 def _value_and_gradients(layer, x, objective, training=None):
     """`layer(x)` and the gradients of the scalar `objective(logits)` with respect to
     `x` and to each of `layer.trainable_variables`, on any backend, as NumPy arrays."""
@@ -67,7 +71,7 @@ def _built_layer(num_classes, feature_dim, rng, dtype=None, **kwargs):
 def _distances(layer, x, training=None):
     scale = abs(float(layer.distance_scale.numpy()))
     temperature = float(layer.temperature.numpy())
-    return -np.asarray(layer(x, training=training)) * temperature / scale
+    return -_np(layer(x, training=training)) * temperature / scale
 
 
 def _cache_of(layer):
@@ -84,7 +88,7 @@ def test_logits_match_float64_reference(rng, shape):
     layer.temperature.assign(1.7)
     x = rng.normal(size=shape).astype("float32")
     expected = ref_logits(x, layer.prototypes.numpy(), scale=-2.5, temperature=1.7)
-    got = np.asarray(layer(x))
+    got = _np(layer(x))
     assert got.shape == shape[:-1] + (6,)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
@@ -155,7 +159,7 @@ def test_layer_matches_pairwise_distances_of_normalised_vectors(rng):
     layer.prototypes.assign(layer.prototypes.numpy() * rng.uniform(0.1, 10, size=(9, 1)))
     x = rng.normal(size=(2, 5, 12)).astype("float32")
     x[0, 1] = 0.7 * _np(l2_normalize(layer.prototypes))[4]  # distance 0 to prototype 4
-    expected = _np(pairwise_distances(l2_normalize(x), l2_normalize(layer.prototypes)))
+    expected = _np(pairwise_distances(l2_normalize(_t(x)), l2_normalize(layer.prototypes)))
     got = _distances(layer, x)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got, ref_distances(x, layer.prototypes.numpy()), atol=1e-6)
@@ -166,17 +170,18 @@ def test_pairwise_distances_unnormalised_reference(rng):
     p = 3.0 * rng.normal(size=(4, 7)).astype("float32")
     p[2] = x[3] + 1e-3 * rng.normal(size=7)  # a small, exactly recomputed distance
     expected = np.linalg.norm(x.astype(np.float64)[:, None] - p.astype(np.float64)[None], axis=-1)
-    got = _np(pairwise_distances(x, p))
+    got = _np(pairwise_distances(_t(x), _t(p)))
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
 def test_expansion_alone_is_imprecise_near_zero(rng):
     """Why the exact recomputation exists: the expansion misses the spec."""
     x = rng.normal(size=(1, 512))
-    p = _np(l2_normalize(x)) + 0.01 * rng.normal(size=(1, 512)) / np.sqrt(512)
+    p = _np(l2_normalize(_t(x))) + 0.01 * rng.normal(size=(1, 512)) / np.sqrt(512)
     p32 = np.concatenate([p, rng.normal(size=(3, 512))]).astype("float32")
     x32 = x.astype("float32")
     expected = ref_distances(x32, p32)[0, 0]
+    x32, p32 = _t(x32), _t(p32)
     expansion = pairwise_distances(l2_normalize(x32), l2_normalize(p32), exact_nearest=False)
     expansion = _np(expansion)[0, 0]
     exact = _np(pairwise_distances(l2_normalize(x32), l2_normalize(p32)))[0, 0]
@@ -346,9 +351,9 @@ def test_exact_neighbors_removed_and_old_keras_files_load(rng, tmp_path):
         restored = keras.saving.load_model(old_path)
     assert "exact_neighbors" not in restored.layers[-1].get_config()
     x = rng.normal(size=(4, 5)).astype("float32")
-    np.testing.assert_array_equal(restored(x), model(x))
+    np.testing.assert_array_equal(_np(restored(x)), _np(model(x)))
     np.testing.assert_allclose(
-        restored(x), ref_logits(x, model.layers[-1].prototypes.numpy()), rtol=1e-5, atol=1e-6
+        _np(restored(x)), ref_logits(x, model.layers[-1].prototypes.numpy()), rtol=1e-5, atol=1e-6
     )
 
 
@@ -485,7 +490,7 @@ def test_mixed_precision(rng, policy):
     logits = model(x)
     assert keras.backend.standardize_dtype(logits.dtype) == "float32"
     tolerance = 2e-2 if policy == "mixed_bfloat16" else 2e-3
-    np.testing.assert_allclose(logits, reference(x), atol=tolerance)
+    np.testing.assert_allclose(_np(logits), _np(reference(x)), atol=tolerance)
     model.compile(optimizer="sgd", loss=IsoMaxPlusLoss())
     history = model.fit(x, y, epochs=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
@@ -523,7 +528,7 @@ def test_no_stale_prototypes_after_assign(rng):
     model = keras.Sequential([keras.Input((6,)), IsoMaxPlusLayer(4)])
     head = model.layers[-1]
     x = rng.normal(size=(5, 6)).astype("float32")
-    calls = [model, lambda x: model.predict(x, verbose=0)]  # `predict`: traced, reused.
+    calls = [lambda x: _np(model(x)), lambda x: model.predict(x, verbose=0)]  # `predict`: traced.
     if BACKEND == "tensorflow":  # A `tf.function` traced once, called after each assign.
         import tensorflow as tf
 
@@ -672,7 +677,7 @@ def test_inference_snapshot_matches_reference_and_ends_with_the_context(rng):
         assert tuple(kernel.shape) == (12, 9) and tuple(squared_norms.shape) == (9,)
         assert not kernel.trainable
         assert [w.path for w in model.weights] == names
-        calls = [model, lambda x: model.predict(x, verbose=0)]  # `predict` is traced.
+        calls = [lambda x: _np(model(x)), lambda x: model.predict(x, verbose=0)]  # Traced.
         if BACKEND == "tensorflow":
             import tensorflow as tf
 
@@ -682,7 +687,7 @@ def test_inference_snapshot_matches_reference_and_ends_with_the_context(rng):
     assert head.get_config() == config
     head.prototypes.assign(rng.normal(size=(9, 12)))
     np.testing.assert_allclose(
-        model(x), ref_logits(x, head.prototypes.numpy(), scale=-1.7), rtol=1e-5, atol=1e-6
+        _np(model(x)), ref_logits(x, head.prototypes.numpy(), scale=-1.7), rtol=1e-5, atol=1e-6
     )
 
 
