@@ -422,6 +422,11 @@ def _predict_batch(net: Any, x: Any) -> Any:
     if strategy is not None and getattr(strategy, "num_replicas_in_sync", 1) > 1:
         rows = len(keras.tree.flatten(x)[0])
         return net.predict(x, batch_size=rows, verbose=0)
+    if keras.backend.backend() == "torch":
+        # Keras' PyTorch `predict_on_batch` passes NumPy arrays to the model as they
+        # are: a model whose inputs are a 1-list then warns on every batch that the
+        # input structures differ (the other backends convert to tensors first).
+        x = keras.tree.map_structure(ops.convert_to_tensor, x)
     return net.predict_on_batch(x)
 
 

@@ -18,4 +18,10 @@ def is_eager(x: Any) -> bool:
         import jax
 
         return not isinstance(x, jax.core.Tracer | keras.KerasTensor)
+    if backend == "torch":
+        # Keras on PyTorch infers output shapes (as in `fit`'s first step) by calling
+        # on tensors of the "meta" device, which hold no values.
+        device = getattr(x, "device", None)
+        if getattr(device, "type", None) == "meta":
+            return False
     return not isinstance(x, keras.KerasTensor)

@@ -17,6 +17,37 @@ def rng(request):
     return np.random.default_rng(seed)
 
 
+@pytest.fixture
+def float64():
+    """Lets float64 stay float64 on JAX (whose 64-bit types are off by default)."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        with jax.enable_x64(True):
+            yield
+    else:
+        yield
+
+
+@pytest.fixture
+def trace():
+    """Wraps a function in the backend's tracer: `tf.function` or `jax.jit`.
+
+    Inside, tensors are symbols without values (what `fit` and exports see).
+    PyTorch runs every call eagerly (no such symbols): tests using it skip there.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function
+    if backend == "jax":
+        import jax
+
+        return jax.jit
+    pytest.skip(f"{backend} has no traced (value-less) tensors: every call is eager")
+
+
 @pytest.fixture(autouse=True)
 def _restore_keras_globals():
     policy = keras.config.dtype_policy()

@@ -205,6 +205,7 @@ def _model():
     )
 
 
+@pytest.mark.tensorflow_only  # A tf.distribute strategy (JAX's DataParallel has its own test).
 def test_one_device_strategy_goes_through_the_collectives():
     """`strategy=` with one replica runs the distributed path (per-replica accumulators,
     merge through `strategy.reduce`/`gather`) and equals the plain fit."""

@@ -67,7 +67,7 @@ def _input(model):
 def _features(model, x):
     """The penultimate features: the input of the model's last layer(s)."""
     layer = model.get_layer("features")
-    return np.asarray(keras.Model(_input(model), layer.output)(x))
+    return keras.ops.convert_to_numpy(keras.Model(_input(model), layer.output)(x))
 
 
 def _isomax(model):
@@ -89,17 +89,19 @@ def test_output_is_isomax_logits_on_identical_features(build, rng):
     assert not head.is_calibrated
 
     features = _features(original, x[:50])
-    new_features = np.asarray(keras.Model(_input(model), head.input)(x[:50]))
+    new_features = keras.ops.convert_to_numpy(keras.Model(_input(model), head.input)(x[:50]))
     np.testing.assert_array_equal(new_features, features)  # backbone untouched
     expected = ref_logits(features, kernel.T)
-    np.testing.assert_allclose(np.asarray(model(x[:50])), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(model(x[:50])), expected, rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("build", [_functional, _sequential], ids=["functional", "sequential"])
 def test_dense_init_keeps_the_trained_decisions_and_fine_tuning_lowers_loss(build, rng):
     original, x, y = _trained(build, rng)
     model = replace_head(original)
-    before = np.asarray(model.predict(x, verbose=0))
+    before = keras.ops.convert_to_numpy(model.predict(x, verbose=0))
     softmax_pred = np.argmax(original.predict(x, verbose=0), axis=1)
     # Nearest prototype (kernel column by cosine) ~ the softmax's argmax.
     assert np.mean(np.argmax(before, axis=1) == softmax_pred) >= 0.9
@@ -146,7 +148,7 @@ def test_class_means_init_matches_numpy_reference(rng):
     np.testing.assert_allclose(_isomax(model).prototypes.numpy(), expected, rtol=1e-5, atol=1e-6)
 
     # Class means start as a nearest-class-mean classifier: accurate at once.
-    pred = np.argmax(np.asarray(model.predict(x, verbose=0)), axis=1)
+    pred = np.argmax(keras.ops.convert_to_numpy(model.predict(x, verbose=0)), axis=1)
     assert np.mean(pred == y) >= 0.9
 
 
@@ -181,12 +183,14 @@ def test_keras_application_with_convolutional_head():
     assert model.output_shape == (None, 10)
     x = np.random.default_rng(0).uniform(0, 255, size=(3, 32, 32, 3)).astype("float32")
     conv = original.get_layer("logits")  # 1x1 Conv2D on pooled (1, 1, F) features
-    features = np.asarray(keras.Model(original.input, conv.input)(x))[:, 0, 0, :]
-    np.testing.assert_array_equal(np.asarray(keras.Model(model.input, head.input)(x)), features)
+    features = keras.ops.convert_to_numpy(keras.Model(original.input, conv.input)(x))[:, 0, 0, :]
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(keras.Model(model.input, head.input)(x)), features
+    )
     prototypes = conv.kernel.numpy()[0, 0].T
     np.testing.assert_array_equal(head.prototypes.numpy(), prototypes)
     np.testing.assert_allclose(
-        np.asarray(model(x)), ref_logits(features, prototypes), rtol=1e-5, atol=1e-6
+        keras.ops.convert_to_numpy(model(x)), ref_logits(features, prototypes), rtol=1e-5, atol=1e-6
     )
 
 
@@ -210,7 +214,9 @@ def test_keras_round_trip(tmp_path, rng):
     model.save(path)
     loaded = keras.saving.load_model(path)
     assert isinstance(_isomax(loaded), IsoMaxPlusLayer)
-    np.testing.assert_array_equal(np.asarray(loaded(x[:20])), np.asarray(model(x[:20])))
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(loaded(x[:20])), keras.ops.convert_to_numpy(model(x[:20]))
+    )
 
 
 def test_head_name_is_made_unique(rng):

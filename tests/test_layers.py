@@ -7,12 +7,64 @@ import zipfile
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from keras_isomax import IsoMaxPlusLayer, IsoMaxPlusLoss, OODScore, scores
 from keras_isomax.layers import l2_normalize, pairwise_distances
 from keras_isomax.testing import distances as ref_distances
 from keras_isomax.testing import logits as ref_logits
+
+BACKEND = keras.backend.backend()
+
+
+# Keras' type promotion maps float64 to float32 off TensorFlow (`keras.backend.result_type`;
+# JAX's own ops keep float64 under x64): on PyTorch, `ops.maximum` and the like run a
+# float64 layer partly in float32, so float64 comparisons there get float32 tolerances.
+F64_TOL = 1e4 if BACKEND == "torch" else 1.0
+
+
+def _np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def _t(x):
+    return keras.ops.convert_to_tensor(x)
+
+
+def _value_and_gradients(layer, x, objective, training=None):
+    """`layer(x)` and the gradients of the scalar `objective(logits)` with respect to
+    `x` and to each of `layer.trainable_variables`, on any backend, as NumPy arrays."""
+    variables = layer.trainable_variables
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        x_t = tf.Variable(x)
+        with tf.GradientTape() as tape:
+            logits = layer(x_t, training=training)
+            loss = objective(logits)
+        grads = tape.gradient(loss, [x_t, *variables])
+    elif BACKEND == "jax":
+        import jax
+
+        def f(x_, trainable):
+            non_trainable = [v.value for v in layer.non_trainable_variables]
+            logits, _ = layer.stateless_call(trainable, non_trainable, x_, training=training)
+            return objective(logits), logits
+
+        (_, logits), (gx, gw) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
+            jax.numpy.asarray(x), [v.value for v in variables]
+        )
+        grads = [gx, *gw]
+    elif BACKEND == "torch":
+        import torch
+
+        x_t = torch.tensor(x, requires_grad=True)
+        logits = layer(x_t, training=training)
+        loss = objective(logits)
+        grads = torch.autograd.grad(loss, [x_t, *(v.value for v in variables)])
+        logits = logits.detach()
+    else:
+        pytest.skip(f"no gradient helper for the {BACKEND} backend")
+    return _np(logits), [_np(g) for g in grads]
 
 
 def _built_layer(num_classes, feature_dim, rng, dtype=None, **kwargs):
@@ -25,7 +77,7 @@ def _built_layer(num_classes, feature_dim, rng, dtype=None, **kwargs):
 def _distances(layer, x, training=None):
     scale = abs(float(layer.distance_scale.numpy()))
     temperature = float(layer.temperature.numpy())
-    return -np.asarray(layer(x, training=training)) * temperature / scale
+    return -_np(layer(x, training=training)) * temperature / scale
 
 
 def _cache_of(layer):
@@ -42,7 +94,7 @@ def test_logits_match_float64_reference(rng, shape):
     layer.temperature.assign(1.7)
     x = rng.normal(size=shape).astype("float32")
     expected = ref_logits(x, layer.prototypes.numpy(), scale=-2.5, temperature=1.7)
-    got = np.asarray(layer(x))
+    got = _np(layer(x))
     assert got.shape == shape[:-1] + (6,)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
@@ -62,7 +114,11 @@ def test_prototypes_init_standard_normal_and_scale_one():
     assert trainable == {"prototypes", "distance_scale"}
 
 
-@pytest.mark.parametrize("mode", ["live", "snapshot", "cache"])
+@pytest.mark.parametrize(
+    "mode",
+    # The inference cache exists on TensorFlow only (elsewhere `training=False` is live math).
+    ["live", "snapshot", pytest.param("cache", marks=pytest.mark.tensorflow_only)],
+)
 def test_distance_precision_spec(rng, mode):
     """Relative error <= 1e-5 above 0.05 and absolute <= 1e-3 everywhere (float32),
     with the live weights, inside `inference_snapshot` (what exports trace) and
@@ -70,7 +126,7 @@ def test_distance_precision_spec(rng, mode):
     next read it, with identical results)."""
     num_classes, feature_dim = 40, 256
     layer = _built_layer(num_classes, feature_dim, rng)
-    pn = l2_normalize(layer.prototypes).numpy().astype(np.float64)
+    pn = _np(l2_normalize(layer.prototypes)).astype(np.float64)
     # Features at controlled distances from a random prototype, from 0 to ~1.5,
     # plus exact copies of prototypes and generic random features.
     n = 600
@@ -108,8 +164,8 @@ def test_layer_matches_pairwise_distances_of_normalised_vectors(rng):
     layer = _built_layer(9, 12, rng)
     layer.prototypes.assign(layer.prototypes.numpy() * rng.uniform(0.1, 10, size=(9, 1)))
     x = rng.normal(size=(2, 5, 12)).astype("float32")
-    x[0, 1] = 0.7 * l2_normalize(layer.prototypes).numpy()[4]  # distance 0 to prototype 4
-    expected = pairwise_distances(l2_normalize(x), l2_normalize(layer.prototypes)).numpy()
+    x[0, 1] = 0.7 * _np(l2_normalize(layer.prototypes))[4]  # distance 0 to prototype 4
+    expected = _np(pairwise_distances(l2_normalize(_t(x)), l2_normalize(layer.prototypes)))
     got = _distances(layer, x)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got, ref_distances(x, layer.prototypes.numpy()), atol=1e-6)
@@ -120,32 +176,33 @@ def test_pairwise_distances_unnormalised_reference(rng):
     p = 3.0 * rng.normal(size=(4, 7)).astype("float32")
     p[2] = x[3] + 1e-3 * rng.normal(size=7)  # a small, exactly recomputed distance
     expected = np.linalg.norm(x.astype(np.float64)[:, None] - p.astype(np.float64)[None], axis=-1)
-    got = pairwise_distances(x, p).numpy()
+    got = _np(pairwise_distances(_t(x), _t(p)))
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
 def test_expansion_alone_is_imprecise_near_zero(rng):
     """Why the exact recomputation exists: the expansion misses the spec."""
     x = rng.normal(size=(1, 512))
-    p = l2_normalize(x).numpy() + 0.01 * rng.normal(size=(1, 512)) / np.sqrt(512)
+    p = _np(l2_normalize(_t(x))) + 0.01 * rng.normal(size=(1, 512)) / np.sqrt(512)
     p32 = np.concatenate([p, rng.normal(size=(3, 512))]).astype("float32")
     x32 = x.astype("float32")
     expected = ref_distances(x32, p32)[0, 0]
+    x32, p32 = _t(x32), _t(p32)
     expansion = pairwise_distances(l2_normalize(x32), l2_normalize(p32), exact_nearest=False)
-    expansion = expansion.numpy()[0, 0]
-    exact = pairwise_distances(l2_normalize(x32), l2_normalize(p32)).numpy()[0, 0]
+    expansion = _np(expansion)[0, 0]
+    exact = _np(pairwise_distances(l2_normalize(x32), l2_normalize(p32)))[0, 0]
     assert abs(exact - expected) / expected <= 1e-5
     assert abs(expansion - expected) / expected > 1e-5
 
 
 @pytest.mark.parametrize("near", [False, True])
-def test_gradients_match_finite_differences(rng, near):
+def test_gradients_match_finite_differences(rng, near, float64):
     num_classes, feature_dim = 5, 6
     layer = _built_layer(num_classes, feature_dim, rng, dtype="float64")
     layer.distance_scale.assign(1.3)
     x = rng.normal(size=(4, feature_dim))
     if near:  # rows close to a prototype: the exactly recomputed entry dominates
-        p = l2_normalize(layer.prototypes).numpy()
+        p = _np(l2_normalize(layer.prototypes))
         x = 2.0 * (p[[0, 3, 3, 1]] + 0.01 * rng.normal(size=(4, feature_dim)))
     weights = rng.normal(size=(4, num_classes))
     p0 = layer.prototypes.numpy()
@@ -153,10 +210,11 @@ def test_gradients_match_finite_differences(rng, near):
     def objective(x_, p_, s_):
         return float(np.sum(weights * ref_logits(x_, p_, scale=s_)))
 
-    x_t = tf.Variable(x)
-    with tf.GradientTape() as tape:
-        out = tf.reduce_sum(weights * layer(x_t))
-    gx, gp, gs = tape.gradient(out, [x_t, layer.prototypes, layer.distance_scale])
+    _, (gx, *gw) = _value_and_gradients(
+        layer, x, lambda z: keras.ops.sum(keras.ops.multiply(weights, z))
+    )
+    grads = dict(zip([v.name for v in layer.trainable_variables], gw, strict=True))
+    gp, gs = grads["prototypes"], grads["distance_scale"]
 
     def numeric(f, value, eps=1e-6):
         grad = np.zeros_like(value)
@@ -168,20 +226,26 @@ def test_gradients_match_finite_differences(rng, near):
         return grad
 
     np.testing.assert_allclose(
-        gx.numpy(), numeric(lambda v: objective(v, p0, 1.3), x), rtol=1e-6, atol=1e-8
+        gx,
+        numeric(lambda v: objective(v, p0, 1.3), x),
+        rtol=1e-6 * F64_TOL,
+        atol=1e-8 * F64_TOL,
     )
     np.testing.assert_allclose(
-        gp.numpy(), numeric(lambda v: objective(x, v, 1.3), p0), rtol=1e-6, atol=1e-8
+        gp,
+        numeric(lambda v: objective(x, v, 1.3), p0),
+        rtol=1e-6 * F64_TOL,
+        atol=1e-8 * F64_TOL,
     )
     np.testing.assert_allclose(
-        float(gs.numpy()),
+        float(gs),
         numeric(lambda v: objective(x, p0, float(v)), np.array(1.3)),
-        rtol=1e-6,
+        rtol=1e-6 * F64_TOL,
     )
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_clamped_norms_match_reference(rng, training):
+def test_clamped_norms_match_reference(rng, training, float64):
     """Feature vectors and prototypes with norms below 1e-12 (clamped, as PyTorch's
     `F.normalize` clamps them): logits and gradients equal the float64 reference,
     on the training path and on the inference path (`training=False`)."""
@@ -196,12 +260,13 @@ def test_clamped_norms_match_reference(rng, training):
     x[2] *= 3e-13
     weights = rng.normal(size=(4, num_classes))
     layer(x, training=training)  # On the inference path: fills the cache, read below.
-    x_t = tf.Variable(x)
-    with tf.GradientTape() as tape:
-        logits = layer(x_t, training=training)
-        loss = tf.reduce_sum(weights * logits)
-    gx, gp = tape.gradient(loss, [x_t, layer.prototypes])
-    np.testing.assert_allclose(logits, ref_logits(x, p, scale=1.3), rtol=1e-10, atol=1e-12)
+    logits, (gx, *gw) = _value_and_gradients(
+        layer, x, lambda z: keras.ops.sum(keras.ops.multiply(weights, z)), training=training
+    )
+    gp = dict(zip([v.name for v in layer.trainable_variables], gw, strict=True))["prototypes"]
+    np.testing.assert_allclose(
+        logits, ref_logits(x, p, scale=1.3), rtol=1e-10 * F64_TOL, atol=1e-12 * F64_TOL
+    )
 
     def numeric(f, value):
         # Central differences, steps relative to each row's norm (clamped rows stay clamped).
@@ -232,18 +297,16 @@ def test_no_nan_at_zero_distance_or_zero_features(rng):
     layer = _built_layer(4, 8, rng)
     p = layer.prototypes.numpy()
     x = np.stack([p[0], 3.0 * p[2], np.zeros(8), rng.normal(size=8)]).astype("float32")
-    x_t = tf.Variable(x)
-    with tf.GradientTape() as tape:
-        logits = layer(x_t)
-        loss = IsoMaxPlusLoss()(np.array([0, 2, 1, 3]), logits)
-    grads = tape.gradient(loss, [x_t, *layer.trainable_weights])
-    assert np.all(np.isfinite(logits.numpy()))
-    assert logits.numpy()[0, 0] == 0.0
-    assert abs(logits.numpy()[1, 2]) < 1e-6  # same direction up to rounding
+    labels = np.array([0, 2, 1, 3])
+    logits, grads = _value_and_gradients(layer, x, lambda z: IsoMaxPlusLoss()(labels, z))
+    assert len(grads) == 3  # x, prototypes, distance_scale
+    assert np.all(np.isfinite(logits))
+    assert logits[0, 0] == 0.0
+    assert abs(logits[1, 2]) < 1e-6  # same direction up to rounding
     # An all-zero feature vector normalises to 0: distance 1 to every prototype.
-    np.testing.assert_allclose(logits.numpy()[2], -1.0, rtol=1e-6)
+    np.testing.assert_allclose(logits[2], -1.0, rtol=1e-6)
     for g in grads:
-        assert np.all(np.isfinite(g.numpy()))
+        assert np.all(np.isfinite(g))
 
 
 def test_nan_inputs_stay_in_their_row(rng):
@@ -252,7 +315,7 @@ def test_nan_inputs_stay_in_their_row(rng):
     x = rng.normal(size=(4, 5)).astype("float32")
     x[1, 2] = np.nan
     x[3, 0] = np.inf
-    logits = layer(x).numpy()
+    logits = _np(layer(x))
     # Never a finite (let alone the best possible) score for a broken input.
     assert np.all(np.isnan(logits[[1, 3]]))
     np.testing.assert_allclose(
@@ -304,9 +367,9 @@ def test_exact_neighbors_removed_and_old_keras_files_load(rng, tmp_path):
         restored = keras.saving.load_model(old_path)
     assert "exact_neighbors" not in restored.layers[-1].get_config()
     x = rng.normal(size=(4, 5)).astype("float32")
-    np.testing.assert_array_equal(restored(x), model(x))
+    np.testing.assert_array_equal(_np(restored(x)), _np(model(x)))
     np.testing.assert_allclose(
-        restored(x), ref_logits(x, model.layers[-1].prototypes.numpy()), rtol=1e-5, atol=1e-6
+        _np(restored(x)), ref_logits(x, model.layers[-1].prototypes.numpy()), rtol=1e-5, atol=1e-6
     )
 
 
@@ -356,8 +419,8 @@ def test_sequential_fit_accuracy_and_ood_ranking(rng):
     # the training data never took.
     far = (12.0 * rng.normal(size=(300, 8))).astype("float32")
     far = far[np.min(np.linalg.norm(far[:, None] - centers, axis=-1), axis=1) > 6]
-    s_in = scores.minimum_distance_score(model.predict(x, verbose=0)).numpy()
-    s_out = scores.minimum_distance_score(model.predict(far, verbose=0)).numpy()
+    s_in = _np(scores.minimum_distance_score(model.predict(x, verbose=0)))
+    s_out = _np(scores.minimum_distance_score(model.predict(far, verbose=0)))
     auroc = np.mean(s_in[:, None] > s_out[None, :])
     assert auroc > 0.9, auroc
 
@@ -443,7 +506,7 @@ def test_mixed_precision(rng, policy):
     logits = model(x)
     assert keras.backend.standardize_dtype(logits.dtype) == "float32"
     tolerance = 2e-2 if policy == "mixed_bfloat16" else 2e-3
-    np.testing.assert_allclose(logits, reference(x), atol=tolerance)
+    np.testing.assert_allclose(_np(logits), _np(reference(x)), atol=tolerance)
     model.compile(optimizer="sgd", loss=IsoMaxPlusLoss())
     history = model.fit(x, y, epochs=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
@@ -461,9 +524,19 @@ def test_jit_compile_matches_eager(rng):
     h_eager = eager.fit(x, y, epochs=2, batch_size=16, shuffle=False, verbose=0)
     h_jit = jitted.fit(x, y, epochs=2, batch_size=16, shuffle=False, verbose=0)
     np.testing.assert_allclose(h_eager.history["loss"], h_jit.history["loss"], rtol=1e-4)
-    forward = tf.function(jitted.layers[-1].call, jit_compile=True)
-    features = jitted.layers[0](x)
-    np.testing.assert_allclose(forward(features), jitted.layers[-1](features), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.tensorflow_only  # XLA through `tf.function(jit_compile=True)`.
+def test_layer_call_under_tf_function_xla_matches_eager(rng):
+    import tensorflow as tf
+
+    layer = _built_layer(4, 32, rng)
+    x = rng.normal(size=(16, 32)).astype("float32")
+    forward = tf.function(layer.call, jit_compile=True)
+    np.testing.assert_allclose(forward(x), layer(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        forward(x), ref_logits(x, layer.prototypes.numpy()), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_no_stale_prototypes_after_assign(rng):
@@ -471,15 +544,20 @@ def test_no_stale_prototypes_after_assign(rng):
     model = keras.Sequential([keras.Input((6,)), IsoMaxPlusLayer(4)])
     head = model.layers[-1]
     x = rng.normal(size=(5, 6)).astype("float32")
-    traced = tf.function(model)
+    calls = [lambda x: _np(model(x)), lambda x: model.predict(x, verbose=0)]  # `predict`: traced.
+    if BACKEND == "tensorflow":  # A `tf.function` traced once, called after each assign.
+        import tensorflow as tf
+
+        calls.append(tf.function(model))
     for _ in range(2):
         p = rng.normal(size=(4, 6)).astype("float32") * rng.uniform(0.1, 10, size=(4, 1))
         head.prototypes.assign(p)
         expected = ref_logits(x, p)
-        for got in (model(x), traced(x), model.predict(x, verbose=0)):
-            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        for call in calls:
+            np.testing.assert_allclose(call(x), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.tensorflow_only  # The inference cache, tf.function, tf.train.Checkpoint.
 def test_inference_cache_is_read_and_never_stale(rng, tmp_path):
     """`training=False` calls read the normalised prototypes kept by the last
     one; any write to the prototypes (Keras `assign`, a raw `tf.Variable` op, an
@@ -488,6 +566,8 @@ def test_inference_cache_is_read_and_never_stale(rng, tmp_path):
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5), IsoMaxPlusLayer(4)])
     head = model.layers[-1]
     x = rng.normal(size=(7, 6)).astype("float32")
+    import tensorflow as tf
+
     traced = tf.function(lambda x: model(x, training=False))
 
     def check():
@@ -531,10 +611,13 @@ def test_inference_cache_is_read_and_never_stale(rng, tmp_path):
     ]
 
 
+@pytest.mark.tensorflow_only  # The inference cache under tf.GradientTape, tf.function, XLA.
 def test_inference_cache_gradients_and_tracing(rng):
     """Under a tape, `training=False` gives the live math's gradients; a
     function first traced for training then for inference works; XLA and
     `inference_cache=False` use the live math."""
+    import tensorflow as tf
+
     layer = _built_layer(5, 8, rng)
     x = tf.constant(rng.normal(size=(6, 8)).astype("float32"))
     upstream = tf.constant(rng.normal(size=(6, 5)).astype("float32"))
@@ -585,6 +668,9 @@ def test_inference_cache_gradients_and_tracing(rng):
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_inference_cache_config(rng):
     config = _built_layer(5, 8, rng, inference_cache=False).get_config()
     assert IsoMaxPlusLayer.from_config(config).inference_cache is False
     config.pop("inference_cache")  # As saved by earlier versions.
@@ -607,13 +693,17 @@ def test_inference_snapshot_matches_reference_and_ends_with_the_context(rng):
         assert tuple(kernel.shape) == (12, 9) and tuple(squared_norms.shape) == (9,)
         assert not kernel.trainable
         assert [w.path for w in model.weights] == names
-        traced = tf.function(model)
-        for got in (model(x), traced(x)):
-            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        calls = [lambda x: _np(model(x)), lambda x: model.predict(x, verbose=0)]  # Traced.
+        if BACKEND == "tensorflow":
+            import tensorflow as tf
+
+            calls.append(tf.function(model))
+        for call in calls:
+            np.testing.assert_allclose(call(x), expected, rtol=1e-5, atol=1e-6)
     assert head.get_config() == config
     head.prototypes.assign(rng.normal(size=(9, 12)))
     np.testing.assert_allclose(
-        model(x), ref_logits(x, head.prototypes.numpy(), scale=-1.7), rtol=1e-5, atol=1e-6
+        _np(model(x)), ref_logits(x, head.prototypes.numpy(), scale=-1.7), rtol=1e-5, atol=1e-6
     )
 
 

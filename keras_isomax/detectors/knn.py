@@ -119,15 +119,18 @@ class KNN(Detector):
             if reservoir is not None:
                 reservoir.add(normed)
                 continue
-            if buffer is None:
-                buffer = np.empty((rows, normed.shape[1]), np.float32)
             while len(normed):
+                if buffer is None:
+                    buffer = np.empty((rows, normed.shape[1]), np.float32)
                 take = min(rows - filled, len(normed))
                 buffer[filled : filled + take] = normed[:take]
                 filled, normed = filled + take, normed[take:]
                 if filled == rows:  # A full chunk becomes a variable right away.
                     self._store_chunk(stored, buffer)
                     stored, filled = stored + 1, 0
+                    # A fresh buffer for the next chunk: on JAX's CPU the variable may
+                    # share the buffer's memory (assigning a NumPy array does not copy).
+                    buffer = None
         if total == 0:
             raise ValueError("`data` holds no examples. Received: empty data")
         size: int = total if reservoir is None else min(total, self.max_bank)  # type: ignore[type-var,assignment]
