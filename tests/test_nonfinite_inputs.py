@@ -236,3 +236,17 @@ def test_the_largest_finite_value_is_finite(rng, dtype):
     np.testing.assert_array_equal(is_ood, [False, False, True, True, False])
     np.testing.assert_array_equal(class_id == -1, [False, False, True, True, False])
     assert np.isfinite(score[[0, 1, 4]]).all()
+
+
+def test_a_score_equal_to_the_threshold_is_in_distribution(rng):
+    """The rule is `score >= threshold` -> in-distribution: equality accepts."""
+    model = _model(rng)
+    x = _batch(rng)
+    good = [i for i in range(len(x)) if i not in BAD]
+    scores = serving_function(model, 0.0)(x)["score"].numpy()
+    at = good[len(good) // 2]
+    out = serving_function(model, float(scores[at]))(x)
+    assert out["score"].numpy()[at] == scores[at]  # The same float32 score, exactly.
+    assert not out["is_ood"].numpy()[at]
+    expected = ~(scores[good] >= scores[at])
+    np.testing.assert_array_equal(out["is_ood"].numpy()[good], expected)
