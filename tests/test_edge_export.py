@@ -137,12 +137,17 @@ def test_uncalibrated_model_needs_threshold(rng, tmp_path):
 
 
 def test_existing_file_is_kept(rng, tmp_path):
+    """Both exporters refuse an existing file by default (overwrite=False)."""
     model = _model(rng)
-    target = tmp_path / "model.onnx"
-    target.write_bytes(b"not mine")
-    with pytest.raises(FileExistsError, match="overwrite=False"):
-        export_onnx(model, target, threshold=-1.0)
-    assert target.read_bytes() == b"not mine"
+    exporters = {"model.onnx": export_onnx}
+    if BACKEND == "tensorflow":
+        exporters["model.tflite"] = export_litert
+    for name, export in exporters.items():
+        target = tmp_path / name
+        target.write_bytes(b"not mine")
+        with pytest.raises(FileExistsError, match="overwrite=False"):
+            export(model, target, threshold=-1.0)
+        assert target.read_bytes() == b"not mine", name
 
 
 def test_layers_after_the_isomax_layer_are_refused(tmp_path):
