@@ -29,6 +29,16 @@ RESULTS_DIR = HERE / "results"
 _VERSIONED = ("tensorflow", "keras", "numpy", "jax", "torch", "scikit-learn", "pytorch-ood")
 
 
+def add_output_arguments(parser, files: str) -> None:
+    """`--results-dir` and `--no-results`, as every benchmark takes them."""
+    parser.add_argument(
+        "--results-dir",
+        default=str(RESULTS_DIR),
+        help=f"Where the results ({files}) are written. Default: benchmarks/results.",
+    )
+    parser.add_argument("--no-results", action="store_true", help="Write no result file.")
+
+
 def cpu_model():
     """The CPU's model name from `/proc/cpuinfo` (or `platform.processor()`)."""
     try:

@@ -25,7 +25,7 @@ if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
 from _common import head_step_fn, interleaved, load_average, set_threads  # noqa: E402
-from _results import write_result  # noqa: E402
+from _results import add_output_arguments, write_result  # noqa: E402
 
 
 def measure(num_classes: int, feature_dim: int, batch_size: int, reps: int) -> dict:
@@ -58,12 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", default="1000x2048,10000x2048", help="Comma list of CxF.")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--reps", type=int, default=9)
-    parser.add_argument(
-        "--results-dir",
-        default=str(_HERE / "results"),
-        help="Where cache_custom_loop.json goes. Default: benchmarks/results.",
-    )
-    parser.add_argument("--no-results", action="store_true", help="Write no result file.")
+    add_output_arguments(parser, "cache_custom_loop.json")
     args = parser.parse_args(argv)
     set_threads(1)
     print(f"load average at start: {load_average()}")

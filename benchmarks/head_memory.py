@@ -45,7 +45,7 @@ if str(_HERE) not in sys.path:
 
 from _common import MIB, PeakMemory, run_worker  # noqa: E402
 from _render_speed import render_head_memory  # noqa: E402
-from _results import command_line, machine_info, write_result  # noqa: E402
+from _results import add_output_arguments, command_line, machine_info, write_result  # noqa: E402
 
 HEADS = ("dense", "isomax", "naive")
 
@@ -189,12 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--features", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=0, help="0: TensorFlow's default.")
     parser.add_argument("--json", help="Also write the raw results to this JSON file.")
-    parser.add_argument(
-        "--results-dir",
-        default=str(_HERE / "results"),
-        help="Where head_memory.json goes. Default: benchmarks/results.",
-    )
-    parser.add_argument("--no-results", action="store_true", help="Write no result file.")
+    add_output_arguments(parser, "head_memory.json")
     args = parser.parse_args(argv)
     results = large_head_check(args.batch_size, args.classes, args.features, threads=args.threads)
     machine = next(

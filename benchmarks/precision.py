@@ -29,7 +29,7 @@ sys.path.insert(0, str(_HERE))
 import numpy as np  # noqa: E402
 from _common import reference_distances  # noqa: E402
 from _render_speed import render_precision  # noqa: E402
-from _results import write_result  # noqa: E402
+from _results import add_output_arguments, write_result  # noqa: E402
 
 from keras_isomax import IsoMaxPlusLayer  # noqa: E402
 from keras_isomax.layers import l2_normalize, pairwise_distances  # noqa: E402
@@ -105,12 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--features", type=int, default=2048)
     parser.add_argument("--examples", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--results-dir",
-        default=str(_HERE / "results"),
-        help="Where precision.json goes. Default: benchmarks/results.",
-    )
-    parser.add_argument("--no-results", action="store_true", help="Write no result file.")
+    add_output_arguments(parser, "precision.json")
     args = parser.parse_args(argv)
     payload = measure(args.classes, args.features, args.examples, args.seed)
     record = {"command": "(this run)", "machine": {}, **payload}

@@ -141,7 +141,7 @@ except ImportError:  # Running from a source checkout without installing.
     sys.path.insert(0, str(_HERE.parent))
 
 from _common import HEAD_NAMES, load_average, run_worker  # noqa: E402
-from _results import machine_info, write_result  # noqa: E402
+from _results import add_output_arguments, machine_info, write_result  # noqa: E402
 
 # ------------------------------------------------------ timing worker (TensorFlow)
 
@@ -528,12 +528,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="TensorFlow intra/inter-op threads; 0 = TensorFlow's default. Default: 1 (CPU time "
         "is then a clean measure of work on a shared machine).",
     )
-    parser.add_argument(
-        "--results-dir",
-        default=str(_HERE / "results"),
-        help="Where speed_head.json / speed_resnet20.json go. Default: benchmarks/results.",
-    )
-    parser.add_argument("--no-results", action="store_true", help="Write no result files.")
+    add_output_arguments(parser, "speed_head.json / speed_resnet20.json")
     parser.add_argument(
         "--quick",
         action="store_true",
