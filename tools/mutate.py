@@ -461,18 +461,22 @@ class Runner:
         if any(name.startswith("keras_isomax") for name in sys.modules):
             raise RuntimeError("The library was imported before forking: results would be stale.")
 
-    def run(self, name, timeout):
-        """`(status, seconds, detail)`; status in killed/survived/timeout/error."""
+    def run(self, name, timeout, tests=None, extra=()):
+        """`(status, detail, seconds)`; status in killed/survived/timeout/error.
+
+        `tests`: these pytest node ids instead of the module's mapped tests.
+        """
         log = os.path.join(self.log_dir, f"{name}.log")
+        args = _pytest_args(self.tests if tests is None else tests, [*self.extra, *extra])
         start = time.monotonic()
         if self.fork:
-            code = self._run_forked(log, timeout)
+            code = self._run_forked(log, timeout, args)
         else:
-            code = self._run_fresh(log, timeout)
+            code = self._run_fresh(log, timeout, args)
         seconds = time.monotonic() - start
-        return _classify(code, log) + (seconds,)
+        return _classify(code, log, selected=tests is not None) + (seconds,)
 
-    def _run_forked(self, log, timeout):
+    def _run_forked(self, log, timeout, args):
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -485,7 +489,7 @@ class Runner:
                 os.dup2(fd, 2)
                 import pytest
 
-                code = int(pytest.main(_pytest_args(self.tests, self.extra)))
+                code = int(pytest.main(args))
             except BaseException as error:  # noqa: BLE001
                 print(f"mutate.py: child error {error!r}", file=sys.stderr)
             finally:
@@ -494,10 +498,10 @@ class Runner:
                 os._exit(code)
         return _wait(pid, timeout)
 
-    def _run_fresh(self, log, timeout):
+    def _run_fresh(self, log, timeout, args):
         with open(log, "wb") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "pytest", *_pytest_args(self.tests, self.extra)],
+                [sys.executable, "-m", "pytest", *args],
                 cwd=self.scratch,
                 env={**os.environ, **self.env},
                 stdout=out,
@@ -540,7 +544,7 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _classify(code, log):
+def _classify(code, log, selected=False):
     kind, value = code
     if kind == "timeout":
         return ("timeout", "")
@@ -551,7 +555,7 @@ def _classify(code, log):
     if value == 0:
         return ("survived", "")
     failure = _first_failure(log)
-    if value in (1, 2) or (value == 4 and failure.startswith("ERROR ")):
+    if value in (1, 2) or (value == 4 and failure.startswith("ERROR ") and not selected):
         return ("killed", failure)  # 4: node ids not collected (the import failed).
     return ("error", f"pytest exit code {value}")
 
@@ -565,6 +569,52 @@ def _first_failure(log):
     except OSError:
         pass
     return ""
+
+
+# ------------------------------------------------------------------ coverage
+
+
+def coverage_map(data_file, scratch, paths):
+    """`{path: {line: set of contexts}}` from a `--cov-context=test` run.
+
+    A context is a pytest node id with its phase (`...::test_x|run`, `|setup`,
+    `|teardown`); `""` is code run outside any test (imports at collection).
+    """
+    from coverage import CoverageData
+
+    data = CoverageData(basename=data_file)
+    data.read()
+    measured = {os.path.realpath(f): f for f in data.measured_files()}
+    result = {}
+    for path in paths:
+        name = measured.get(os.path.realpath(os.path.join(scratch, path)))
+        result[path] = (
+            {line: set(c) for line, c in data.contexts_by_lineno(name).items()} if name else {}
+        )
+    return result
+
+
+def select_tests(mutant, lines, mapped):
+    """The node ids that run the mutated span; `None`: all the mapped tests.
+
+    `[]` when no test runs it. A line run while a fixture is set up selects
+    the whole test file (other tests of the file share the fixture's result);
+    a line run outside any test (at import) selects everything.
+    """
+    contexts = set()
+    for line in range(mutant.line, mutant.end_line + 1):
+        contexts |= lines.get(line, set())
+    selected = set()
+    for context in contexts:
+        node, _, phase = context.rpartition("|")
+        if not node:
+            return None
+        selected.add(node.split("::")[0] if phase == "setup" else node)
+    files = {n for n in selected if "::" not in n}
+    chosen = {n for n in selected if "::" in n and n.split("::")[0] not in files}
+    for file in files:  # The file as far as it is mapped (it may be a few node ids).
+        chosen |= {t for t in mapped if t == file or t.startswith(file + "::")}
+    return sorted(chosen)
 
 
 # ------------------------------------------------------------------ report
@@ -707,6 +757,32 @@ def load_config(module):
     return entry
 
 
+def _run_mutant(runner, m, timeout, lines, mapped, args):
+    """Sets `m.status`, `m.detail`, `m.seconds`: the selected tests first, then all."""
+    name = f"mutant-{m.index}"
+    seconds = 0.0
+    tests = select_tests(m, lines, mapped) if lines is not None else None
+    if tests == [] and args.no_confirm:
+        m.status, m.detail, m.seconds = "survived", "no mapped test runs this line", 0.0
+        return
+    if tests:
+        m.status, m.detail, seconds = runner.run(name, timeout, tests=tests)
+        if m.status == "killed" or args.no_confirm and m.status == "survived":
+            m.seconds = seconds
+            if m.status == "survived":
+                m.detail = f"{len(tests)} selected tests"
+            return
+    m.status, m.detail, m.seconds = runner.run(name, timeout)
+    if m.status == "timeout":  # A busy machine, or a real hang? Once more, longer.
+        m.status, m.detail, m.seconds = runner.run(name, 3 * timeout)
+        m.detail = (m.detail + " (on a second run)").strip()
+    m.seconds += seconds
+    if tests is not None and m.status == "killed":
+        m.detail += (
+            " (not by the tests that run the line)" if tests else " (no mapped test runs the line)"
+        )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("module", help="a key of [modules] in tools/mutation.toml")
@@ -718,6 +794,17 @@ def main(argv=None):
     parser.add_argument("--no-fork", action="store_true", help="a fresh interpreter per mutant")
     parser.add_argument("--out", default=os.path.join(REPO, "outputs", "mutation"))
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy and logs")
+    parser.add_argument(
+        "--no-coverage",
+        action="store_true",
+        help="run every mapped test against every mutant (no per-line test selection)",
+    )
+    parser.add_argument(
+        "--no-confirm",
+        action="store_true",
+        help="trust the per-line selection: a survivor of the selected tests is not rerun "
+        "against every mapped test (faster; misses tests that run the line in a subprocess)",
+    )
     args = parser.parse_args(argv)
 
     config = load_config(args.module)
@@ -761,11 +848,22 @@ def main(argv=None):
         scratch, config["tests"], config.get("pytest_args", []), not args.no_fork, env, log_dir
     )
     mode = "fresh interpreter per mutant" if args.no_fork else "forked after preload"
+    if not args.no_coverage:
+        mode += "; tests that run the line first" + (
+            " (survivors not rerun)" if args.no_confirm else ", then all for survivors"
+        )
     try:
         if runner.fork:
             runner.preload(config.get("preload", []))
         print(f"[{args.module}] baseline: {' '.join(config['tests'])}", flush=True)
-        status, detail, baseline = runner.run("baseline", args.timeout or 3600)
+        coverage_file = os.path.join(scratch, ".mutation-coverage")
+        os.environ["COVERAGE_FILE"] = coverage_file
+        measure = (
+            []
+            if args.no_coverage
+            else ["--cov=keras_isomax", "--cov-context=test", "--cov-report="]
+        )
+        status, detail, baseline = runner.run("baseline", args.timeout or 3600, extra=measure)
         if status != "survived":  # The unmutated code must pass.
             print(open(os.path.join(log_dir, "baseline.log")).read()[-5000:])
             raise SystemExit(
@@ -789,6 +887,9 @@ def main(argv=None):
                 f"of {config['sources'][0]} (do they import it at all?)."
             )
         timeout = args.timeout or max(120.0, config.get("timeout_factor", 5.0) * baseline + 60)
+        lines_run = (
+            {} if args.no_coverage else coverage_map(coverage_file, scratch, config["sources"])
+        )
         print(
             f"[{args.module}] baseline {baseline:.1f} s; {len(mutants)} mutants; "
             f"timeout {timeout:.0f} s each",
@@ -800,10 +901,7 @@ def main(argv=None):
             with open(target, "w", encoding="utf-8") as f:
                 f.write(m.mutated)
             try:
-                m.status, m.detail, m.seconds = runner.run(f"mutant-{m.index}", timeout)
-                if m.status == "timeout":  # A busy machine, or a real hang? Once more, longer.
-                    m.status, m.detail, m.seconds = runner.run(f"mutant-{m.index}", 3 * timeout)
-                    m.detail = (m.detail + " (on a second run)").strip()
+                _run_mutant(runner, m, timeout, lines_run.get(m.path), config["tests"], args)
             finally:
                 with open(target, "w", encoding="utf-8") as f:
                     f.write(original)
