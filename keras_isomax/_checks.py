@@ -17,17 +17,17 @@ def check_int(
     *,
     minimum: int = 1,
     allow_none: bool = False,
-    numpy: bool = True,
     what: str | None = None,
 ) -> Any:
-    """`value` if it is an integer `>= minimum` (or `None` when allowed).
+    """`value` as a Python int if it is an integer `>= minimum` (or `None` when allowed).
+
+    NumPy integers are accepted and converted (a stored argument stays JSON-serialisable).
 
     Args:
         value: The argument.
         name: Its name, for the message.
         minimum: The smallest value allowed. Defaults to `1`.
         allow_none: Whether `None` is allowed. Defaults to `False`.
-        numpy: Whether NumPy integers are accepted. Defaults to `True`.
         what: The message's description of a valid value. Defaults to
             `None` ("a positive integer", "a non-negative integer", ...).
 
@@ -36,14 +36,13 @@ def check_int(
     """
     if value is None and allow_none:
         return value
-    kinds = int | np.integer if numpy else int
-    if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         if what is None:
             what = {0: "a non-negative integer", 1: "a positive integer"}.get(
                 minimum, f"an integer >= {minimum}"
             ) + (" or None" if allow_none else "")
         raise ValueError(f"`{name}` must be {what}. Received: {name}={value!r}")
-    return value
+    return int(value)
 
 
 def check_exportable(model: Any) -> None:

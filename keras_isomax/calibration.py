@@ -96,7 +96,7 @@ def calibrate_threshold(
     0.9
     """
     tpr = _checks.check_tpr(tpr)
-    _checks.check_int(batch_size, "batch_size", numpy=False)
+    batch_size = _checks.check_int(batch_size, "batch_size")
     if detector is not None:
         return _calibrate_detector(model, in_val_data, tpr, detector, verbose)
     layer = _runner.check_isomax(model, "`calibrate_threshold` without `detector=`")
@@ -235,7 +235,7 @@ def calibrate_temperature(
     True
     """
     layer = _runner.check_isomax(model, "`calibrate_temperature`", detector_hint=False)
-    _checks.check_int(batch_size, "batch_size", numpy=False)
+    batch_size = _checks.check_int(batch_size, "batch_size")
     run = _runner.runner_for(model).collect(
         val_data,
         batch_size=batch_size,
@@ -251,17 +251,14 @@ def calibrate_temperature(
             "`val_data` must hold labels: pass `(x, y)` or a dataset yielding "
             "`(x, y)`. Received: val_data without labels"
         )
-    num_classes = logits.shape[-1]
-    if labels.min() < 0 or labels.max() >= num_classes:
+    # Labels were checked against the layer's classes while collecting. An input
+    # holding NaN/Inf is refused even where the backbone maps it to finite logits.
+    bad = run.nonfinite | ~np.all(np.isfinite(logits), axis=-1)
+    if bad.any():
         raise ValueError(
-            f"Labels of `val_data` must be in [0, {num_classes}). "
-            f"Received: labels in [{labels.min()}, {labels.max()}]"
-        )
-    if not np.all(np.isfinite(logits)):
-        raise ValueError(
-            "The model gives non-finite logits on "
-            f"{int(np.sum(~np.all(np.isfinite(logits), axis=-1)))} examples of "
-            "`val_data`. Received: val_data with NaN/Inf logits"
+            f"The model gives non-finite logits on {int(bad.sum())} of {bad.size} "
+            "examples of `val_data` (NaN or Inf inputs?); remove them before calibrating. "
+            f"Received: val_data with NaN/Inf at {np.flatnonzero(bad)[:5].tolist()}"
         )
     old_t = float(layer.temperature.numpy())
     base = logits.astype(np.float64) * old_t  # The logits at temperature 1.
@@ -408,7 +405,7 @@ def predict_ood(
     """
     if threshold is not None:
         threshold = _checks.parse_threshold(threshold)
-    _checks.check_int(batch_size, "batch_size", numpy=False)
+    batch_size = _checks.check_int(batch_size, "batch_size")
     if detector is not None:
         return _predict_with_detector(model, x, threshold, detector, verbose)
     score_fn = scores_lib.get(score)

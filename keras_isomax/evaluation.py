@@ -261,7 +261,7 @@ def evaluate_ood(
         shared = _score_list(score)
         score_lists = {name: shared for name in models}
 
-    _checks.check_int(batch_size, "batch_size", numpy=False)
+    batch_size = _checks.check_int(batch_size, "batch_size")
     data_sets = {"in_data": in_data}
     data_sets.update({f"ood_data[{name!r}]": data for name, data in ood_data.items()})
     names = dict(zip(data_sets, ["in_data", *ood_data], strict=True))

@@ -149,7 +149,7 @@ def replace_head(
         raise ValueError(
             '`prototype_init="class_means"` needs labelled `init_data`. Received: init_data=None'
         )
-    _checks.check_int(batch_size, "batch_size", numpy=False)
+    batch_size = _checks.check_int(batch_size, "batch_size")
 
     _graph.find_classifier(model)  # Validate the original before paying for a copy.
     source = model if share_weights else _copy_model(model)

@@ -1,6 +1,8 @@
 """Threshold and temperature calibration, `predict_ood` and `find_isomax_layer`."""
 
+import dataclasses
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -191,6 +193,23 @@ def test_predict_ood_outputs(rng):
     assert out["is_ood"][0]  # A NaN score counts as OOD.
 
 
+def test_a_score_equal_to_the_threshold_is_in_distribution(rng):
+    """`is_ood = not (score >= threshold)`, on the layer path and the detector path."""
+    from keras_isomax import detectors
+
+    model = _mlp(rng)
+    x = rng.normal(size=(64, 6)).astype("float32")
+    scores = predict_ood(model, x, threshold=0.0, verbose=0)["score"]
+    at = predict_ood(model, x, threshold=float(scores[5]), verbose=0)
+    assert not at["is_ood"][5]
+    np.testing.assert_array_equal(at["is_ood"], scores < scores[5])
+    det = detectors.MaxLogit()
+    values = predict_ood(model, x, threshold=0.0, detector=det, verbose=0)["score"]
+    at = predict_ood(model, x, threshold=float(values[9]), detector=det, verbose=0)
+    assert not at["is_ood"][9]
+    np.testing.assert_array_equal(at["is_ood"], values < values[9])
+
+
 def test_predict_ood_errors_and_explicit_threshold(rng):
     model = _mlp(rng)
     x = rng.normal(size=(20, 6)).astype("float32")
@@ -229,8 +248,13 @@ def test_temperature_minimises_nll(rng):
     layer = find_isomax_layer(model)
     base = ref_logits(x, means, scale=3.0)  # Float64 logits at T = 1.
     expected_t, expected_nll = _reference_temperature(base, y)
-    result = calibrate_temperature(model, (x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # A temperature inside the range: no warning.
+        result = calibrate_temperature(model, (x, y))
     assert isinstance(result, TemperatureCalibration)
+    assert result.threshold_rescaled is False  # The layer had no threshold.
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.temperature = 2.0  # A result, not a handle on the layer.
     assert math.isclose(result.temperature, expected_t, rel_tol=1e-4)
     assert math.isclose(float(layer.temperature.numpy()), expected_t, rel_tol=1e-4)
     assert result.previous_temperature == 1.0
@@ -269,6 +293,29 @@ def test_temperature_keeps_ranking_decisions_and_threshold(rng):
     again = calibrate_temperature(model, (x_val, y_val))
     assert math.isclose(again.temperature, new_t, rel_tol=1e-4)
     assert math.isclose(again.nll_before, result.nll_after, rel_tol=1e-5)
+    assert math.isclose(again.ece_before, result.ece_after, rel_tol=1e-5, abs_tol=1e-9)
+
+
+def test_recalibrating_the_temperature_keeps_the_decisions_from_any_temperature(rng):
+    """Threshold calibrated at T1 != 1, temperature refitted on other data (T2): the
+    threshold becomes threshold * T1 / T2 and every decision stays the same."""
+    model, means = _blob_model(rng)
+    x_a, y_a = _blobs(rng, 2000, means, noise=0.4)
+    x_b, y_b = _blobs(rng, 2000, means, noise=1.2)
+    x_test, _ = _blobs(rng, 2000, means, noise=1.5)
+    t1 = calibrate_temperature(model, (x_a, y_a)).temperature
+    threshold = calibrate_threshold(model, x_a)
+    before = predict_ood(model, x_test)
+    result = calibrate_temperature(model, (x_b, y_b))
+    t2 = result.temperature
+    assert result.previous_temperature == pytest.approx(t1, rel=1e-6)
+    assert abs(math.log(t2 / t1)) > 0.2  # Really a different temperature.
+    assert result.threshold_rescaled
+    new_threshold = float(find_isomax_layer(model).ood_threshold.numpy())
+    assert new_threshold == pytest.approx(threshold * t1 / t2, rel=1e-6)
+    after = predict_ood(model, x_test)
+    np.testing.assert_array_equal(after["is_ood"], before["is_ood"])
+    np.testing.assert_allclose(after["score"] * t2, before["score"] * t1, rtol=1e-5)
 
 
 def test_temperature_from_dataset_with_one_hot_labels(rng):
@@ -301,6 +348,60 @@ def test_temperature_at_range_end_warns(rng):
     with pytest.warns(UserWarning, match="end of the search range"):
         result = calibrate_temperature(model, (x, np.arange(NUM_CLASSES)))
     assert result.temperature == pytest.approx(1e-4)
+    # Every label on the farthest prototype: the NLL falls as T grows, up to 1e4.
+    find_isomax_layer(model).temperature.assign(1.0)
+    farthest = ref_logits(x, means, scale=50.0).argmin(-1)
+    with pytest.warns(UserWarning, match="end of the search range"):
+        result = calibrate_temperature(model, (x, farthest))
+    assert result.temperature == pytest.approx(1e4)
+
+
+@pytest.mark.parametrize("target", [1.5e-4, 7e3])
+def test_temperature_just_inside_the_range_is_fitted_without_warning(rng, target):
+    """The NLL depends on scale / T only, so scaling the distance scale moves the best
+    temperature to `target`, near an end of [1e-4, 1e4] but inside it."""
+    model, means = _blob_model(rng, scale=1.0)
+    x, y = _blobs(rng, 2000, means)
+    base = ref_logits(x, means, scale=1.0)
+    t_at_scale_1, _ = _reference_temperature(base, y)
+    find_isomax_layer(model).distance_scale.assign(target / t_at_scale_1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = calibrate_temperature(model, (x, y))
+    assert result.temperature == pytest.approx(target, rel=1e-3)
+    # The NLL before, at T = 1: logits up to ~1e5 apart at the upper target.
+    scaled = base * (target / t_at_scale_1)
+    nll = -np.mean(np.take_along_axis(log_softmax(scaled), y[:, None], 1))
+    assert result.nll_before == pytest.approx(nll, rel=1e-4)
+
+
+def test_non_finite_inputs_are_refused_even_when_the_backbone_hides_them(rng):
+    """A backbone that maps NaN and Inf to 0 (as oneDNN's ReLU does on some CPUs) still gives
+    an error naming the row, and the temperature keeps its value."""
+    model = keras.Sequential(
+        [
+            keras.Input((FEATURES,)),
+            keras.layers.Lambda(lambda t: keras.ops.where(keras.ops.isfinite(t), t, 0.0)),
+            IsoMaxPlusLayer(NUM_CLASSES, name="isomax"),
+        ]
+    )
+    means = find_isomax_layer(model).prototypes.numpy().astype(np.float64)
+    x, y = _blobs(rng, 50, means)
+    x[[3, 31], 1] = [np.nan, np.inf]
+    assert np.all(np.isfinite(model.predict(x, verbose=0)))  # The backbone hides them.
+    with pytest.raises(ValueError, match=r"non-finite logits on 2 of 50 .*val_data.*\[3, 31\]"):
+        calibrate_temperature(model, (x, y), verbose=0)
+    assert float(find_isomax_layer(model).temperature.numpy()) == 1.0
+
+
+def test_numpy_integer_batch_sizes_are_accepted(rng):
+    model, means = _blob_model(rng)
+    x, y = _blobs(rng, 300, means)
+    expected = calibrate_threshold(model, x, batch_size=64)
+    assert calibrate_threshold(model, x, batch_size=np.int64(64)) == expected
+    result = calibrate_temperature(model, (x, y), batch_size=np.int32(64))
+    out = predict_ood(model, x, batch_size=np.int64(64))
+    assert out["score"].shape == (300,) and result.num_examples == 300
 
 
 # -------------------------------------------------------------- save / load

@@ -364,3 +364,28 @@ def test_failing_save_leaves_the_previous_file_intact(saved, monkeypatch, tmp_pa
         detectors.load(path).score_features(np.ones((2, F), "float32"), verbose=0),
         det.score_features(np.ones((2, F), "float32"), verbose=0),
     )
+
+
+def test_numpy_integer_arguments_are_stored_as_python_ints(data):
+    """Integer arguments may be NumPy integers (e.g. computed with NumPy); the config
+    holds Python ints, so it stays JSON-serialisable and the detector round-trips."""
+    x, y = data
+    made = [
+        detectors.KNN(k=np.int64(3), max_bank=np.int64(150), chunk_size=np.int32(64)),
+        detectors.ViM(dim=np.int64(2), alpha_samples=np.int64(100), batch_size=np.int64(32)),
+        detectors.Mahalanobis(num_classes=np.int64(C)),
+        detectors.ClassMeans(num_classes=np.int32(C)),
+    ]
+    model = _model()
+    for det in made:
+        config = det.get_config()
+        text = json.dumps(config)  # Raises TypeError on a NumPy integer.
+        numbers = [v for v in config.values() if isinstance(v, np.integer | int)]
+        assert all(type(v) in (int, bool) for v in numbers), config
+        det.fit(model, (x, y), verbose=0)
+        again = type(det).from_config(json.loads(text))
+        assert again.get_config() == config
+    with pytest.raises(
+        ValueError, match=r"`k` must be a positive integer. Received: k=np.int64\(0\)"
+    ):
+        detectors.KNN(k=np.int64(0))

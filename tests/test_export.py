@@ -527,6 +527,19 @@ def test_non_empty_directory_is_not_replaced(exported, tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
+def test_version_zero_relative_path_and_no_console_output(exported, tmp_path, monkeypatch, capfd):
+    """Version 0 is a valid TF Serving version; a relative `export_dir` is resolved
+    against the working directory and the absolute path returned; nothing is printed
+    unless `verbose=True`."""
+    monkeypatch.chdir(tmp_path)
+    path = export_saved_model(exported["model"], os.path.join("models", "fashion"), version=0)
+    assert path == os.path.join(str(tmp_path), "models", "fashion", "0")
+    assert os.path.exists(os.path.join(path, "saved_model.pb"))
+    assert capfd.readouterr().out == ""
+    out = call_signature(tf.saved_model.load(path), "score", exported["x"])
+    np.testing.assert_allclose(out["score"], exported["expected"]["score"], atol=ATOL)
+
+
 @pytest.mark.parametrize("version", [-1, True, "1", 1.0])
 def test_invalid_version(exported, tmp_path, version):
     with pytest.raises(ValueError, match="Received: version="):

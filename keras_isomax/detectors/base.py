@@ -84,9 +84,8 @@ class Detector(keras.layers.Layer):
             raise TypeError(
                 f"`features` must be a layer name or None. Received: features={features!r}"
             )
-        _checks.check_int(batch_size, "batch_size", numpy=False)
         self.features = features
-        self.batch_size = batch_size
+        self.batch_size = _checks.check_int(batch_size, "batch_size")
         if state is not None and not isinstance(state, dict):
             raise TypeError(f"`state` must be a dict or None. Received: state={state!r}")
         if state and self._state_keys and set(state) != set(self._state_keys):

@@ -50,8 +50,7 @@ class ClassMeans(Detector):
 
     def __init__(self, num_classes: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        _checks.check_int(num_classes, "num_classes", allow_none=True, numpy=False)
-        self.num_classes = num_classes
+        self.num_classes = _checks.check_int(num_classes, "num_classes", allow_none=True)
 
     def _state_specs(self, state: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
         return {"means": ((state["num_classes"], state["feature_dim"]), "float32")}

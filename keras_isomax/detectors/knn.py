@@ -64,13 +64,10 @@ class KNN(Detector):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        _checks.check_int(k, "k")
-        _checks.check_int(max_bank, "max_bank", allow_none=True)
-        _checks.check_int(chunk_size, "chunk_size", numpy=False)
-        self.k = int(k)
-        self.max_bank = None if max_bank is None else int(max_bank)
+        self.k = _checks.check_int(k, "k")
+        self.max_bank = _checks.check_int(max_bank, "max_bank", allow_none=True)
         self.seed = seed
-        self.chunk_size = chunk_size
+        self.chunk_size = _checks.check_int(chunk_size, "chunk_size")
 
     def _state_specs(self, state: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
         n, f, rows = state["bank_size"], state["feature_dim"], state["chunk_rows"]
@@ -133,7 +130,7 @@ class KNN(Detector):
                     buffer = None
         if total == 0:
             raise ValueError("`data` holds no examples. Received: empty data")
-        size: int = total if reservoir is None else min(total, self.max_bank)  # type: ignore[type-var,assignment]
+        size: int = total if reservoir is None else min(total, self.max_bank)
         if self.k > size:
             raise ValueError(
                 f"`k` must not exceed the number of bank features ({size}). Received: k={self.k}"

@@ -59,9 +59,8 @@ class Mahalanobis(Detector):
         super().__init__(**kwargs)
         if isinstance(ridge, bool) or not isinstance(ridge, int | float) or not ridge >= 0:
             raise ValueError(f"`ridge` must be a number >= 0. Received: ridge={ridge!r}")
-        _checks.check_int(num_classes, "num_classes", allow_none=True, numpy=False)
         self.ridge = float(ridge)
-        self.num_classes = num_classes
+        self.num_classes = _checks.check_int(num_classes, "num_classes", allow_none=True)
 
     def _state_specs(self, state: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
         c, f = state["num_classes"], state["feature_dim"]

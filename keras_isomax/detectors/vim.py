@@ -55,10 +55,8 @@ class ViM(Detector):
 
     def __init__(self, dim: int, alpha_samples: int = 50000, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        _checks.check_int(dim, "dim")
-        _checks.check_int(alpha_samples, "alpha_samples", numpy=False)
-        self.dim = int(dim)
-        self.alpha_samples = alpha_samples
+        self.dim = _checks.check_int(dim, "dim")
+        self.alpha_samples = _checks.check_int(alpha_samples, "alpha_samples")
         self.seed = seed
         self._head: tuple[np.ndarray, np.ndarray, bool] | None = None
 
