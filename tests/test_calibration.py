@@ -123,6 +123,26 @@ def test_threshold_accepts_tpr_on_held_out_data(rng, tpr):
     assert abs(accepted.mean() - tpr) <= 0.01
 
 
+def test_detector_threshold_is_the_midpoint_below_the_accepted_scores(rng):
+    """With `detector=`, as without: ceil(tpr * N) inputs accepted, the threshold halfway
+    between the lowest accepted score and the next lower one (float64 reference)."""
+    from keras_isomax import detectors
+
+    model = _mlp(rng)
+    x = rng.normal(size=(30, 6)).astype("float32")
+    dense_w, dense_b, prototypes = (w.numpy() for w in model.weights[:3])
+    features = np.tanh(x.astype(np.float64) @ dense_w + dense_b)
+    scale = find_isomax_layer(model).distance_scale.numpy()
+    score = np.sort(ref_logits(features, prototypes, scale=scale).max(-1))[::-1]
+    accepted = math.ceil(0.9 * 30)  # 27
+    assert score[accepted - 1] - score[accepted] > 1e-4  # Unambiguous in float32.
+    det = detectors.MaxLogit()
+    threshold = calibrate_threshold(model, x, tpr=0.9, detector=det, verbose=0)
+    expected = 0.5 * (score[accepted - 1] + score[accepted])
+    np.testing.assert_allclose(threshold, expected, rtol=0, atol=2e-6)
+    assert int(np.sum(~predict_ood(model, x, detector=det, verbose=0)["is_ood"])) == accepted
+
+
 def test_threshold_from_dataset_equals_threshold_from_arrays(rng):
     model = _mlp(rng)
     x = rng.normal(size=(1000, 6)).astype("float32")
@@ -338,8 +358,9 @@ def test_temperature_errors(rng):
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
         calibrate_temperature(model, (x, y + 1))
     plain = keras.Sequential([keras.Input((FEATURES,)), keras.layers.Dense(4)])
-    with pytest.raises(ValueError, match="has none .*replace_head"):
+    with pytest.raises(ValueError, match="has none .*replace_head") as error:
         calibrate_temperature(plain, (x, y))
+    assert "detector=" not in str(error.value)  # It takes no detector: no such advice.
 
 
 def test_temperature_at_range_end_warns(rng):
@@ -392,6 +413,12 @@ def test_non_finite_inputs_are_refused_even_when_the_backbone_hides_them(rng):
     with pytest.raises(ValueError, match=r"non-finite logits on 2 of 50 .*val_data.*\[3, 31\]"):
         calibrate_temperature(model, (x, y), verbose=0)
     assert float(find_isomax_layer(model).temperature.numpy()) == 1.0
+    # A diverged prototype: one NaN logit column on finite inputs is refused too.
+    prototypes = means.copy()
+    prototypes[2, 0] = np.nan
+    find_isomax_layer(model).prototypes.assign(prototypes)
+    with pytest.raises(ValueError, match=r"non-finite logits on 50 of 50 "):
+        calibrate_temperature(model, (np.nan_to_num(x), y), verbose=0)
 
 
 def test_numpy_integer_batch_sizes_are_accepted(rng):

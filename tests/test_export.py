@@ -540,6 +540,21 @@ def test_version_zero_relative_path_and_no_console_output(exported, tmp_path, mo
     np.testing.assert_allclose(out["score"], exported["expected"]["score"], atol=ATOL)
 
 
+@pytest.mark.parametrize("count", [10, 12])
+def test_a_crowded_foreign_directory_is_named_in_the_error(exported, tmp_path, count):
+    """Up to 10 of the foreign entries are quoted (sorted), then how many more."""
+    names = [f"file{i:02d}.txt" for i in range(count)]
+    for name in names:
+        (tmp_path / name).write_text("keep me")
+    with pytest.raises(FileExistsError, match="holds no SavedModel") as error:
+        export_saved_model(exported["model"], tmp_path, overwrite=True)
+    message = str(error.value)
+    listed = ", ".join(repr(name) for name in names[:10])
+    more = f" and {count - 10} more" if count > 10 else ""
+    assert f"({listed}{more});" in message, message
+    assert sorted(os.listdir(tmp_path)) == names
+
+
 @pytest.mark.parametrize("version", [-1, True, "1", 1.0])
 def test_invalid_version(exported, tmp_path, version):
     with pytest.raises(ValueError, match="Received: version="):
@@ -575,6 +590,13 @@ def test_model_with_two_outputs(tmp_path):
     features = keras.layers.Dense(5)(inputs)
     model = keras.Model(inputs, [IsoMaxPlusLayer(3)(features), features])
     assert_refused(model, tmp_path, ValueError, "exactly one output", threshold=0.0)
+
+
+def test_model_with_a_rank_3_output(tmp_path):
+    """The layer applied along a sequence gives (batch, steps, classes): not servable."""
+    model = keras.Sequential([keras.Input((4, FEATURES)), IsoMaxPlusLayer(CLASSES)])
+    match = rf"must be the \(batch, {CLASSES}\) logits .*Received: output \(None, 4, {CLASSES}\)"
+    assert_refused(model, tmp_path, ValueError, match, threshold=0.0)
 
 
 def test_model_output_after_isomax_layer(tmp_path):
@@ -717,9 +739,24 @@ def xla_export(exported, tmp_path_factory):
     )
 
 
+def _xla_must_compile(path):
+    """The `_XlaMustCompile` attributes of the SavedModel's functions (name -> bool)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    library = proto.meta_graphs[0].graph_def.library
+    return {
+        fn.signature.name: fn.attr["_XlaMustCompile"].b
+        for fn in library.function
+        if "_XlaMustCompile" in fn.attr
+    }
+
+
 def test_jit_compile_export(exported, xla_export):
-    with open(os.path.join(xla_export, "saved_model.pb"), "rb") as f:
-        assert b"_XlaMustCompile" in f.read()
+    assert any(_xla_must_compile(xla_export).values())  # Compiled with XLA, not just marked.
+    assert not any(_xla_must_compile(exported["path"]).values())  # The default: no XLA.
     loaded = tf.saved_model.load(xla_export)
     assert_outputs_match(
         call_signature(loaded, "score", exported["x"]),
