@@ -790,6 +790,12 @@ def main(argv=None):
     parser.add_argument("--lines", help="only mutants starting in these lines, e.g. 120-140")
     parser.add_argument("--only", type=int, nargs="*", help="only these mutant indices")
     parser.add_argument("--max", type=int, help="stop after this many mutants")
+    parser.add_argument(
+        "--survivors-of",
+        metavar="REPORT.json",
+        help="only the mutants that survived in this earlier report (matched by file, "
+        "source line and change, so edits elsewhere in the file do not matter)",
+    )
     parser.add_argument("--timeout", type=float, help="seconds per mutant (default: from baseline)")
     parser.add_argument("--no-fork", action="store_true", help="a fresh interpreter per mutant")
     parser.add_argument("--out", default=os.path.join(REPO, "outputs", "mutation"))
@@ -820,6 +826,17 @@ def main(argv=None):
     stale = _match_equivalents(mutants, config["equivalent"])
     if args.only is not None:
         mutants = [m for m in mutants if m.index in set(args.only)]
+    if args.survivors_of:
+        with open(args.survivors_of, encoding="utf-8") as f:
+            previous = json.load(f)["mutants"]
+        wanted = {
+            (p["path"], p["source_line"], p["change"], p.get("mutated_line", ""))
+            for p in previous
+            if p.get("status") == "survived" and not p.get("why_equivalent")
+        }
+        mutants = [
+            m for m in mutants if (m.path, m.source_line, m.change, m.mutated_line) in wanted
+        ]
     if args.max is not None:
         mutants = mutants[: args.max]
     if args.list:
