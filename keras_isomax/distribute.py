@@ -467,7 +467,6 @@ def fit_detector(
             "`strategy` must be a `tf.distribute.Strategy`. "
             f"Received: strategy={type(strategy).__name__}"
         )
-    context.distributed = True
     comm = _Collectives(strategy)
     name = type(detector).__name__
     label_classes = detector._label_classes(runner.num_classes)

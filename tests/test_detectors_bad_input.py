@@ -315,11 +315,14 @@ def _rewrite_config(path, target, edit):
             dst.writestr(item, payload)
 
 
-def test_file_from_another_version_unknown_config_key(saved, tmp_path):
+@pytest.mark.parametrize("key", ["new_option", "autocast"])
+def test_file_from_another_version_unknown_config_key(saved, tmp_path, key):
+    """Known keys are the detector classes' own arguments: a key that only a base
+    class outside the detectors takes (`autocast`: keras.layers.Layer's) is unknown."""
     _, path = saved
     other = tmp_path / "other.keras"
-    _rewrite_config(path, other, lambda cfg: cfg.update(new_option=3))
-    with pytest.raises(ValueError, match=r"does not know .*\['new_option'\]. Received: filepath="):
+    _rewrite_config(path, other, lambda cfg: cfg.update({key: 3}))
+    with pytest.raises(ValueError, match=rf"does not know .*\['{key}'\]. Received: filepath="):
         detectors.load(other)
 
 
@@ -389,3 +392,36 @@ def test_numpy_integer_arguments_are_stored_as_python_ints(data):
         ValueError, match=r"`k` must be a positive integer. Received: k=np.int64\(0\)"
     ):
         detectors.KNN(k=np.int64(0))
+
+
+def test_a_fitted_detector_has_no_trainable_weights(data):
+    """Its state and threshold are fitted and calibrated, never trained by `fit`."""
+    x, y = data
+    model = _model()
+    for det in (detectors.KNN(k=3), detectors.Mahalanobis(), detectors.ViM(2), detectors.Energy()):
+        det.fit(model, (x, y), verbose=0)
+        assert det.trainable_weights == [], type(det).__name__
+        assert any(w.path.endswith("threshold") for w in det.non_trainable_weights)
+
+
+def test_empty_batches_in_a_feature_dataset(data):
+    """An empty batch holds no rows to lose: it is skipped, in fit and in scoring; a
+    dataset of empty batches only is empty data."""
+    import tensorflow as tf
+
+    x, y = data
+    z = _features(_model(), x)
+    empty = tf.data.Dataset.from_tensors((np.zeros((0, F), "float32"), np.zeros((0,), "int64")))
+    batches = tf.data.Dataset.from_tensor_slices((z, y)).batch(64)
+    det = detectors.Mahalanobis().fit_features(empty.concatenate(batches), verbose=0)
+    expected = detectors.Mahalanobis().fit_features(z, y, verbose=0).score_features(z, verbose=0)
+    features_only = empty.map(lambda f, _: f)
+    scored = det.score_features(
+        features_only.concatenate(
+            features_only.concatenate(tf.data.Dataset.from_tensor_slices(z).batch(50))
+        ),
+        verbose=0,
+    )
+    np.testing.assert_allclose(scored, expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="`features` holds no examples. Received: empty"):
+        det.score_features(features_only, verbose=0)

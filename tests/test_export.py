@@ -540,7 +540,7 @@ def test_version_zero_relative_path_and_no_console_output(exported, tmp_path, mo
     np.testing.assert_allclose(out["score"], exported["expected"]["score"], atol=ATOL)
 
 
-@pytest.mark.parametrize("count", [10, 12])
+@pytest.mark.parametrize("count", [10, 11, 12])
 def test_a_crowded_foreign_directory_is_named_in_the_error(exported, tmp_path, count):
     """Up to 10 of the foreign entries are quoted (sorted), then how many more."""
     names = [f"file{i:02d}.txt" for i in range(count)]

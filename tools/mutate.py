@@ -676,7 +676,7 @@ def write_report(module, config, mutants, stale, counts, meta, out_dir):
         f"Tests: {' '.join(config['tests'])}  ",
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}; wall time {meta['wall_seconds']:.0f} s; "
-        f"baseline tests {meta['baseline_seconds']:.1f} s; mode {meta['mode']}",
+        f"baseline tests {meta['baseline_seconds']:.1f} s; mode {meta['mode']}; backend {meta['backend']}",
         "",
         f"**Score: {counts['score']} % killed** (killed + timeout over killed + timeout + "
         "survived; equivalent mutants excluded)",
@@ -798,6 +798,12 @@ def main(argv=None):
     )
     parser.add_argument("--timeout", type=float, help="seconds per mutant (default: from baseline)")
     parser.add_argument("--no-fork", action="store_true", help="a fresh interpreter per mutant")
+    parser.add_argument(
+        "--backend",
+        choices=["tensorflow", "jax", "torch"],
+        help="the Keras backend the tests run on (default: the module's, else tensorflow); "
+        "code for other backends is only reached there. JAX is not fork-safe: add --no-fork",
+    )
     parser.add_argument("--out", default=os.path.join(REPO, "outputs", "mutation"))
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy and logs")
     parser.add_argument(
@@ -856,7 +862,7 @@ def main(argv=None):
     env = {
         "PYTHONPATH": scratch,
         "PYTHONDONTWRITEBYTECODE": "1",  # Same-size mutants in one second: stale .pyc.
-        "KERAS_BACKEND": config.get("backend", "tensorflow"),
+        "KERAS_BACKEND": args.backend or config.get("backend", "tensorflow"),
         "TF_CPP_MIN_LOG_LEVEL": "3",
         "HYPOTHESIS_STORAGE_DIRECTORY": os.path.join(scratch, ".hypothesis"),
     }
@@ -943,6 +949,7 @@ def main(argv=None):
         "wall_seconds": time.monotonic() - started,
         "baseline_seconds": baseline,
         "mode": mode,
+        "backend": env["KERAS_BACKEND"],
         "timeout_seconds": timeout,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "python": platform.python_version(),

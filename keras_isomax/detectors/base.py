@@ -36,7 +36,6 @@ class FitContext:
         self.feature_dim = feature_dim
         self.num_classes = num_classes
         self.runner = runner
-        self.distributed = False  # Set by a distributed fit (one accumulator per replica).
 
 
 class Detector(keras.layers.Layer):
@@ -343,6 +342,8 @@ class Detector(keras.layers.Layer):
                         f"`{arg_name}` must be feature batches `(N, F)`. "
                         f"Received: {arg_name} batch of shape {feats.shape}"
                     )
+                if len(feats) == 0:
+                    continue  # An empty batch (e.g. a dataset's last): no rows to lose.
                 feats = feats.reshape(len(feats), -1)
                 expected = self.feature_dim if self.is_fitted and what != "fit_features" else None
                 if expected is not None and feats.shape[1] != expected:
