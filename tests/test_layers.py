@@ -180,6 +180,53 @@ def test_pairwise_distances_unnormalised_reference(rng):
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
+def test_pairwise_distances_non_finite_rows_and_rows_summing_to_zero(rng):
+    """NaN or Inf in a row makes that row NaN; a finite row whose entries sum to 0
+    stays finite (the NaN guard must not divide by the sum)."""
+    x = rng.normal(size=(5, 4)).astype("float32")
+    x[1] = [1.0, -1.0, 2.0, -2.0]
+    x[3, 2], x[4, 0] = np.inf, np.nan
+    p = rng.normal(size=(3, 4)).astype("float32")
+    got = _np(pairwise_distances(_t(x), _t(p)))
+    expected = np.linalg.norm(x[:3, None].astype(np.float64) - p[None], axis=-1)
+    np.testing.assert_allclose(got[:3], expected, rtol=1e-5)
+    assert np.isnan(got[3:]).all()
+
+
+def _gradient(fn, x):
+    """d fn(x) / dx for a scalar-valued `fn`, on any backend, as NumPy."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        x_t = tf.Variable(x)
+        with tf.GradientTape() as tape:
+            value = fn(x_t)
+        return tape.gradient(value, x_t).numpy()
+    if BACKEND == "jax":
+        import jax
+
+        return np.asarray(jax.grad(fn)(jax.numpy.asarray(x)))
+    import torch
+
+    x_t = torch.tensor(x, requires_grad=True)
+    fn(x_t).backward()
+    return x_t.grad.numpy()
+
+
+def test_pairwise_distances_gradient_is_finite_at_zero_distance(rng):
+    """A feature exactly on a prototype: the exact distance is 0 and its gradient 0,
+    not NaN (the square root's derivative is infinite there)."""
+    p = rng.normal(size=(3, 5)).astype("float32")
+    x = rng.normal(size=(4, 5)).astype("float32")
+    x[2] = p[1]
+    grad = _gradient(lambda v: keras.ops.sum(pairwise_distances(v, _t(p))), x)
+    assert np.all(np.isfinite(grad))
+    # Away from the zero: d/dx sum_c ||x - p_c|| = sum_c (x - p_c) / ||x - p_c||.
+    diff = x[[0, 1, 3], None].astype(np.float64) - p[None]
+    expected = (diff / np.linalg.norm(diff, axis=-1, keepdims=True)).sum(1)
+    np.testing.assert_allclose(grad[[0, 1, 3]], expected, rtol=1e-4, atol=1e-5)
+
+
 def test_expansion_alone_is_imprecise_near_zero(rng):
     """Why the exact recomputation exists: the expansion misses the spec."""
     x = rng.normal(size=(1, 512))
@@ -371,6 +418,41 @@ def test_exact_neighbors_removed_and_old_keras_files_load(rng, tmp_path):
     np.testing.assert_allclose(
         _np(restored(x)), ref_logits(x, model.layers[-1].prototypes.numpy()), rtol=1e-5, atol=1e-6
     )
+
+
+def test_one_class(rng):
+    """A one-class head is allowed: its logit is minus the scaled distance."""
+    layer = _built_layer(1, 6, rng)
+    x = rng.normal(size=(5, 6)).astype("float32")
+    got = _np(layer(_t(x)))
+    expected = ref_logits(x, _np(layer.prototypes), scale=float(_np(layer.distance_scale)))
+    assert got.shape == (5, 1)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_timesteps_do_not_count_in_the_loss(rng):
+    """The layer passes a Keras mask through (sequence labelling): the labels of
+    masked (padded) steps never change the loss."""
+    model = keras.Sequential(
+        [
+            keras.Input((6, 4)),
+            keras.layers.Masking(0.0),
+            # A bias: padded steps get features whose logits depend on the label.
+            keras.layers.Dense(4, bias_initializer="random_normal"),
+            IsoMaxPlusLayer(3, name="head"),
+        ]
+    )
+    model.compile(loss=IsoMaxPlusLoss())
+    x = rng.normal(size=(8, 6, 4)).astype("float32")
+    x[:, 4:] = 0.0  # Two padded steps per sequence.
+    y = rng.integers(0, 3, (8, 6))
+    other = y.copy()
+    other[:, 4:] = (y[:, 4:] + 1) % 3
+    first = model.evaluate(x, y, verbose=0)
+    assert model.evaluate(x, other, verbose=0) == pytest.approx(first, rel=1e-6)
+    changed = y.copy()
+    changed[:, :4] = (y[:, :4] + 1) % 3  # Unmasked steps do count.
+    assert model.evaluate(x, changed, verbose=0) != pytest.approx(first, rel=1e-3)
 
 
 def test_wrong_feature_dim_on_built_layer(rng):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import keras
 import numpy as np
@@ -16,6 +16,7 @@ from keras_isomax import _checks, _data, _runner, _serving
 from keras_isomax._typing import ArrayLike, Config, Data, Tensor, Verbose
 
 _Stream = Iterable[tuple[np.ndarray, Any]]
+_T = TypeVar("_T")
 
 
 class FitContext:
@@ -511,18 +512,11 @@ class Detector(keras.layers.Layer):
     def _score_batches(
         self, batches: Iterable[_runner.Batch], arg_name: str
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        values, all_logits, pending, rows = [], [], [], 0
-        for batch in batches:
-            pending.append(batch)
-            rows += len(batch.nonfinite)
-            if rows >= self._score_rows:
-                values.append(self._score_batch(_join(pending)))
-                pending, rows = [], 0
-            if batch.logits is not None:
-                all_logits.append(batch.logits)
-        if pending:
-            values.append(self._score_batch(_join(pending)))
-        if not values or sum(len(v) for v in values) == 0:
+        values, all_logits = [], []
+        for block in _blocks(batches, lambda batch: len(batch.nonfinite), self._score_rows):
+            values.append(self._score_batch(_join(block)))
+            all_logits += [batch.logits for batch in block if batch.logits is not None]
+        if sum(len(v) for v in values) == 0:
             raise ValueError(f"`{arg_name}` holds no examples. Received: empty {arg_name}")
         return np.concatenate(values), (np.concatenate(all_logits) if all_logits else None)
 
@@ -543,18 +537,13 @@ class Detector(keras.layers.Layer):
             A float64 NumPy array `(N,)`; rows with NaN or Inf score NaN.
         """
         self._check_fitted()
-        values, pending, rows = [], [], 0
-        for feats, _ in self._feature_stream(features, None, "features", verbose, "score_features"):
-            pending.append(feats)
-            rows += len(feats)
-            if rows >= self._score_rows:
-                values.append(
-                    self._score_array(np.concatenate(pending) if len(pending) > 1 else feats)
-                )
-                pending, rows = [], 0
-        if pending:
-            values.append(self._score_array(np.concatenate(pending)))
-        if not values or sum(len(v) for v in values) == 0:
+        stream = self._feature_stream(features, None, "features", verbose, "score_features")
+        arrays = (feats for feats, _ in stream)
+        values = [
+            self._score_array(np.concatenate(block))
+            for block in _blocks(arrays, len, self._score_rows)
+        ]
+        if sum(len(v) for v in values) == 0:
             raise ValueError("`features` holds no examples. Received: empty features")
         return np.concatenate(values)
 
@@ -678,6 +667,24 @@ def _jax_distribution() -> Any:
             f"Received: jax.process_count()={jax.process_count()}"
         )
     return distribution
+
+
+def _blocks(items: Iterable[_T], rows: Callable[[_T], int], min_rows: int) -> Iterator[list[_T]]:
+    """`items` in consecutive groups of at least `min_rows` rows (the last may hold fewer).
+
+    Scores are computed row by row, so the grouping changes no score: it lets a
+    detector that sweeps a large state (the KNN bank) read it once per group.
+    """
+    group: list[_T] = []
+    count = 0
+    for item in items:
+        group.append(item)
+        count += rows(item)
+        if count >= min_rows:
+            yield group
+            group, count = [], 0
+    if group:
+        yield group
 
 
 def _join(batches: Sequence[_runner.Batch]) -> _runner.Batch:
