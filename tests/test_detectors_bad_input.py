@@ -122,6 +122,12 @@ def test_fewer_examples_than_k(data):
         detectors.KNN(k=6).fit(_model(), (x[:5], y[:5]), verbose=0)
     with pytest.raises(ValueError, match="Received: k=4"):
         detectors.KNN(k=4, max_bank=3).fit(_model(), (x, y), verbose=0)
+    # k equal to the bank size is allowed: the score is the distance to the farthest.
+    z = _features(_model(), x[:5])
+    det = detectors.KNN(k=5).fit_features(z, verbose=0)
+    unit = z / np.linalg.norm(z, axis=1, keepdims=True)
+    farthest = np.linalg.norm(unit[:, None] - unit[None], axis=-1).max(axis=1)
+    np.testing.assert_allclose(det.score_features(z, verbose=0), -farthest, atol=1e-5)
 
 
 def test_fewer_examples_than_features_warns_for_mahalanobis():

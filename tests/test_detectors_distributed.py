@@ -234,6 +234,10 @@ def test_one_device_strategy_goes_through_the_collectives():
     assert all((full == row).all(axis=1).any() for row in rows)
     with pytest.raises(TypeError, match="Received: strategy=str"):
         detectors.KNN(k=2).fit(model, (x, y), strategy="mirrored")
+    # The bank's own size as k, and a one-example bank, fit there too.
+    assert detectors.KNN(k=90).fit(model, (x, y), verbose=0, strategy=strategy).is_fitted
+    one = detectors.KNN(k=1).fit(model, (x[:1], y[:1]), verbose=0, strategy=strategy)
+    np.testing.assert_allclose(one.score(x[:1], verbose=0), [0.0], atol=1e-3)
 
 
 def test_jax_data_parallel_fit_equals_one_device(tmp_path):

@@ -773,7 +773,7 @@ def test_inference_snapshot_matches_reference_and_ends_with_the_context(rng):
     config, names = head.get_config(), [w.path for w in model.weights]
     with head.inference_snapshot() as (kernel, squared_norms):
         assert tuple(kernel.shape) == (12, 9) and tuple(squared_norms.shape) == (9,)
-        assert not kernel.trainable
+        assert not kernel.trainable and not squared_norms.trainable
         assert [w.path for w in model.weights] == names
         calls = [lambda x: _np(model(x)), lambda x: model.predict(x, verbose=0)]  # Traced.
         if BACKEND == "tensorflow":
