@@ -431,3 +431,18 @@ def test_empty_batches_in_a_feature_dataset(data):
     np.testing.assert_allclose(scored, expected, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="`features` holds no examples. Received: empty"):
         det.score_features(features_only, verbose=0)
+
+
+def test_knn_scores_every_row_of_many_batches(data):
+    """KNN joins many input batches into one sweep of its bank: every row of every
+    batch is scored, in order, as from its features."""
+    x, y = data
+    model = _model()
+    rng = np.random.default_rng(5)
+    q = rng.normal(size=(700, 8)).astype("float32")
+    det = detectors.KNN(k=3, batch_size=64).fit(model, (x, y), verbose=0)
+    scores = det.score(q, verbose=0)
+    assert scores.shape == (700,)
+    np.testing.assert_allclose(
+        scores, det.score_features(_features(model, q), verbose=0), atol=1e-6
+    )
