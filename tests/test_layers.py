@@ -592,6 +592,9 @@ def test_mixed_precision(rng, policy):
     model.compile(optimizer="sgd", loss=IsoMaxPlusLoss())
     history = model.fit(x, y, epochs=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
+    # A dtype given to the layer wins over the global mixed policy.
+    assert IsoMaxPlusLayer(3, dtype="float64").compute_dtype == "float64"
+    assert IsoMaxPlusLayer(3, dtype=policy).compute_dtype == "float32"
 
 
 def test_jit_compile_matches_eager(rng):
