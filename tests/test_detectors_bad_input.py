@@ -446,3 +446,68 @@ def test_knn_scores_every_row_of_many_batches(data):
     np.testing.assert_allclose(
         scores, det.score_features(_features(model, q), verbose=0), atol=1e-6
     )
+
+
+def test_knn_max_bank_is_a_uniform_sample_whatever_the_batching():
+    """`max_bank` keeps a uniform sample of the rows (algorithm R): over 400 seeds each
+    row of a 4-row stream is kept in a 2-row bank half of the time, and the sample
+    depends on the row order only, not on the batch size."""
+    import tensorflow as tf
+
+    four = np.eye(4, dtype="float32")
+    kept = np.zeros(4)
+    for seed in range(400):
+        bank = detectors.KNN(k=1, max_bank=2, seed=seed).fit_features(four, verbose=0).bank
+        hits = np.isclose(four @ keras.ops.convert_to_numpy(bank).T, 1.0, atol=1e-6)
+        assert hits.sum() == 2
+        kept += hits.any(axis=1)
+    # Binomial(400, 1/2) per row: 3.6 standard deviations is 0.09; a draw of the slot
+    # from one value too many or too few moves some row's rate by 0.1 or more.
+    assert np.abs(kept / 400 - 0.5).max() < 0.09, kept / 400
+    z = np.eye(60, dtype="float32") + 0.01  # 60 distinct rows.
+    banks = [
+        keras.ops.convert_to_numpy(
+            detectors.KNN(k=2, max_bank=10, seed=4)
+            .fit_features(tf.data.Dataset.from_tensor_slices(z).batch(size), verbose=0)
+            .bank
+        )
+        for size in (1, 7, 60)
+    ]
+    np.testing.assert_array_equal(banks[0], banks[1])
+    np.testing.assert_array_equal(banks[0], banks[2])
+
+
+@pytest.mark.parametrize("name", ["mahalanobis", "class_means"])
+def test_class_statistics_count_one_row_batches(data, name):
+    """Streaming batches of one row (and a one-row last batch) fits what one array fits."""
+    import tensorflow as tf
+
+    x, y = data
+    z = _features(_model(), x[:65])
+    make = {"mahalanobis": detectors.Mahalanobis, "class_means": detectors.ClassMeans}[name]
+    whole = make().fit_features(z, y[:65], verbose=0)
+    for size in (1, 64):
+        streamed = make().fit_features(
+            tf.data.Dataset.from_tensor_slices((z, y[:65])).batch(size), verbose=0
+        )
+        for a, b in zip(whole.weights, streamed.weights, strict=True):
+            np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_knn_with_chunks_smaller_than_k(data):
+    """Bank chunks of 2 rows and k = 5: the running top-k fills across chunks."""
+    x, _ = data
+    z = _features(_model(), x[:40])
+    q = _features(_model(), x[40:60])
+    det = detectors.KNN(k=5, chunk_size=2).fit_features(z, verbose=0)
+    unit = z / np.linalg.norm(z, axis=1, keepdims=True)
+    uq = q / np.linalg.norm(q, axis=1, keepdims=True)
+    kth = np.sort(np.linalg.norm(uq[:, None] - unit[None], axis=-1), axis=1)[:, 4]
+    np.testing.assert_allclose(det.score_features(q, verbose=0), -kth, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["energy", "max_logit", "max_probability", "entropic", "minimum_distance"])
+def test_logit_detectors_score_nan_for_a_row_with_one_nan_logit(name):
+    logits = np.array([[1.0, 2.0, 0.5], [1.0, np.nan, 2.0], [-0.3, 0.1, 4.0]], "float32")
+    scores = detectors.get(name).score_features(logits, verbose=0)
+    assert np.isnan(scores[1]) and np.isfinite(scores[[0, 2]]).all()

@@ -234,6 +234,9 @@ def test_one_device_strategy_goes_through_the_collectives():
     assert all((full == row).all(axis=1).any() for row in rows)
     with pytest.raises(TypeError, match="Received: strategy=str"):
         detectors.KNN(k=2).fit(model, (x, y), strategy="mirrored")
+    for make in (lambda: detectors.KNN(k=1), lambda: detectors.Mahalanobis()):
+        with pytest.raises(ValueError, match="holds no examples"):
+            make().fit(model, (x[:0], y[:0]), verbose=0, strategy=strategy)
     # The bank's own size as k, and a one-example bank, fit there too.
     assert detectors.KNN(k=90).fit(model, (x, y), verbose=0, strategy=strategy).is_fitted
     one = detectors.KNN(k=1).fit(model, (x[:1], y[:1]), verbose=0, strategy=strategy)
