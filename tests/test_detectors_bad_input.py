@@ -506,7 +506,9 @@ def test_knn_with_chunks_smaller_than_k(data):
     np.testing.assert_allclose(det.score_features(q, verbose=0), -kth, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["energy", "max_logit", "max_probability", "entropic", "minimum_distance"])
+@pytest.mark.parametrize(
+    "name", ["energy", "max_logit", "max_probability", "entropic", "minimum_distance"]
+)
 def test_logit_detectors_score_nan_for_a_row_with_one_nan_logit(name):
     logits = np.array([[1.0, 2.0, 0.5], [1.0, np.nan, 2.0], [-0.3, 0.1, 4.0]], "float32")
     scores = detectors.get(name).score_features(logits, verbose=0)
