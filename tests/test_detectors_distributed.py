@@ -286,3 +286,49 @@ def test_jax_data_parallel_fit_equals_one_device(tmp_path):
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+class _OneWorkerCollectives:
+    """The collectives' contract (`sum`, `gather`, `local_ids`) for replicas of one
+    worker, in NumPy: what `strategy.reduce` / `strategy.gather` compute."""
+
+    def __init__(self, replicas):
+        self.local_ids = list(range(replicas))
+        self.num_replicas = replicas
+
+    def sum(self, arrays):
+        return np.sum([np.asarray(a, np.float64) for a in arrays], axis=0)
+
+    def gather(self, arrays):
+        return np.concatenate([np.asarray(a) for a in arrays])
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_class_statistics_merged_across_replicas_equal_one_stream(normalize):
+    """Three replicas: one saw classes 0-1 only, one all classes, one nothing. Merged,
+    their counts, class sums and centred cross-products equal one stream's (float64
+    reference about the merged shift)."""
+    from keras_isomax.detectors.base import ClassStats, FitContext
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(5.0, 2.0, size=(90, 6))
+    y = rng.integers(0, 4, 90)
+    first = y < 2
+    parts = [(z[first][:20], y[first][:20]), (z[~first], y[~first]), (z[:0], y[:0])]
+    stats = []
+    for feats, labels in parts:
+        s = ClassStats(None, normalize=normalize, second_moment=True)
+        for start in range(0, len(feats), 8):
+            s.update(feats[start : start + 8], labels[start : start + 8])
+        stats.append(s)
+    merged = ClassStats.merge(stats, _OneWorkerCollectives(3), FitContext(feature_dim=6))
+    rows = np.concatenate([parts[0][0], parts[1][0]])
+    labels = np.concatenate([parts[0][1], parts[1][1]])
+    if normalize:
+        rows = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    centred = rows - merged.shift
+    assert merged.total == len(rows)
+    np.testing.assert_array_equal(merged.counts, np.bincount(labels, minlength=4))
+    sums = np.stack([centred[labels == c].sum(axis=0) for c in range(4)])
+    np.testing.assert_allclose(merged.sums, sums, rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(merged.cross, centred.T @ centred, rtol=1e-10, atol=1e-8)
