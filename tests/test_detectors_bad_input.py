@@ -440,12 +440,15 @@ def test_knn_scores_every_row_of_many_batches(data):
     model = _model()
     rng = np.random.default_rng(5)
     q = rng.normal(size=(700, 8)).astype("float32")
-    det = detectors.KNN(k=3, batch_size=64).fit(model, (x, y), verbose=0)
-    scores = det.score(q, verbose=0)
-    assert scores.shape == (700,)
-    np.testing.assert_allclose(
-        scores, det.score_features(_features(model, q), verbose=0), atol=1e-6
-    )
+    expected = None
+    for batch_size in (64, 350):  # 11 batches in one sweep; then 2.
+        det = detectors.KNN(k=3, batch_size=batch_size).fit(model, (x, y), verbose=0)
+        scores = det.score(q, verbose=0)
+        assert scores.shape == (700,)
+        if expected is None:
+            expected = det.score_features(_features(model, q), verbose=0)
+        np.testing.assert_allclose(scores, expected, atol=1e-6)
+    assert detectors.KNN().k == 50  # The documented default (as the KNN paper uses).
 
 
 def test_knn_max_bank_is_a_uniform_sample_whatever_the_batching():
