@@ -142,6 +142,29 @@ def test_fewer_examples_than_features_warns_for_mahalanobis():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # Full rank: no warning.
         detectors.Mahalanobis().fit_features(z, y, verbose=0)
+        # At the boundary: 12 examples of 2 classes give rank 10 = the width.
+        detectors.Mahalanobis().fit_features(z[:12], y[:12], verbose=0)
+    with pytest.warns(UserWarning, match="rank at most 9 < 10"):
+        detectors.Mahalanobis().fit_features(z[:11], y[:11], verbose=0)
+
+
+@pytest.mark.parametrize("ridge", [True, "1e-6", -1.0, float("nan"), None])
+def test_mahalanobis_ridge_must_be_a_non_negative_number(ridge):
+    with pytest.raises(ValueError, match=r"`ridge` must be a number >= 0. Received: ridge="):
+        detectors.Mahalanobis(ridge=ridge)
+
+
+def test_mahalanobis_scores_a_class_mean_zero():
+    """The score is minus the squared whitened distance to the nearest class mean: 0 at a
+    class mean (no floor other than 0), negative elsewhere; the default ridge is 1e-6."""
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=(300, 4)) * [1.0, 2.0, 0.5, 1.0] + 0.1
+    y = np.arange(300) % 3
+    det = detectors.Mahalanobis().fit_features(z.astype("float32"), y, verbose=0)
+    assert det.ridge == 1e-6
+    means = np.stack([z[y == c].mean(axis=0) for c in range(3)]).astype("float32")
+    np.testing.assert_allclose(det.score_features(means, verbose=0), 0.0, atol=1e-4)
+    assert (det.score_features(means + 0.3, verbose=0) < -1e-3).all()
 
 
 def test_fewer_examples_than_features_vim_and_knn_fit():
