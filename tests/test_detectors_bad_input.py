@@ -526,6 +526,14 @@ def test_knn_with_chunks_smaller_than_k(data):
     z = _features(_model(), x[:40])
     q = _features(_model(), x[40:60])
     det = detectors.KNN(k=5, chunk_size=2).fit_features(z, verbose=0)
+    bank = keras.ops.convert_to_numpy(det.bank)  # 20 chunks, joined in order.
+    np.testing.assert_allclose(bank, z / np.linalg.norm(z, axis=1, keepdims=True), atol=1e-6)
+    # Refitting reuses the bank's variables: the same size works, another is refused.
+    det.fit_features(z[::-1].copy(), verbose=0)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(det.bank), bank[::-1], atol=1e-6)
+    with pytest.raises(ValueError, match="bank of another size; create a new detector"):
+        det.fit_features(z[:39], verbose=0)
+    det = detectors.KNN(k=5, chunk_size=2).fit_features(z, verbose=0)
     unit = z / np.linalg.norm(z, axis=1, keepdims=True)
     uq = q / np.linalg.norm(q, axis=1, keepdims=True)
     kth = np.sort(np.linalg.norm(uq[:, None] - unit[None], axis=-1), axis=1)[:, 4]
