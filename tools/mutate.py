@@ -840,8 +840,10 @@ def main(argv=None):
             for p in previous
             if p.get("status") == "survived" and not p.get("why_equivalent")
         }
-        mutants = [
-            m for m in mutants if (m.path, m.source_line, m.change, m.mutated_line) in wanted
+        mutants = [  # Survivors since listed as equivalent are not rerun.
+            m
+            for m in mutants
+            if (m.path, m.source_line, m.change, m.mutated_line) in wanted and not m.why_equivalent
         ]
     if args.max is not None:
         mutants = mutants[: args.max]
