@@ -178,6 +178,12 @@ def test_fewer_examples_than_features_vim_and_knn_fit():
     np.testing.assert_allclose(knn.score_features(q, verbose=0), -np.sort(d, 1)[:, 1], rtol=1e-5)
     vim = detectors.ViM(3).fit_features(z, kernel=rng.normal(size=(12, 2)), verbose=0)
     assert np.isfinite(vim.score_features(q, verbose=0)).all()
+    # The principal space must leave a residual: dim equal to the width is refused.
+    with pytest.raises(
+        ValueError, match=r"smaller than the feature dimension 12. Received: dim=12"
+    ):
+        detectors.ViM(12).fit_features(z, kernel=rng.normal(size=(12, 2)), verbose=0)
+    assert detectors.ViM(11).fit_features(z, kernel=rng.normal(size=(12, 2)), verbose=0).is_fitted
 
 
 # --------------------------------------------------- duplicates, constant features
