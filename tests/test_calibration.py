@@ -269,7 +269,7 @@ def test_temperature_minimises_nll(rng):
     base = ref_logits(x, means, scale=3.0)  # Float64 logits at T = 1.
     expected_t, expected_nll = _reference_temperature(base, y)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # A temperature inside the range: no warning.
+        warnings.simplefilter("error", UserWarning)  # Inside the range: no warning.
         result = calibrate_temperature(model, (x, y))
     assert isinstance(result, TemperatureCalibration)
     assert result.threshold_rescaled is False  # The layer had no threshold.
@@ -387,7 +387,7 @@ def test_temperature_just_inside_the_range_is_fitted_without_warning(rng, target
     t_at_scale_1, _ = _reference_temperature(base, y)
     find_isomax_layer(model).distance_scale.assign(target / t_at_scale_1)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", UserWarning)
         result = calibrate_temperature(model, (x, y))
     assert result.temperature == pytest.approx(target, rel=1e-3)
     # The NLL before, at T = 1: logits up to ~1e5 apart at the upper target.
